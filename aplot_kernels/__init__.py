@@ -1,0 +1,33 @@
+"""aplot-kernels: fused kernels for optimal-transport reward-model losses (APLOT).
+
+Public API (see SPEC in the README):
+
+* :func:`cosine_cost`, :func:`aplot_cost` (module :mod:`aplot_kernels.cost`)
+* :func:`sinkhorn` -> :class:`SinkhornResult` (module :mod:`aplot_kernels.sinkhorn`, itself callable)
+* :func:`bt_loss`, :func:`aplot_margin`, :func:`aplot_loss`, :class:`APLOTLoss` (module :mod:`aplot_kernels.loss`)
+"""
+
+from . import backends, cost, loss, sinkhorn
+from ._checks import ArgumentTypeError
+from .backends import BackendUnavailableError, available_backends
+from .cost import aplot_cost, cosine_cost
+from .loss import APLOTLoss, APLOTOutput, aplot_loss, aplot_margin, bt_loss
+from .sinkhorn import SinkhornResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cosine_cost",
+    "aplot_cost",
+    "sinkhorn",
+    "SinkhornResult",
+    "bt_loss",
+    "aplot_margin",
+    "aplot_loss",
+    "APLOTLoss",
+    "APLOTOutput",
+    "available_backends",
+    "BackendUnavailableError",
+    "ArgumentTypeError",
+    "__version__",
+]

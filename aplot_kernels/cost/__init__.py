@@ -1,0 +1,160 @@
+"""Cost matrices between two sets of embeddings (SPEC section 1).
+
+This module is the one dispatch point for the costs: it checks arguments,
+turns 2-D inputs into a batch of one, picks the backend, and wraps kernel
+backends in an autograd function. The math lives in
+:mod:`aplot_kernels.cost.reference`; kernels live beside it
+(``triton_kernels.py``, ``native.py``) and implement the same functions.
+
+Half-precision inputs are computed with float32 accumulation and return
+float32 (the dtype Sinkhorn consumes); float32 and float64 return their own
+dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from .. import _checks, backends
+from . import reference
+
+__all__ = ["cosine_cost", "aplot_cost"]
+
+
+def _kernels(backend: str):
+    """The module holding a backend's cost kernels."""
+    return importlib.import_module(f"{__name__}.{'triton_kernels' if backend == 'triton' else backend}")
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+class _CosineCostKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, eps, backend):
+        kernels = _kernels(backend)
+        ctx.save_for_backward(x, y)
+        ctx.eps, ctx.kernels = eps, kernels
+        return kernels.cosine_cost(x, y, eps)
+
+    @staticmethod
+    def backward(ctx, grad_cost):
+        x, y = ctx.saved_tensors
+        backward = getattr(ctx.kernels, "cosine_cost_backward", None)
+        if backward is None:
+            dtype = _compute_dtype(x, y)
+            grad_x, grad_y = reference.cosine_cost_backward(grad_cost.to(dtype), x.to(dtype), y.to(dtype), ctx.eps)
+        else:
+            grad_x, grad_y = backward(grad_cost, x, y, ctx.eps)
+        return grad_x.to(x.dtype), grad_y.to(y.dtype), None, None
+
+
+class _APLOTCostKernel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, backend):
+        kernels = _kernels(backend)
+        ctx.save_for_backward(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
+        ctx.args, ctx.kernels = (alpha, temperature, eps), kernels
+        return kernels.aplot_cost(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps)
+
+    @staticmethod
+    def backward(ctx, grad_cost):
+        inputs = ctx.saved_tensors
+        backward = getattr(ctx.kernels, "aplot_cost_backward", None)
+        if backward is None:
+            dtype = _compute_dtype(*inputs)
+            grads = reference.aplot_cost_backward(grad_cost.to(dtype), *(t.to(dtype) for t in inputs), *ctx.args)
+        else:
+            grads = backward(grad_cost, *inputs, *ctx.args)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, inputs)) + (None, None, None, None)
+
+
+def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float = 1e-8, backend: str = "auto") -> torch.Tensor:
+    """Cosine cost ``C[i, j] = 1 - <x_hat_i, y_hat_j>``.
+
+    Args:
+        x: ``[N, D]`` or ``[B, N, D]``.
+        y: ``[M, D]`` or ``[B, M, D]``; ``None`` means ``y = x``.
+        eps: norms are clamped below at ``eps`` (a zero vector costs 1 to everything).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
+
+    Returns:
+        ``[N, M]`` or ``[B, N, M]``; float32 for half-precision inputs.
+    """
+    _checks.tensor("x", x, ndims=(2, 3))
+    _checks.tensor("y", y, ndims=(2, 3), allow_none=True)
+    eps = _checks.positive("eps", eps)
+    y_given = y is not None
+    if y is None:
+        y = x
+    _checks.embeddings_pair("x", x, "y", y)
+    dtype = _compute_dtype(x, y)
+    impl = backends.resolve(backend, x.device, dtype)
+    unbatched = x.dim() == 2
+    if unbatched:
+        x, y = x.unsqueeze(0), y.unsqueeze(0)
+    if impl == "torch":
+        cost = reference.cosine_cost(x.to(dtype), y.to(dtype) if y_given else x.to(dtype), eps)
+    else:
+        cost = _CosineCostKernel.apply(x, y, eps, impl)
+    return cost.squeeze(0) if unbatched else cost
+
+
+def aplot_cost(
+    chosen_emb: torch.Tensor,
+    rejected_emb: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    alpha: float = 0.9,
+    temperature: float = 1.0,
+    eps: float = 1e-8,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """APLOT cost between chosen and rejected responses.
+
+    ``C[i, j] = alpha * (1 - sigmoid(|r_c[i] - r_r[j]| / temperature)) + (1 - alpha) * (1 + S[i, j]) / 2``
+    with ``S`` the cosine similarity of the embeddings. ``C`` lies in ``[0, 1]``
+    and is high for hard pairs (similar responses, small reward gap).
+
+    Args:
+        chosen_emb: ``[N, D]`` or ``[B, N, D]``.
+        rejected_emb: ``[M, D]`` or ``[B, M, D]``.
+        chosen_rewards: ``[N]`` or ``[B, N]``.
+        rejected_rewards: ``[M]`` or ``[B, M]``.
+        alpha: weight of the reward-gap term, in ``[0, 1]``.
+        temperature: scale of the reward gap, ``> 0``.
+        eps: norm clamp of the cosine similarity.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
+
+    Returns:
+        ``[N, M]`` or ``[B, N, M]``; float32 for half-precision inputs.
+    """
+    _checks.tensor("chosen_emb", chosen_emb, ndims=(2, 3))
+    _checks.tensor("rejected_emb", rejected_emb, ndims=(2, 3))
+    _checks.tensor("chosen_rewards", chosen_rewards, ndims=(1, 2))
+    _checks.tensor("rejected_rewards", rejected_rewards, ndims=(1, 2))
+    _checks.embeddings_pair("chosen_emb", chosen_emb, "rejected_emb", rejected_emb)
+    _checks.rewards_for("chosen_rewards", chosen_rewards, "chosen_emb", chosen_emb)
+    _checks.rewards_for("rejected_rewards", rejected_rewards, "rejected_emb", rejected_emb)
+    alpha = _checks.unit_interval("alpha", alpha)
+    temperature = _checks.positive("temperature", temperature)
+    eps = _checks.positive("eps", eps)
+    inputs = (chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
+    dtype = _compute_dtype(*inputs)
+    impl = backends.resolve(backend, chosen_emb.device, dtype)
+    unbatched = chosen_emb.dim() == 2
+    if unbatched:
+        inputs = tuple(t.unsqueeze(0) for t in inputs)
+    if impl == "torch":
+        cost = reference.aplot_cost(*(t.to(dtype) for t in inputs), alpha, temperature, eps)
+    else:
+        cost = _APLOTCostKernel.apply(*inputs, alpha, temperature, eps, impl)
+    return cost.squeeze(0) if unbatched else cost

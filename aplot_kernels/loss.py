@@ -1,0 +1,254 @@
+"""Reward-model losses (SPEC section 3): Bradley-Terry and its APLOT adaptive margin.
+
+``aplot_margin`` builds the APLOT cost between the batch's chosen and
+rejected responses, solves entropic OT with uniform marginals, and gives
+chosen response ``i`` the margin ``scale * n * sum_j P_ij C_ij``: its average
+transport cost, large for pairs that are hard against the whole batch.
+
+Pairs are ``(chosen[i], rejected[i])`` for ``i < n``. ``rejected`` may hold
+``m > n`` responses (other ranks, earlier micro-steps): the extra ones only
+enter the transport problem.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from .cost import aplot_cost
+from .sinkhorn import sinkhorn
+
+__all__ = ["bt_loss", "aplot_margin", "aplot_loss", "APLOTLoss", "APLOTOutput"]
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class APLOTOutput(NamedTuple):
+    """What :class:`APLOTLoss` returns with ``return_outputs=True``."""
+
+    loss: torch.Tensor  # reduced as asked
+    margins: Optional[torch.Tensor]  # [n] OT margins (None when the OT step was skipped)
+    plan: Optional[torch.Tensor]  # [n, m] transport plan (None when skipped)
+    cost: Optional[torch.Tensor]  # [n, m] APLOT cost (None when skipped)
+
+
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return values.mean()
+    if reduction == "sum":
+        return values.sum()
+    return values
+
+
+def _check_rewards(chosen_rewards, rejected_rewards, *, same_length: bool) -> None:
+    _checks.tensor("chosen_rewards", chosen_rewards, ndims=(1,))
+    _checks.tensor("rejected_rewards", rejected_rewards, ndims=(1,))
+    _checks.same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    n, m = chosen_rewards.shape[0], rejected_rewards.shape[0]
+    if same_length and m != n:
+        raise ValueError(f"`chosen_rewards` and `rejected_rewards` must have the same length, got {n} and {m}")
+    if m < n:
+        raise ValueError(f"`rejected_rewards` must hold at least as many entries as `chosen_rewards` ({n}), got {m}")
+
+
+def _check_margin(margin, n: int, like: torch.Tensor):
+    if margin is None or isinstance(margin, (int, float)) and not isinstance(margin, bool):
+        return None if margin is None else _checks.finite_number("margin", margin)
+    _checks.tensor("margin", margin, ndims=(0, 1))
+    _checks.same_device(chosen_rewards=like, margin=margin)
+    if margin.dim() == 1 and margin.shape[0] != n:
+        raise ValueError(f"`margin` must have shape [{n}] (one per pair), got {tuple(margin.shape)}")
+    return margin
+
+
+def bt_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: Union[torch.Tensor, float, None] = None,
+    *,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Bradley-Terry loss ``-logsigmoid(r_c - r_r - margin)``.
+
+    Args:
+        chosen_rewards: ``[n]``.
+        rejected_rewards: ``[n]``.
+        margin: ``[n]``, a scalar, or ``None`` (zero).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (returns ``[n]``).
+    """
+    _check_rewards(chosen_rewards, rejected_rewards, same_length=True)
+    margin = _check_margin(margin, chosen_rewards.shape[0], chosen_rewards)
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    logits = chosen_rewards - rejected_rewards
+    if margin is not None:
+        logits = logits - margin
+    return _reduce(-F.logsigmoid(logits), reduction)
+
+
+def _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb):
+    _check_rewards(chosen_rewards, rejected_rewards, same_length=False)
+    _checks.tensor("chosen_emb", chosen_emb, ndims=(2,))
+    _checks.tensor("rejected_emb", rejected_emb, ndims=(2,))
+    _checks.embeddings_pair("chosen_emb", chosen_emb, "rejected_emb", rejected_emb)
+    _checks.rewards_for("chosen_rewards", chosen_rewards, "chosen_emb", chosen_emb)
+    _checks.rewards_for("rejected_rewards", rejected_rewards, "rejected_emb", rejected_emb)
+
+
+def _margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, *, alpha, temperature, eps, n_iters, scale, detach, backend):
+    """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked."""
+    n = chosen_rewards.shape[0]
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
+        cost = aplot_cost(
+            chosen_emb, rejected_emb, chosen_rewards, rejected_rewards,
+            alpha=alpha, temperature=temperature, backend=backend,
+        )
+        result = sinkhorn(cost, eps=eps, n_iters=n_iters, grad="none" if detach else "implicit", backend=backend)
+        margins = scale * n * (result.plan * cost).sum(-1)
+    return margins, result.plan, cost
+
+
+def aplot_margin(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_emb: torch.Tensor,
+    rejected_emb: torch.Tensor,
+    *,
+    alpha: float = 0.9,
+    temperature: float = 1.0,
+    eps: float = 0.1,
+    n_iters: int = 50,
+    scale: float = 1.0,
+    detach: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """APLOT adaptive margins, one per chosen response.
+
+    Args:
+        chosen_rewards: ``[n]``.
+        rejected_rewards: ``[m]``, ``m >= n`` (the first ``n`` pair with the chosen ones).
+        chosen_emb: ``[n, D]``.
+        rejected_emb: ``[m, D]``.
+        alpha, temperature: options of :func:`aplot_kernels.aplot_cost`.
+        eps, n_iters: Sinkhorn regularisation and iteration count.
+        scale: multiplies the margins; ``0`` switches APLOT off.
+        detach: ``True`` computes without gradient; ``False`` lets gradients
+            flow through the cost and the plan (implicit differentiation).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
+
+    Returns:
+        ``[n]`` margins ``scale * n * sum_j P_ij C_ij``.
+    """
+    _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
+    scale = _checks.finite_number("scale", scale)
+    return _margin_and_plan(
+        chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha=alpha, temperature=temperature,
+        eps=eps, n_iters=n_iters, scale=scale, detach=bool(detach), backend=backend,
+    )[0]
+
+
+_warned_single_pair = False
+
+
+def _warn_single_pair() -> None:
+    global _warned_single_pair
+    if not _warned_single_pair:
+        _warned_single_pair = True
+        warnings.warn(
+            "aplot_loss got a single pair: the transport problem is degenerate, so the loss falls back to "
+            "bt_loss. Gather pairs across devices or keep a bank of earlier pairs (APLOTLoss) to use APLOT.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, reduction, margin_kwargs) -> APLOTOutput:
+    _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
+    n = chosen_rewards.shape[0]
+    margin = _check_margin(margin, n, chosen_rewards)
+    _checks.choice("reduction", reduction, REDUCTIONS)
+    options = dict(alpha=0.9, temperature=1.0, eps=0.1, n_iters=50, scale=1.0, detach=True, backend="auto")
+    unknown = set(margin_kwargs) - set(options)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; aplot_margin takes {sorted(options)}")
+    options.update(margin_kwargs)
+    options["scale"] = _checks.finite_number("scale", options["scale"])
+    pair_rejected = rejected_rewards[:n]
+    if options["scale"] == 0 or (n == 1 and rejected_rewards.shape[0] == 1):
+        if options["scale"] != 0:
+            _warn_single_pair()
+        return APLOTOutput(bt_loss(chosen_rewards, pair_rejected, margin, reduction=reduction), None, None, None)
+    ot_margin, plan, cost = _margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, **options)
+    total = ot_margin if margin is None else ot_margin + margin
+    return APLOTOutput(bt_loss(chosen_rewards, pair_rejected, total, reduction=reduction), ot_margin, plan, cost)
+
+
+def aplot_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_emb: torch.Tensor,
+    rejected_emb: torch.Tensor,
+    margin: Union[torch.Tensor, float, None] = None,
+    *,
+    reduction: str = "mean",
+    **margin_kwargs,
+) -> torch.Tensor:
+    """``bt_loss(r_c, r_r, margin + aplot_margin(...))``.
+
+    Args:
+        chosen_rewards: ``[n]``; rejected_rewards: ``[m >= n]``.
+        chosen_emb: ``[n, D]``; rejected_emb: ``[m, D]``.
+        margin: optional per-pair dataset margin ``[n]`` (TRL's ``margin`` column), added to the OT margin.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        **margin_kwargs: options of :func:`aplot_margin`.
+
+    With ``scale=0`` this is exactly ``bt_loss``; with a single pair it falls
+    back to ``bt_loss`` with a one-time warning.
+    """
+    return _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, reduction, margin_kwargs).loss
+
+
+class APLOTLoss(torch.nn.Module):
+    """The APLOT loss as a module, holding its options.
+
+    ``forward(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin=None, return_outputs=False)``
+    returns the loss, or an :class:`APLOTOutput` (loss, margins, plan, cost) for logging.
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 0.9,
+        temperature: float = 1.0,
+        eps: float = 0.1,
+        n_iters: int = 50,
+        scale: float = 1.0,
+        detach: bool = True,
+        backend: str = "auto",
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        _checks.unit_interval("alpha", alpha)
+        _checks.positive("temperature", temperature)
+        _checks.positive("eps", eps)
+        _checks.positive_int("n_iters", n_iters)
+        _checks.finite_number("scale", scale)
+        _checks.choice("reduction", reduction, REDUCTIONS)
+        self.alpha, self.temperature, self.eps, self.n_iters = alpha, temperature, eps, n_iters
+        self.scale, self.detach, self.backend, self.reduction = scale, detach, backend, reduction
+
+    def margin_options(self) -> dict:
+        return dict(
+            alpha=self.alpha, temperature=self.temperature, eps=self.eps, n_iters=self.n_iters,
+            scale=self.scale, detach=self.detach, backend=self.backend,
+        )
+
+    def forward(self, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin=None, return_outputs: bool = False):
+        out = _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, self.reduction, self.margin_options())
+        return out if return_outputs else out.loss
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.margin_options().items()) + f", reduction={self.reduction!r}"

@@ -1,0 +1,162 @@
+"""Gradients of Sinkhorn that need no stored iterates, for every backend.
+
+Both autograd functions call a backend's ``solve`` (any of them) in the
+forward pass and use only the returned plan and potentials in the backward
+pass, so a kernel backend gets them for free.
+
+Gradients with respect to the marginals ``a`` and ``b`` are centred (mean
+zero over each problem's support, zero on padding), as POT does: the value
+only changes along directions that keep each marginal's mass, so constants
+carry no information.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .reference import SolveOutput
+
+# Above this many unknowns (N + M) the implicit backward solves iteratively.
+DIRECT_SOLVE_MAX = 2048
+
+
+def centred(potential: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """``potential - mean`` over each problem's support, zero elsewhere: ``[B, K] -> [B, K]``."""
+    count = support.sum(-1, keepdim=True).clamp_min(1)
+    mean = torch.where(support, potential, 0).sum(-1, keepdim=True) / count
+    return torch.where(support, potential - mean, 0)
+
+
+class EnvelopeSinkhorn(torch.autograd.Function):
+    """Only ``reg_cost`` carries gradient: ``d/dC = P``, ``d/da = f``, ``d/db = g`` (centred)."""
+
+    @staticmethod
+    def forward(ctx, C, a, b, solve: Callable[..., SolveOutput]):
+        out = solve(C, a, b)
+        ctx.save_for_backward(out.plan, out.f, out.g, a, b)
+        ctx.c_dtype = C.dtype
+        ctx.mark_non_differentiable(out.plan, out.f, out.g, out.cost, out.n_iters, out.err)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, _plan, _f, _g, _cost, grad_reg, _n, _err):
+        plan, f, g, a, b = ctx.saved_tensors
+        grad_c = (grad_reg[:, None, None] * plan).to(ctx.c_dtype)
+        grad_a = grad_reg[:, None] * centred(f, a > 0) if ctx.needs_input_grad[1] else None
+        grad_b = grad_reg[:, None] * centred(g, b > 0) if ctx.needs_input_grad[2] else None
+        return grad_c, grad_a, grad_b, None
+
+
+class ImplicitSinkhorn(torch.autograd.Function):
+    """Exact gradients of plan, potentials, cost and reg_cost at the fixed point.
+
+    At the fixed point the marginal residuals ``P 1 - a`` and ``P^T 1 - b``
+    vanish. Their Jacobian in ``(f, g)`` is ``H / eps`` with
+    ``H = [[diag(a), P], [P^T, diag(b)]]``, singular along the gauge
+    direction ``z = (1, -1)`` (``f + t, g - t`` gives the same plan). The
+    backward solves ``H nu = h`` once per problem, with ``h`` projected onto
+    ``range(H)``; potentials are only defined up to that gauge, so gradients
+    through ``f`` and ``g`` are exact for gauge-invariant uses of them
+    (centred potentials, ``f_i + g_j``, the plan), as with any solver.
+    """
+
+    @staticmethod
+    def forward(ctx, C, a, b, solve: Callable[..., SolveOutput]):
+        out = solve(C, a, b)
+        compute_c = C.to(out.plan.dtype)
+        ctx.save_for_backward(out.plan, out.f, out.g, compute_c, a, b)
+        ctx.c_dtype = C.dtype
+        ctx.eps = solve.eps
+        ctx.mark_non_differentiable(out.n_iters, out.err)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, grad_plan, grad_f, grad_g, grad_cost, grad_reg, _n, _err):
+        plan, f, g, C, a, b = ctx.saved_tensors
+        eps = ctx.eps
+        batch, n, m = plan.shape
+        zeros = plan.new_zeros
+        grad_plan = zeros(batch, n, m) if grad_plan is None else grad_plan
+        grad_f = zeros(batch, n) if grad_f is None else grad_f
+        grad_g = zeros(batch, m) if grad_g is None else grad_g
+        grad_cost = zeros(batch) if grad_cost is None else grad_cost
+        grad_reg = zeros(batch) if grad_reg is None else grad_reg
+        rows, cols = a > 0, b > 0
+
+        # Explicit dependence of the outputs on (f, g, C, a, b), P = exp((f + g - C) / eps).
+        weighted = (grad_plan + grad_cost[:, None, None] * C) * plan
+        h_f = grad_f + grad_reg[:, None] * a + weighted.sum(-1) / eps
+        h_g = grad_g + grad_reg[:, None] * b + weighted.sum(-2) / eps
+        grad_c = grad_cost[:, None, None] * plan - weighted / eps
+        grad_a = grad_reg[:, None] * f
+        grad_b = grad_reg[:, None] * g
+
+        # Dependence through the fixed point.
+        h_f, h_g = torch.where(rows, h_f, 0), torch.where(cols, h_g, 0)
+        gauge = torch.cat([rows.to(plan.dtype), -cols.to(plan.dtype)], -1)
+        h = torch.cat([h_f, h_g], -1)
+        h = h - gauge * ((h * gauge).sum(-1, keepdim=True) / (gauge * gauge).sum(-1, keepdim=True))
+        nu = _solve_fixed_point_system(plan, torch.where(rows, a, 1), torch.where(cols, b, 1), gauge, h)
+        nu_f, nu_g = nu[:, :n], nu[:, n:]
+        grad_c = grad_c + plan * (nu_f[:, :, None] + nu_g[:, None, :])
+        grad_a = centred(grad_a + eps * nu_f, rows)
+        grad_b = centred(grad_b + eps * nu_g, cols)
+        return (
+            grad_c.to(ctx.c_dtype),
+            grad_a if ctx.needs_input_grad[1] else None,
+            grad_b if ctx.needs_input_grad[2] else None,
+            None,
+        )
+
+
+def _solve_fixed_point_system(plan, diag_a, diag_b, gauge, rhs):
+    """Solve ``H nu = rhs`` for ``H = [[diag(a), P], [P^T, diag(b)]]``, ``rhs`` orthogonal to ``gauge``.
+
+    Padded rows and columns of ``P`` are zero and carry a unit diagonal, so
+    they decouple. Small systems: a direct solve of ``H + gauge gauge^T``
+    (non-singular, same solution on ``range(H)``). Large ones:
+    Jacobi-preconditioned conjugate gradients, which stay in ``range(H)``.
+    """
+    batch, n, m = plan.shape
+    if n + m <= DIRECT_SOLVE_MAX:
+        system = plan.new_zeros(batch, n + m, n + m)
+        system[:, :n, :n] = torch.diag_embed(diag_a)
+        system[:, n:, n:] = torch.diag_embed(diag_b)
+        system[:, :n, n:] = plan
+        system[:, n:, :n] = plan.transpose(-1, -2)
+        system = system + gauge[:, :, None] * gauge[:, None, :]
+        # float64 keeps the solve accurate when eps is small and H is ill-conditioned.
+        return torch.linalg.solve(system.double(), rhs.double()).to(plan.dtype)
+    return _conjugate_gradients(plan, diag_a, diag_b, rhs)
+
+
+def _conjugate_gradients(plan, diag_a, diag_b, rhs, max_iters: int = 1000, rtol: float = 1e-10):
+    n = plan.shape[1]
+    inv_diag = 1.0 / torch.cat([diag_a, diag_b], -1)
+
+    def apply(x):
+        x_f, x_g = x[:, :n], x[:, n:]
+        top = diag_a * x_f + torch.bmm(plan, x_g[:, :, None])[..., 0]
+        bottom = torch.bmm(plan.transpose(-1, -2), x_f[:, :, None])[..., 0] + diag_b * x_g
+        return torch.cat([top, bottom], -1)
+
+    x = torch.zeros_like(rhs)
+    r = rhs.clone()
+    z = inv_diag * r
+    p = z.clone()
+    rz = (r * z).sum(-1, keepdim=True)
+    stop = (rtol * rtol) * (rhs * rhs).sum(-1, keepdim=True)
+    for it in range(max_iters):
+        hp = apply(p)
+        alpha = rz / (p * hp).sum(-1, keepdim=True).clamp_min(torch.finfo(rhs.dtype).tiny)
+        x = x + alpha * p
+        r = r - alpha * hp
+        z = inv_diag * r
+        rz_new = (r * z).sum(-1, keepdim=True)
+        p = z + (rz_new / rz.clamp_min(torch.finfo(rhs.dtype).tiny)) * p
+        rz = rz_new
+        if it % 20 == 19 and bool(((r * r).sum(-1, keepdim=True) <= stop).all()):
+            break
+    return x
