@@ -1,0 +1,32 @@
+"""Small helpers shared by the Triton kernel modules (launch sizes, constants)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # log(x) = log2(x) * LN2
+
+# tl.dot needs every block dimension >= 16.
+MIN_DOT_BLOCK = 16
+
+
+def block_size(extent: int, *, lo: int = 1, hi: int) -> int:
+    """The next power of two >= ``extent``, clamped to ``[lo, hi]``."""
+    return max(lo, min(hi, triton.next_power_of_2(max(int(extent), 1))))
+
+
+def num_warps_for(elements: int, *, per_thread: int = 64) -> int:
+    """Warps (4 to 16) for a program holding ``elements`` fp32 values, about ``per_thread`` per thread."""
+    return block_size(-(-int(elements) // (per_thread * 32)), lo=4, hi=16)
+
+
+def float32_out(*tensors: torch.Tensor) -> torch.dtype:
+    """Output dtype of a kernel: ``promote_types(inputs, float32)`` (half in -> float32 out)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype

@@ -1,0 +1,168 @@
+"""Triton kernels for the cost matrices (batched; see :mod:`aplot_kernels.cost`).
+
+One fused kernel per cost. A program owns a ``BLOCK_N x BLOCK_M`` tile of
+one problem's ``[N, M]`` output and walks the embedding width ``D`` in
+``BLOCK_D`` steps, accumulating both the product ``x y^T`` (``tl.dot``: tensor
+cores for fp16/bf16 with fp32 accumulation, exact fp32 FMA for float32, no
+silent TF32) and the squared row norms of its ``x`` and ``y`` rows. The
+epilogue divides by the clamped norms (``x / max(||x||, eps)``, the
+``torch.nn.functional.normalize`` rule) and writes ``1 - S`` or the APLOT
+combination. Output is float32.
+
+The backward passes are the reference's closed forms (this module defines no
+``*_backward``), run by :mod:`aplot_kernels.cost` in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreter_on
+from .._triton_utils import LOG2E, MIN_DOT_BLOCK, block_size, float32_out
+
+MAX_BLOCK_NM = 64
+MAX_BLOCK_D = 64
+
+
+@triton.jit
+def _similarity_tile(
+    x_ptr, y_ptr, pid_b, rows, cols, N, M, D,
+    stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
+    eps,
+    IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``S`` for one tile: ``<x_i, y_j> / (max(|x_i|, eps) max(|y_j|, eps))``, ``[BLOCK_N, BLOCK_M]`` fp32."""
+    row_ok = rows < N
+    col_ok = cols < M
+    x_base = x_ptr + pid_b * stride_xb + rows[:, None] * stride_xn
+    y_base = y_ptr + pid_b * stride_yb + cols[:, None] * stride_ym
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    x_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    y_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        x = tl.load(x_base + ds[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        y = tl.load(y_base + ds[None, :] * stride_yd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        xf = x.to(tl.float32)
+        yf = y.to(tl.float32)
+        if IEEE_FP32:
+            acc = tl.dot(xf, tl.trans(yf), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(y), acc)
+        x_sq += tl.sum(xf * xf, axis=1)
+        y_sq += tl.sum(yf * yf, axis=1)
+    x_norm = tl.maximum(tl.sqrt_rn(x_sq), eps)
+    y_norm = tl.maximum(tl.sqrt_rn(y_sq), eps)
+    # Divide twice (not by the product) so that tiny norms cannot underflow the denominator.
+    return (acc / x_norm[:, None]) / y_norm[None, :]
+
+
+@triton.jit
+def _cosine_cost_kernel(
+    x_ptr, y_ptr, out_ptr, N, M, D,
+    stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
+    stride_ob, stride_on, stride_om,
+    eps,
+    IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    s = _similarity_tile(
+        x_ptr, y_ptr, pid_b, rows, cols, N, M, D,
+        stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd, eps,
+        IEEE_FP32, BLOCK_N, BLOCK_M, BLOCK_D,
+    )
+    out = out_ptr + pid_b * stride_ob + rows[:, None] * stride_on + cols[None, :] * stride_om
+    tl.store(out, 1.0 - s, mask=(rows < N)[:, None] & (cols < M)[None, :])
+
+
+@triton.jit
+def _aplot_cost_kernel(
+    x_ptr, y_ptr, rx_ptr, ry_ptr, out_ptr, N, M, D,
+    stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
+    stride_rxb, stride_rxn, stride_ryb, stride_rym,
+    stride_ob, stride_on, stride_om,
+    alpha, inv_temperature, eps,
+    IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_b = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    col_ok = cols < M
+    s = _similarity_tile(
+        x_ptr, y_ptr, pid_b, rows, cols, N, M, D,
+        stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd, eps,
+        IEEE_FP32, BLOCK_N, BLOCK_M, BLOCK_D,
+    )
+    rx = tl.load(rx_ptr + pid_b * stride_rxb + rows * stride_rxn, mask=row_ok, other=0.0).to(tl.float32)
+    ry = tl.load(ry_ptr + pid_b * stride_ryb + cols * stride_rym, mask=col_ok, other=0.0).to(tl.float32)
+    gap = tl.abs(rx[:, None] - ry[None, :]) * inv_temperature
+    # 1 - sigmoid(|delta| / T) = sigmoid(-|delta| / T) = 1 / (1 + exp(|delta| / T)); exp overflow gives 0, as it should.
+    reward_term = 1.0 / (1.0 + tl.math.exp2(gap * LOG2E))
+    cost = alpha * reward_term + (1.0 - alpha) * 0.5 * (1.0 + s)
+    out = out_ptr + pid_b * stride_ob + rows[:, None] * stride_on + cols[None, :] * stride_om
+    tl.store(out, cost, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _dot_operands(x: torch.Tensor, y: torch.Tensor):
+    """Both embeddings in one dtype ``tl.dot`` accepts: their own if they agree, else float32."""
+    if x.dtype == y.dtype and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return x, y
+    return x.float(), y.float()
+
+
+def _dot_in_float32(x: torch.Tensor) -> bool:
+    """Whether ``tl.dot`` runs on float32 operands (exact IEEE products, no TF32).
+
+    True for float32 inputs; also for bfloat16 under the Triton interpreter,
+    whose bfloat16 ``tl.dot`` returns garbage (triton 3.9): widening bfloat16
+    to float32 is exact, so this changes no result.
+    """
+    return x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and triton_interpreter_on())
+
+
+def _launch(kernel, x, y, extra_args, extra_strides, scalars, out_dtype):
+    x, y = _dot_operands(x, y)
+    batch, n, d = x.shape
+    m = y.shape[1]
+    out = torch.empty(batch, n, m, dtype=out_dtype, device=x.device)
+    block_n = block_size(n, lo=MIN_DOT_BLOCK, hi=MAX_BLOCK_NM)
+    block_m = block_size(m, lo=MIN_DOT_BLOCK, hi=MAX_BLOCK_NM)
+    block_d = block_size(d, lo=MIN_DOT_BLOCK, hi=MAX_BLOCK_D)
+    grid = (batch, triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    kernel[grid](
+        x, y, *extra_args, out, n, m, d,
+        *x.stride(), *y.stride(), *extra_strides, *out.stride(),
+        *scalars,
+        IEEE_FP32=_dot_in_float32(x), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+        num_warps=4, num_stages=3,
+    )
+    return out
+
+
+def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """``1 - S``: ``x [B, N, D]``, ``y [B, M, D]`` -> ``[B, N, M]`` (float32 for half inputs)."""
+    return _launch(_cosine_cost_kernel, x, y, (), (), (float(eps),), float32_out(x, y))
+
+
+def aplot_cost(
+    chosen_emb: torch.Tensor,
+    rejected_emb: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    eps: float,
+) -> torch.Tensor:
+    """APLOT cost ``[B, N, M]`` from embeddings ``[B, N, D]``, ``[B, M, D]`` and rewards ``[B, N]``, ``[B, M]``."""
+    out_dtype = float32_out(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
+    return _launch(
+        _aplot_cost_kernel, chosen_emb, rejected_emb,
+        (chosen_rewards, rejected_rewards), (*chosen_rewards.stride(), *rejected_rewards.stride()),
+        (float(alpha), 1.0 / float(temperature), float(eps)), out_dtype,
+    )
