@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from .cost import aplot_cost
+from .distributed import PairBank, Responses, concat_responses, gather_rows, is_distributed
 from .sinkhorn import sinkhorn
 
 __all__ = ["bt_loss", "aplot_margin", "aplot_loss", "APLOTLoss", "APLOTOutput"]
@@ -216,6 +217,22 @@ class APLOTLoss(torch.nn.Module):
 
     ``forward(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin=None, return_outputs=False)``
     returns the loss, or an :class:`APLOTOutput` (loss, margins, plan, cost) for logging.
+
+    Two options widen the transport problem (design in :mod:`aplot_kernels.distributed`):
+
+    * ``gather_across_devices=True``: rewards and embeddings of all ranks of
+      ``process_group`` (ranks may hold different numbers of pairs) form one
+      OT problem; each rank gets the margins of its own pairs and the loss
+      over its own pairs. The gather is differentiable when ``detach=False``.
+      Without an initialised process group of two or more ranks it does nothing.
+    * ``bank_size=K``: the responses of the last ``K`` calls (detached) join
+      the problem, banked chosen responses on the chosen side and banked
+      rejected ones on the rejected side. The bank is used and filled only in
+      training mode (``module.train()``, the default); ``reset_bank()`` empties it.
+
+    In both cases ``margins`` holds this call's local pairs only, while
+    ``plan`` and ``cost`` are those of the whole problem (local rows at
+    ``local_offset``).
     """
 
     def __init__(
@@ -229,6 +246,9 @@ class APLOTLoss(torch.nn.Module):
         detach: bool = True,
         backend: str = "auto",
         reduction: str = "mean",
+        gather_across_devices: bool = False,
+        bank_size: int = 0,
+        process_group=None,
     ) -> None:
         super().__init__()
         _checks.unit_interval("alpha", alpha)
@@ -237,8 +257,19 @@ class APLOTLoss(torch.nn.Module):
         _checks.positive_int("n_iters", n_iters)
         _checks.finite_number("scale", scale)
         _checks.choice("reduction", reduction, REDUCTIONS)
+        _checks.positive_int("bank_size", bank_size, minimum=0)
         self.alpha, self.temperature, self.eps, self.n_iters = alpha, temperature, eps, n_iters
         self.scale, self.detach, self.backend, self.reduction = scale, detach, backend, reduction
+        self.gather_across_devices, self.process_group = bool(gather_across_devices), process_group
+        self.bank = PairBank(bank_size)
+        self.local_offset = 0
+
+    @property
+    def bank_size(self) -> int:
+        return self.bank.size
+
+    def reset_bank(self) -> None:
+        self.bank.clear()
 
     def margin_options(self) -> dict:
         return dict(
@@ -247,8 +278,65 @@ class APLOTLoss(torch.nn.Module):
         )
 
     def forward(self, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin=None, return_outputs: bool = False):
-        out = _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, self.reduction, self.margin_options())
+        widen = self.gather_across_devices or (self.bank.size > 0 and self.training)
+        if widen:
+            out = _widened_aplot_loss(self, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin)
+        else:
+            self.local_offset = 0
+            out = _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, self.reduction, self.margin_options())
         return out if return_outputs else out.loss
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.margin_options().items()) + f", reduction={self.reduction!r}"
+        extras = f", gather_across_devices={self.gather_across_devices}, bank_size={self.bank.size}"
+        return ", ".join(f"{k}={v!r}" for k, v in self.margin_options().items()) + f", reduction={self.reduction!r}" + extras
+
+
+def _widened_aplot_loss(module: APLOTLoss, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin) -> APLOTOutput:
+    """:class:`APLOTLoss` with responses of other ranks and/or earlier micro-steps in the OT problem.
+
+    The problem is ``[gathered current responses, banked responses]`` (see
+    :func:`aplot_kernels.distributed.concat_responses`); this call's pairs sit
+    at rows ``local_offset .. local_offset + n`` of the chosen side.
+    """
+    _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
+    n = chosen_rewards.shape[0]
+    margin = _check_margin(margin, n, chosen_rewards)
+    options = module.margin_options()
+    if options["scale"] == 0:
+        module.local_offset = 0
+        return APLOTOutput(bt_loss(chosen_rewards, rejected_rewards[:n], margin, reduction=module.reduction), None, None, None)
+    current = Responses(chosen_rewards, chosen_emb, rejected_rewards, rejected_emb)
+    offset = 0
+    if module.gather_across_devices and is_distributed(module.process_group):
+        current, offset = _gather_responses(current, differentiable=not module.detach, group=module.process_group)
+    use_bank = module.bank.size > 0 and module.training
+    problem = concat_responses([current] + (module.bank.entries()[::-1] if use_bank else []))
+    if use_bank:
+        module.bank.push(current)
+    module.local_offset = offset
+    if problem.chosen_rewards.shape[0] == 1 and problem.rejected_rewards.shape[0] == 1:
+        _warn_single_pair()
+        return APLOTOutput(bt_loss(chosen_rewards, rejected_rewards[:n], margin, reduction=module.reduction), None, None, None)
+    margins, plan, cost = _margin_and_plan(
+        problem.chosen_rewards, problem.rejected_rewards, problem.chosen_emb, problem.rejected_emb, **options
+    )
+    local = margins[offset: offset + n]
+    total = local if margin is None else local + margin
+    return APLOTOutput(bt_loss(chosen_rewards, rejected_rewards[:n], total, reduction=module.reduction), local, plan, cost)
+
+
+def _gather_responses(local: Responses, *, differentiable: bool, group):
+    """All ranks' responses as one problem (paired rows of all ranks first, then their extra rejected rows)."""
+    n = local.n_pairs
+    chosen_rewards, offset, sizes = gather_rows(local.chosen_rewards, differentiable=differentiable, group=group)
+    gather = lambda t, s=sizes: gather_rows(t, differentiable=differentiable, group=group, sizes=s)[0]  # noqa: E731
+    chosen_emb = gather(local.chosen_emb)
+    paired_rewards, paired_emb = gather(local.rejected_rewards[:n]), gather(local.rejected_emb[:n])
+    extra_rewards, _, extra_sizes = gather_rows(local.rejected_rewards[n:], differentiable=differentiable, group=group)
+    extra_emb = gather(local.rejected_emb[n:], extra_sizes)
+    gathered = Responses(
+        chosen_rewards, chosen_emb,
+        torch.cat([paired_rewards, extra_rewards]) if extra_rewards.shape[0] else paired_rewards,
+        torch.cat([paired_emb, extra_emb]) if extra_emb.shape[0] else paired_emb,
+    )
+    return gathered, offset
