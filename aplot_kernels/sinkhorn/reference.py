@@ -79,7 +79,9 @@ def solve(
     batch, n, m = C.shape
     neg_c = -C / eps
     log_a, log_b = masked_log(a), masked_log(b)
-    log_u = torch.zeros(batch, n, dtype=C.dtype, device=C.device)
+    # Zero potentials, except -inf on padded rows: a padded row must not enter
+    # the first column update, or a ragged problem would differ from itself alone.
+    log_u = torch.where(a > 0, 0.0, -torch.inf).to(C.dtype)
     log_v = torch.zeros(batch, m, dtype=C.dtype, device=C.device)
     iters = torch.zeros(batch, dtype=torch.int64, device=C.device)
     active = torch.ones(batch, dtype=torch.bool, device=C.device)

@@ -1,0 +1,185 @@
+"""Shared fixtures: the device, the backends to test, POT reference solves, problem builders.
+
+Every backend runs the same cases. Which backends run depends on this
+machine: ``torch`` always, ``native`` when the compiled extension loads,
+``triton`` when Triton can run here (on a GPU, or through the interpreter on
+the CPU, which this file switches on when there is no GPU). A backend is
+tested for an op only once its kernel module for that op exists.
+
+The Triton interpreter is slow and Triton has no float64, so:
+
+* ``small(backend, big, tiny)`` picks a shape per backend;
+* ``skip_float64(backend)`` / the ``float64_backend`` fixture keep float64
+  cases on the backends that compute float64 (torch, native);
+* float32 kernel results are held to the float64 ``torch`` reference with
+  SPEC section 5's bound ``max |plan diff| <= 1e-5 * max plan entry``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import zlib
+
+import torch
+
+# The interpreter flag is read when Triton kernels are defined, so it must be
+# set before anything imports triton (torch itself does not).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Run from a checkout without installing: make the package importable.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if importlib.util.find_spec("aplot_kernels") is None:
+    sys.path.insert(0, _ROOT)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from aplot_kernels import backends  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KERNEL_MODULES = {"triton": "triton_kernels", "native": "native"}
+
+
+def _kernel_module_exists(backend: str, op: str) -> bool:
+    return importlib.util.find_spec(f"aplot_kernels.{op}.{KERNEL_MODULES[backend]}") is not None
+
+
+def backends_for(op: str, device: torch.device = DEVICE) -> list:
+    """Backends that can run ``op`` (``"cost"`` or ``"sinkhorn"``) on ``device``, ``"torch"`` first."""
+    names = ["torch"]
+    if backends.native_status(device)[0] and _kernel_module_exists("native", op):
+        names.append("native")
+    if backends.triton_status(device)[0] and _kernel_module_exists("triton", op):
+        names.append("triton")
+    return names
+
+
+COST_BACKENDS = backends_for("cost")
+SINKHORN_BACKENDS = backends_for("sinkhorn")
+# Kernel backends only (compared against the torch reference).
+KERNEL_SINKHORN_BACKENDS = [b for b in SINKHORN_BACKENDS if b != "torch"]
+KERNEL_COST_BACKENDS = [b for b in COST_BACKENDS if b != "torch"]
+
+
+def interpreted(backend: str) -> bool:
+    """Triton kernels running through the (slow) CPU interpreter."""
+    return backend == "triton" and DEVICE.type == "cpu"
+
+
+def small(backend: str, big, tiny):
+    """``tiny`` on the Triton interpreter, ``big`` elsewhere (shapes, iteration counts)."""
+    return tiny if interpreted(backend) else big
+
+
+def has_float64(backend: str) -> bool:
+    return backend != "triton"
+
+
+def skip_float64(backend: str) -> None:
+    """Reference/native only: Triton computes no float64."""
+    if not has_float64(backend):
+        pytest.skip("float64 case: Triton computes float16/bfloat16/float32 only")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+@pytest.fixture(params=SINKHORN_BACKENDS)
+def sinkhorn_backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=[b for b in SINKHORN_BACKENDS if has_float64(b)])
+def float64_backend(request) -> str:
+    """Sinkhorn backends that compute float64 (the POT conformance rows)."""
+    return request.param
+
+
+@pytest.fixture(params=COST_BACKENDS)
+def cost_backend(request) -> str:
+    return request.param
+
+
+def seed_for(request) -> int:
+    """A stable seed per test (its node id), so failures reproduce."""
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A CPU generator seeded per test; draw on the CPU, then move to the device."""
+    g = torch.Generator()
+    g.manual_seed(seed_for(request))
+    return g
+
+
+# ---------------------------------------------------------------------------
+# Problem builders
+# ---------------------------------------------------------------------------
+
+
+def random_cost(gen, batch, n, m, *, scale=1.0, dtype=torch.float64, device=DEVICE):
+    """Costs uniform in ``[0, scale]``, ``[B, N, M]``."""
+    return (scale * torch.rand(batch, n, m, generator=gen, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
+def random_marginal(gen, batch, size, *, mass=1.0, dtype=torch.float64, device=DEVICE):
+    """Positive, non-uniform weights summing to ``mass`` per problem, ``[B, K]``."""
+    w = 0.2 + torch.rand(batch, size, generator=gen, dtype=torch.float64)
+    return (mass * w / w.sum(-1, keepdim=True)).to(dtype=dtype, device=device)
+
+
+def random_embeddings(gen, *shape, dtype=torch.float64, device=DEVICE):
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+# ---------------------------------------------------------------------------
+# POT references
+# ---------------------------------------------------------------------------
+
+
+def pot_sinkhorn_log(C, a, b, eps, n_iters):
+    """POT's ``sinkhorn_log`` with exactly ``n_iters`` iterations, one problem: ``(plan, f, g)`` float64 numpy."""
+    import warnings
+
+    import ot
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "did not converge" is the point of a fixed count
+        plan, log = ot.sinkhorn(
+            _np(a), _np(b), _np(C), reg=eps, method="sinkhorn_log", numItermax=n_iters, stopThr=0, log=True
+        )
+    return plan, eps * log["log_u"], eps * log["log_v"]
+
+
+def _np(t):
+    return t.detach().to("cpu", torch.float64).numpy() if isinstance(t, torch.Tensor) else np.asarray(t, dtype=np.float64)
+
+
+def to_np(t):
+    return _np(t)
+
+
+def max_abs(x, y) -> float:
+    return float(np.abs(_np(x) - _np(y)).max())
+
+
+def assert_plan_close_relative(plan, reference_plan, bound=1e-5):
+    """SPEC section 5, float32 row: ``max |plan diff| <= bound * max plan entry`` (per problem)."""
+    plan, reference_plan = _np(plan), _np(reference_plan)
+    if plan.ndim == 2:
+        plan, reference_plan = plan[None], reference_plan[None]
+    for p, r in zip(plan, reference_plan):
+        diff = np.abs(p - r).max()
+        assert diff <= bound * r.max(), f"max |plan diff| {diff:.3e} > {bound} * max plan {r.max():.3e}"
+
+
+def assert_finite(**tensors) -> None:
+    for name, t in tensors.items():
+        assert t is not None, f"{name} is None"
+        assert bool(torch.isfinite(t).all()), f"{name} has NaN or inf"
