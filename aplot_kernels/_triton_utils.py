@@ -6,9 +6,14 @@ import math
 
 import torch
 import triton
+import triton.language as tl
 
 LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
 LN2 = 0.6931471805599453  # log(x) = log2(x) * LN2
+
+# The same constants for use inside kernels (jit functions may read constexpr globals only).
+LOG2E_K = tl.constexpr(LOG2E)
+LN2_K = tl.constexpr(LN2)
 
 # tl.dot needs every block dimension >= 16.
 MIN_DOT_BLOCK = 16

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..backends import triton_interpreter_on
-from .._triton_utils import LOG2E, MIN_DOT_BLOCK, block_size, float32_out
+from .._triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, float32_out
 
 MAX_BLOCK_NM = 64
 MAX_BLOCK_D = 64
@@ -103,7 +103,7 @@ def _aplot_cost_kernel(
     ry = tl.load(ry_ptr + pid_b * stride_ryb + cols * stride_rym, mask=col_ok, other=0.0).to(tl.float32)
     gap = tl.abs(rx[:, None] - ry[None, :]) * inv_temperature
     # 1 - sigmoid(|delta| / T) = sigmoid(-|delta| / T) = 1 / (1 + exp(|delta| / T)); exp overflow gives 0, as it should.
-    reward_term = 1.0 / (1.0 + tl.math.exp2(gap * LOG2E))
+    reward_term = 1.0 / (1.0 + tl.math.exp2(gap * LOG2E_K))
     cost = alpha * reward_term + (1.0 - alpha) * 0.5 * (1.0 + s)
     out = out_ptr + pid_b * stride_ob + rows[:, None] * stride_on + cols[None, :] * stride_om
     tl.store(out, cost, mask=row_ok[:, None] & col_ok[None, :])

@@ -1,0 +1,400 @@
+"""Triton kernels for log-domain Sinkhorn: ``solve`` as in :mod:`aplot_kernels.sinkhorn.reference`.
+
+Same iterates as the reference (POT's ``sinkhorn_log`` order: column
+potential, then row potential, from zero), computed in float32 whatever the
+dtype of ``C`` (float16/bfloat16/float32 are read as they are). Scaled
+potentials ``log_u = f / eps``, ``log_v = g / eps`` are kept in natural-log
+units; every exponential is ``exp2((x - max) * log2(e))`` (the MUFU ``ex2``
+instruction; ``tl.exp`` would lower to the same) and ``-C / eps`` is formed
+with a split reciprocal (``c * hi + c * lo`` in one FMA) so that it is
+within about half an ulp of the true quotient without a division.
+
+Two strategies:
+
+* ``"fused"`` (small problems, ``next_pow2(N) * next_pow2(M) <=
+  FUSED_MAX_ELEMENTS``): one program per problem holds ``-C / eps`` in
+  registers and runs every iteration in the kernel. The tolerance check and
+  the early exit happen on chip; the epilogue writes plan, potentials, cost,
+  dual value, iteration count and error.
+* ``"tiled"`` (large problems): the host launches, per iteration, a column
+  log-sum-exp kernel (v-update) and a row log-sum-exp kernel (u-update), each
+  streaming ``C`` tile by tile with an online (running max) log-sum-exp. No
+  host synchronisation in the loop: per-problem ``active`` flags live on the
+  device and a check kernel (every ``check_every``-th iteration) measures the
+  column-marginal violation and clears them; stopped problems' programs do no
+  work. The check's column log-sum-exp is exactly the next v-update's, so the
+  check kernel also applies that update and the next iteration skips its
+  column pass: tolerance checks cost no extra pass over ``C``.
+
+Zero weights (padding) give ``-inf`` potentials, hence exact zero plan rows
+and columns; ``f`` and ``g`` are reported as 0 there. Block padding beyond
+``N``/``M`` is masked the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._triton_utils import LN2_K, LOG2E_K, block_size, num_warps_for
+from .reference import SolveOutput, column_violation
+
+# Largest padded problem (next_pow2(N) * next_pow2(M)) solved by one program with C in registers:
+# 16 warps then hold 64 fp32 values of C per thread.
+FUSED_MAX_ELEMENTS = 128 * 256
+
+# Tile shapes of the streaming kernels: a row pass reads BLOCK_N rows x BLOCK_M columns per step
+# (128 contiguous fp32 = 512 B per row), a column pass a tall BLOCK_N x BLOCK_M tile.
+TILED_BLOCKS = dict(row_block_n=32, row_block_m=128, col_block_n=128, col_block_m=32, check_block=1024)
+
+NEG_INF = float("-inf")
+
+
+def _split_reciprocal(eps: float):
+    """``-1 / eps`` as a float32 pair ``hi + lo`` (so ``c * hi + c * lo`` ~ ``-c / eps`` to ~0.5 ulp)."""
+    exact = -1.0 / float(eps)
+    hi = float(torch.tensor(exact, dtype=torch.float32))
+    lo = float(torch.tensor(exact - hi, dtype=torch.float32))
+    return hi, lo
+
+
+@triton.jit
+def _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo):
+    """``-c / eps`` in float32 from the split reciprocal."""
+    return tl.fma(c, neg_inv_hi, c * neg_inv_lo)
+
+
+@triton.jit
+def _lse_value(peak, total):
+    """``peak + log(total)`` of a log-sum-exp; ``-inf`` where every term was ``-inf`` (then ``total`` is 0)."""
+    empty = peak == float("-inf")
+    return tl.where(empty, float("-inf"), peak + tl.math.log2(tl.where(empty, 1.0, total)) * LN2_K)
+
+
+@triton.jit
+def _lse(z, AXIS: tl.constexpr):
+    """``log(sum(exp(z)))`` along ``AXIS``; all ``-inf`` gives ``-inf`` (never NaN)."""
+    peak = tl.max(z, axis=AXIS)
+    safe = tl.where(peak == float("-inf"), 0.0, peak)
+    total = tl.sum(tl.math.exp2((z - tl.expand_dims(safe, AXIS)) * LOG2E_K), axis=AXIS)
+    return _lse_value(peak, total)
+
+
+@triton.jit
+def _log_weight(w):
+    """``log(w)`` where ``w > 0`` (the value elsewhere is never used)."""
+    return tl.log(tl.where(w > 0, w, 1.0))
+
+
+# ---------------------------------------------------------------------------
+# Fused strategy: one program per problem, everything on chip.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _solve_fused_kernel(
+    c_ptr, a_ptr, b_ptr, plan_ptr, f_ptr, g_ptr, cost_ptr, reg_ptr, iters_ptr, err_ptr,
+    N, M,
+    stride_cb, stride_cn, stride_cm, stride_ab, stride_an, stride_bb, stride_bm,
+    stride_pb, stride_pn, stride_pm,
+    eps, neg_inv_hi, neg_inv_lo, n_iters, check_every, tol,
+    HAS_TOL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    col_ok = cols < M
+    inside = row_ok[:, None] & col_ok[None, :]
+    c = tl.load(c_ptr + pid * stride_cb + rows[:, None] * stride_cn + cols[None, :] * stride_cm, mask=inside, other=0.0)
+    c = c.to(tl.float32)
+    neg_c = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
+    wa = tl.load(a_ptr + pid * stride_ab + rows * stride_an, mask=row_ok, other=0.0).to(tl.float32)
+    wb = tl.load(b_ptr + pid * stride_bb + cols * stride_bm, mask=col_ok, other=0.0).to(tl.float32)
+    log_a = _log_weight(wa)
+    log_b = _log_weight(wb)
+
+    # Zero potentials, except -inf on zero-weight rows: as in the reference, a padded row never
+    # enters a column update, so a ragged problem equals itself alone.
+    log_u = tl.where(wa > 0, 0.0, float("-inf"))
+    log_v = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # Column log-sum-exp of the current log_u: the next v-update and the marginal check both use it.
+    col_lse = _lse(neg_c + log_u[:, None], 0)
+    active = tl.full((), 1, tl.int32)
+    iters = tl.full((), 0, tl.int32)
+    err = tl.full((), -1.0, tl.float32)  # < 0: never measured
+    for k in range(1, n_iters + 1):
+        if active != 0:
+            log_v = tl.where(wb > 0, log_b - col_lse, float("-inf"))
+            log_u = tl.where(wa > 0, log_a - _lse(neg_c + log_v[None, :], 1), float("-inf"))
+            col_lse = _lse(neg_c + log_u[:, None], 0)
+            iters += 1
+            if HAS_TOL:
+                if k % check_every == 0:
+                    # (P^T 1)_j = exp(log_v_j + col_lse_j)
+                    err = tl.sum(tl.abs(tl.math.exp2((log_v + col_lse) * LOG2E_K) - wb))
+                    active = (err > tol).to(tl.int32)
+
+    plan = tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
+    tl.store(plan_ptr + pid * stride_pb + rows[:, None] * stride_pn + cols[None, :] * stride_pm, plan, mask=inside)
+    f = tl.where(wa > 0, eps * log_u, 0.0)
+    g = tl.where(wb > 0, eps * log_v, 0.0)
+    tl.store(f_ptr + pid * N + rows, f, mask=row_ok)
+    tl.store(g_ptr + pid * M + cols, g, mask=col_ok)
+    tl.store(cost_ptr + pid, tl.sum(tl.sum(plan * c, axis=1), axis=0))
+    tl.store(reg_ptr + pid, tl.sum(wa * f) + tl.sum(wb * g))
+    tl.store(iters_ptr + pid, iters.to(tl.int64))
+    if err < 0:
+        err = tl.sum(tl.abs(tl.sum(plan, axis=0) - wb))
+    tl.store(err_ptr + pid, err)
+
+
+def _solve_fused(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
+    batch, n, m = C.shape
+    block_n, block_m = block_size(n, hi=1 << 30), block_size(m, hi=1 << 30)
+    dev = C.device
+    plan = torch.empty(batch, n, m, dtype=torch.float32, device=dev)
+    f = torch.empty(batch, n, dtype=torch.float32, device=dev)
+    g = torch.empty(batch, m, dtype=torch.float32, device=dev)
+    cost, reg_cost, err = (torch.empty(batch, dtype=torch.float32, device=dev) for _ in range(3))
+    iters = torch.empty(batch, dtype=torch.int64, device=dev)
+    hi, lo = _split_reciprocal(eps)
+    _solve_fused_kernel[(batch,)](
+        C, a, b, plan, f, g, cost, reg_cost, iters, err, n, m,
+        *C.stride(), *a.stride(), *b.stride(), *plan.stride(),
+        float(eps), hi, lo, int(n_iters), int(check_every), float(tol if tol is not None else 0.0),
+        HAS_TOL=tol is not None, BLOCK_N=block_n, BLOCK_M=block_m,
+        num_warps=num_warps_for(block_n * block_m),
+    )
+    return SolveOutput(plan, f, g, cost, reg_cost, iters, err)
+
+
+# ---------------------------------------------------------------------------
+# Tiled strategy: streaming log-sum-exp passes launched from a host loop.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _online_lse_step(peak, total, z, AXIS: tl.constexpr):
+    """Fold a tile ``z`` into running ``(peak, total)`` along ``AXIS`` (log-sum-exp = peak + log(total))."""
+    new_peak = tl.maximum(peak, tl.max(z, axis=AXIS))
+    safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+    total = total * tl.math.exp2((peak - safe) * LOG2E_K) + tl.sum(
+        tl.math.exp2((z - tl.expand_dims(safe, AXIS)) * LOG2E_K), axis=AXIS
+    )
+    return new_peak, total
+
+
+@triton.jit
+def _column_pass_kernel(
+    c_ptr, log_u_ptr, b_ptr, out_ptr, active_ptr,
+    N, M, stride_cb, stride_cn, stride_cm, stride_bb, stride_bm,
+    neg_inv_hi, neg_inv_lo,
+    WRITE_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``lse_j = LSE_i(-C_ij / eps + log_u_i)``; writes ``log_v = log b - lse`` (``WRITE_V``) or ``lse``."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    if tl.load(active_ptr + pid_b) != 0:
+        cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        col_ok = cols < M
+        peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        c_base = c_ptr + pid_b * stride_cb + cols[None, :] * stride_cm
+        for n0 in range(0, N, BLOCK_N):
+            rows = n0 + tl.arange(0, BLOCK_N)
+            row_ok = rows < N
+            inside = row_ok[:, None] & col_ok[None, :]
+            c = tl.load(c_base + rows[:, None] * stride_cn, mask=inside, other=0.0).to(tl.float32)
+            log_u = tl.load(log_u_ptr + pid_b * N + rows, mask=row_ok, other=float("-inf"))
+            z = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf")) + log_u[:, None]
+            peak, total = _online_lse_step(peak, total, z, 0)
+        lse = _lse_value(peak, total)
+        if WRITE_V:
+            wb = tl.load(b_ptr + pid_b * stride_bb + cols * stride_bm, mask=col_ok, other=0.0)
+            lse = tl.where(wb > 0, _log_weight(wb) - lse, float("-inf"))
+        tl.store(out_ptr + pid_b * M + cols, lse, mask=col_ok)
+
+
+@triton.jit
+def _row_pass_kernel(
+    c_ptr, log_v_ptr, a_ptr, log_u_ptr, active_ptr,
+    N, M, stride_cb, stride_cn, stride_cm, stride_ab, stride_an,
+    neg_inv_hi, neg_inv_lo,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``log_u_i = log a_i - LSE_j(-C_ij / eps + log_v_j)``."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    if tl.load(active_ptr + pid_b) != 0:
+        rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        peak = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        c_base = c_ptr + pid_b * stride_cb + rows[:, None] * stride_cn
+        for m0 in range(0, M, BLOCK_M):
+            cols = m0 + tl.arange(0, BLOCK_M)
+            col_ok = cols < M
+            inside = row_ok[:, None] & col_ok[None, :]
+            c = tl.load(c_base + cols[None, :] * stride_cm, mask=inside, other=0.0).to(tl.float32)
+            log_v = tl.load(log_v_ptr + pid_b * M + cols, mask=col_ok, other=float("-inf"))
+            z = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf")) + log_v[None, :]
+            peak, total = _online_lse_step(peak, total, z, 1)
+        lse = _lse_value(peak, total)
+        wa = tl.load(a_ptr + pid_b * stride_ab + rows * stride_an, mask=row_ok, other=0.0)
+        tl.store(log_u_ptr + pid_b * N + rows, tl.where(wa > 0, _log_weight(wa) - lse, float("-inf")), mask=row_ok)
+
+
+@triton.jit
+def _check_kernel(
+    col_lse_ptr, log_v_ptr, b_ptr, active_ptr, err_ptr, iters_ptr,
+    M, stride_bb, stride_bm, tol, k, apply_next_v,
+    BLOCK: tl.constexpr,
+):
+    """After iteration ``k``: ``err = sum_j |exp(log_v_j + lse_j) - b_j|``; stop the problem once ``err <= tol``.
+
+    A problem that goes on gets the next iteration's v-update ``log b - lse``
+    when ``apply_next_v`` (the host then skips that column pass).
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    if tl.load(active_ptr + pid_b) != 0:
+        err = tl.zeros((BLOCK,), dtype=tl.float32)
+        for m0 in range(0, M, BLOCK):
+            cols = m0 + tl.arange(0, BLOCK)
+            col_ok = cols < M
+            lse = tl.load(col_lse_ptr + pid_b * M + cols, mask=col_ok, other=float("-inf"))
+            log_v = tl.load(log_v_ptr + pid_b * M + cols, mask=col_ok, other=float("-inf"))
+            wb = tl.load(b_ptr + pid_b * stride_bb + cols * stride_bm, mask=col_ok, other=0.0)
+            err += tl.abs(tl.math.exp2((log_v + lse) * LOG2E_K) - wb)
+        total = tl.sum(err)
+        tl.store(err_ptr + pid_b, total)
+        if total <= tol:
+            tl.store(active_ptr + pid_b, 0)
+            tl.store(iters_ptr + pid_b, k.to(tl.int64))
+        elif apply_next_v != 0:
+            for m0 in range(0, M, BLOCK):
+                cols = m0 + tl.arange(0, BLOCK)
+                col_ok = cols < M
+                lse = tl.load(col_lse_ptr + pid_b * M + cols, mask=col_ok, other=0.0)
+                wb = tl.load(b_ptr + pid_b * stride_bb + cols * stride_bm, mask=col_ok, other=0.0)
+                tl.store(log_v_ptr + pid_b * M + cols, tl.where(wb > 0, _log_weight(wb) - lse, float("-inf")), mask=col_ok)
+
+
+@triton.jit
+def _plan_kernel(
+    c_ptr, log_u_ptr, log_v_ptr, plan_ptr, row_cost_ptr,
+    N, M, stride_cb, stride_cn, stride_cm, stride_pb, stride_pn, stride_pm,
+    neg_inv_hi, neg_inv_lo,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``P_ij = exp(log_u_i + log_v_j - C_ij / eps)`` and the row sums of ``P * C``."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    log_u = tl.load(log_u_ptr + pid_b * N + rows, mask=row_ok, other=float("-inf"))
+    row_cost = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < M
+        inside = row_ok[:, None] & col_ok[None, :]
+        c = tl.load(c_ptr + pid_b * stride_cb + rows[:, None] * stride_cn + cols[None, :] * stride_cm, mask=inside, other=0.0)
+        c = c.to(tl.float32)
+        log_v = tl.load(log_v_ptr + pid_b * M + cols, mask=col_ok, other=float("-inf"))
+        neg_c = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
+        plan = tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
+        tl.store(plan_ptr + pid_b * stride_pb + rows[:, None] * stride_pn + cols[None, :] * stride_pm, plan, mask=inside)
+        row_cost += tl.sum(plan * c, axis=1)
+    tl.store(row_cost_ptr + pid_b * N + rows, row_cost, mask=row_ok)
+
+
+def _solve_tiled(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
+    batch, n, m = C.shape
+    dev = C.device
+    blocks = TILED_BLOCKS
+    hi, lo = _split_reciprocal(eps)
+    log_u = torch.where(a > 0, 0.0, NEG_INF).contiguous()  # padded rows never enter a column update
+    log_v = torch.zeros(batch, m, dtype=torch.float32, device=dev)
+    col_lse = torch.empty(batch, m, dtype=torch.float32, device=dev)
+    active = torch.ones(batch, dtype=torch.int32, device=dev)
+    iters = torch.full((batch,), n_iters, dtype=torch.int64, device=dev)
+    err = torch.full((batch,), -1.0, dtype=torch.float32, device=dev)  # < 0: never measured
+    row_grid = (batch, triton.cdiv(n, blocks["row_block_n"]))
+    col_grid = (batch, triton.cdiv(m, blocks["col_block_m"]))
+    row_warps = num_warps_for(blocks["row_block_n"] * blocks["row_block_m"], per_thread=32)
+    col_warps = num_warps_for(blocks["col_block_n"] * blocks["col_block_m"], per_thread=32)
+
+    def column_pass(out, write_v):
+        _column_pass_kernel[col_grid](
+            C, log_u, b, out, active, n, m, *C.stride(), *b.stride(), hi, lo,
+            WRITE_V=write_v, BLOCK_N=blocks["col_block_n"], BLOCK_M=blocks["col_block_m"], num_warps=col_warps,
+        )
+
+    v_ready = False  # the check kernel already applied this iteration's v-update
+    for k in range(1, n_iters + 1):
+        if not v_ready:
+            column_pass(log_v, True)
+        _row_pass_kernel[row_grid](
+            C, log_v, a, log_u, active, n, m, *C.stride(), *a.stride(), hi, lo,
+            BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"], num_warps=row_warps,
+        )
+        v_ready = tol is not None and k % check_every == 0
+        if v_ready:
+            column_pass(col_lse, False)
+            _check_kernel[(batch,)](
+                col_lse, log_v, b, active, err, iters, m, *b.stride(), float(tol), k, int(k < n_iters),
+                BLOCK=min(blocks["check_block"], block_size(m, hi=1 << 30)), num_warps=4,
+            )
+
+    plan = torch.empty(batch, n, m, dtype=torch.float32, device=dev)
+    row_cost = torch.empty(batch, n, dtype=torch.float32, device=dev)
+    _plan_kernel[row_grid](
+        C, log_u, log_v, plan, row_cost, n, m, *C.stride(), *plan.stride(), hi, lo,
+        BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"], num_warps=row_warps,
+    )
+    f = torch.where(a > 0, eps * log_u, 0.0)
+    g = torch.where(b > 0, eps * log_v, 0.0)
+    reg_cost = (a * f).sum(-1) + (b * g).sum(-1)
+    err = torch.where(err >= 0, err, column_violation(plan, b))
+    return SolveOutput(plan, f, g, row_cost.sum(-1), reg_cost, iters, err)
+
+
+STRATEGIES = ("auto", "fused", "tiled")
+
+
+def solve(
+    C: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eps: float,
+    n_iters: int,
+    tol: Optional[float],
+    check_every: int,
+    *,
+    strategy: str = "auto",
+) -> SolveOutput:
+    """Log-domain Sinkhorn on a batch, the reference's ``solve`` in float32.
+
+    Args:
+        C: ``[B, N, M]`` float16, bfloat16 or float32 (read as is, computed in float32).
+        a: ``[B, N]``, b: ``[B, M]`` float32 weights (stride-0 views are fine), zero for padding.
+        eps, n_iters, tol, check_every: as :func:`aplot_kernels.sinkhorn.reference.solve`.
+        strategy: ``"fused"`` (one program per problem), ``"tiled"`` (streaming
+            passes) or ``"auto"`` (fused when the padded problem has at most
+            ``FUSED_MAX_ELEMENTS`` entries).
+
+    Returns:
+        :class:`SolveOutput` in float32 (``n_iters`` int64).
+    """
+    if C.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton Sinkhorn reads float16, bfloat16 or float32 `C`, got {C.dtype}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
+    a = a.to(torch.float32)
+    b = b.to(torch.float32)
+    _, n, m = C.shape
+    if strategy == "auto":
+        fits = block_size(n, hi=1 << 30) * block_size(m, hi=1 << 30) <= FUSED_MAX_ELEMENTS
+        strategy = "fused" if fits else "tiled"
+    run = _solve_fused if strategy == "fused" else _solve_tiled
+    return run(C, a, b, float(eps), int(n_iters), tol, int(check_every))
