@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks
+from .backends import BACKENDS
 from .cost import aplot_cost
 from .distributed import PairBank, Responses, concat_responses, gather_rows, is_distributed
 from .sinkhorn import sinkhorn
@@ -90,6 +91,20 @@ def bt_loss(
     return _reduce(-F.logsigmoid(logits), reduction)
 
 
+def _check_margin_options(options: dict) -> dict:
+    """The options of :func:`aplot_margin`, checked before any kernel runs (the cost would run first)."""
+    return dict(
+        options,
+        alpha=_checks.unit_interval("alpha", options["alpha"]),
+        temperature=_checks.positive("temperature", options["temperature"]),
+        eps=_checks.positive("eps", options["eps"]),
+        n_iters=_checks.positive_int("n_iters", options["n_iters"]),
+        scale=_checks.finite_number("scale", options["scale"]),
+        detach=bool(options["detach"]),
+        backend=_checks.choice("backend", options["backend"], BACKENDS),
+    )
+
+
 def _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb):
     _check_rewards(chosen_rewards, rejected_rewards, same_length=False)
     _checks.tensor("chosen_emb", chosen_emb, ndims=(2,))
@@ -144,11 +159,10 @@ def aplot_margin(
         ``[n]`` margins ``scale * n * sum_j P_ij C_ij``.
     """
     _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
-    scale = _checks.finite_number("scale", scale)
-    return _margin_and_plan(
-        chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha=alpha, temperature=temperature,
-        eps=eps, n_iters=n_iters, scale=scale, detach=bool(detach), backend=backend,
-    )[0]
+    options = _check_margin_options(dict(
+        alpha=alpha, temperature=temperature, eps=eps, n_iters=n_iters, scale=scale, detach=detach, backend=backend,
+    ))
+    return _margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, **options)[0]
 
 
 _warned_single_pair = False
@@ -176,7 +190,7 @@ def _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, marg
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; aplot_margin takes {sorted(options)}")
     options.update(margin_kwargs)
-    options["scale"] = _checks.finite_number("scale", options["scale"])
+    options = _check_margin_options(options)
     pair_rejected = rejected_rewards[:n]
     if options["scale"] == 0 or (n == 1 and rejected_rewards.shape[0] == 1):
         if options["scale"] != 0:
