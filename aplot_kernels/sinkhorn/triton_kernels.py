@@ -42,13 +42,18 @@ import triton.language as tl
 from .._triton_utils import LN2_K, LOG2E_K, block_size, num_warps_for
 from .reference import SolveOutput, column_violation
 
-# Largest padded problem (next_pow2(N) * next_pow2(M)) solved by one program with C in registers:
-# 16 warps then hold 64 fp32 values of C per thread.
-FUSED_MAX_ELEMENTS = 128 * 256
+# Largest padded problem (next_pow2(N) * next_pow2(M)) solved by one program with C in registers.
+# Compiled for sm_90 (triton 3.9, ptxas), the fused kernel needs about 8 registers per tile entry
+# held by a thread: 16 entries per thread fit without spilling (64 x 128 with 16 warps: 128
+# registers, 8 bytes of stack), 128 x 128 with 16 warps spills 416 bytes. Larger problems go tiled.
+FUSED_MAX_ELEMENTS = 64 * 128
+FUSED_ENTRIES_PER_THREAD = 16
 
 # Tile shapes of the streaming kernels: a row pass reads BLOCK_N rows x BLOCK_M columns per step
 # (128 contiguous fp32 = 512 B per row), a column pass a tall BLOCK_N x BLOCK_M tile.
+# 16 tile entries per thread: the 32 x 128 row pass then uses 148 registers on sm_90 (242 with 4 warps).
 TILED_BLOCKS = dict(row_block_n=32, row_block_m=128, col_block_n=128, col_block_m=32, check_block=1024)
+TILED_ENTRIES_PER_THREAD = 16
 
 NEG_INF = float("-inf")
 
@@ -109,8 +114,8 @@ def _solve_fused_kernel(
     row_ok = rows < N
     col_ok = cols < M
     inside = row_ok[:, None] & col_ok[None, :]
-    c = tl.load(c_ptr + pid * stride_cb + rows[:, None] * stride_cn + cols[None, :] * stride_cm, mask=inside, other=0.0)
-    c = c.to(tl.float32)
+    c_tile = c_ptr + pid * stride_cb + rows[:, None] * stride_cn + cols[None, :] * stride_cm
+    c = tl.load(c_tile, mask=inside, other=0.0).to(tl.float32)
     neg_c = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
     wa = tl.load(a_ptr + pid * stride_ab + rows * stride_an, mask=row_ok, other=0.0).to(tl.float32)
     wb = tl.load(b_ptr + pid * stride_bb + cols * stride_bm, mask=col_ok, other=0.0).to(tl.float32)
@@ -144,6 +149,8 @@ def _solve_fused_kernel(
     g = tl.where(wb > 0, eps * log_v, 0.0)
     tl.store(f_ptr + pid * N + rows, f, mask=row_ok)
     tl.store(g_ptr + pid * M + cols, g, mask=col_ok)
+    # C is read again rather than kept live through the loop: registers hold one tile, -C / eps.
+    c = tl.load(c_tile, mask=inside, other=0.0).to(tl.float32)
     tl.store(cost_ptr + pid, tl.sum(tl.sum(plan * c, axis=1), axis=0))
     tl.store(reg_ptr + pid, tl.sum(wa * f) + tl.sum(wb * g))
     tl.store(iters_ptr + pid, iters.to(tl.int64))
@@ -167,7 +174,7 @@ def _solve_fused(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
         *C.stride(), *a.stride(), *b.stride(), *plan.stride(),
         float(eps), hi, lo, int(n_iters), int(check_every), float(tol if tol is not None else 0.0),
         HAS_TOL=tol is not None, BLOCK_N=block_n, BLOCK_M=block_m,
-        num_warps=num_warps_for(block_n * block_m),
+        num_warps=num_warps_for(block_n * block_m, per_thread=FUSED_ENTRIES_PER_THREAD),
     )
     return SolveOutput(plan, f, g, cost, reg_cost, iters, err)
 
@@ -321,8 +328,8 @@ def _solve_tiled(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
     err = torch.full((batch,), -1.0, dtype=torch.float32, device=dev)  # < 0: never measured
     row_grid = (batch, triton.cdiv(n, blocks["row_block_n"]))
     col_grid = (batch, triton.cdiv(m, blocks["col_block_m"]))
-    row_warps = num_warps_for(blocks["row_block_n"] * blocks["row_block_m"], per_thread=32)
-    col_warps = num_warps_for(blocks["col_block_n"] * blocks["col_block_m"], per_thread=32)
+    row_warps = num_warps_for(blocks["row_block_n"] * blocks["row_block_m"], per_thread=TILED_ENTRIES_PER_THREAD)
+    col_warps = num_warps_for(blocks["col_block_n"] * blocks["col_block_m"], per_thread=TILED_ENTRIES_PER_THREAD)
 
     def column_pass(out, write_v):
         _column_pass_kernel[col_grid](
