@@ -87,9 +87,10 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, needs_ref
     if backend == "auto":
         if needs_reference:
             return "torch"
-        if device.type == "cuda" and dtype != torch.float64:
-            if triton_status(device)[0]:
-                return "triton"
+        if device.type == "cuda" and dtype == torch.float64:
+            return "torch"  # float64 is promised by the torch and native CPU backends only
+        if device.type == "cuda" and triton_status(device)[0]:
+            return "triton"
         ok, why = native_status(device)
         if ok:
             return "native"

@@ -74,14 +74,39 @@ def small(backend: str, big, tiny):
     return tiny if interpreted(backend) else big
 
 
-def has_float64(backend: str) -> bool:
-    return backend != "triton"
+def has_float64(backend: str, device: torch.device = DEVICE) -> bool:
+    """SPEC section 2: float64 runs on the torch backend and the native CPU backend (Triton has none)."""
+    return backend == "torch" or (backend == "native" and device.type == "cpu")
 
 
 def skip_float64(backend: str) -> None:
-    """Reference/native only: Triton computes no float64."""
+    """Reference/native only: Triton (and native on a GPU) need not compute float64."""
     if not has_float64(backend):
-        pytest.skip("float64 case: Triton computes float16/bfloat16/float32 only")
+        pytest.skip(f"float64 case: backend {backend!r} on {DEVICE.type} computes float16/bfloat16/float32 only")
+
+
+def widest_dtype(backend: str) -> torch.dtype:
+    """float64 where the backend computes it, else float32."""
+    return torch.float64 if has_float64(backend) else torch.float32
+
+
+BACKEND_FIXTURES = ("sinkhorn_backend", "cost_backend", "loss_backend", "backend")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "float64_only: a float64 case; skipped for the backends that compute no float64 (Triton)"
+    )
+
+
+def pytest_runtest_setup(item):
+    """``@pytest.mark.float64_only`` skips a test's Triton (and native-on-GPU) parametrisations."""
+    if item.get_closest_marker("float64_only") is None or not hasattr(item, "callspec"):
+        return
+    for name in BACKEND_FIXTURES:
+        backend = item.callspec.params.get(name)
+        if backend is not None:
+            skip_float64(backend)
 
 
 @pytest.fixture

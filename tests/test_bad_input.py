@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import COST_BACKENDS, DEVICE, SINKHORN_BACKENDS
+from conftest import COST_BACKENDS, DEVICE, SINKHORN_BACKENDS, widest_dtype
 
 import aplot_kernels
 from aplot_kernels import APLOTLoss, aplot_cost, aplot_loss, aplot_margin, bt_loss, cosine_cost, sinkhorn
@@ -255,7 +255,7 @@ def _leaves(*tensors, dtype=torch.float64):
 def test_sinkhorn_leaves_inputs_untouched(backend, grad):
     if grad == "unrolled" and backend != "torch":
         pytest.skip("unrolled runs on the torch backend only")
-    dtype = torch.float32 if backend == "triton" else torch.float64
+    dtype = widest_dtype(backend)
     C = torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(DEVICE)
     a = torch.tensor([0.1, 0.0, 0.3, 0.2, 0.4], dtype=torch.float64, device=DEVICE)
     b = torch.tensor([0.25, 0.25, 0.5, 0.0], dtype=torch.float64, device=DEVICE).expand(2, 4)
@@ -271,7 +271,7 @@ def test_sinkhorn_leaves_inputs_untouched(backend, grad):
 @pytest.mark.parametrize("backend", [b for b in SINKHORN_BACKENDS if b in COST_BACKENDS])
 def test_costs_and_losses_leave_inputs_untouched(backend):
     g = torch.Generator().manual_seed(1)
-    dtype = torch.float32 if backend == "triton" else torch.float64
+    dtype = widest_dtype(backend)
     rc, rr, ce, re = (torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE, dtype) for s in ((4,), (5,), (4, 6), (5, 6)))
     ce[2] = 0.0  # a zero vector takes the clamped-norm path
     margin = torch.rand(4, generator=g, dtype=torch.float64).to(DEVICE, dtype)

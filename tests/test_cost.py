@@ -5,14 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, assert_finite, has_float64, max_abs, random_embeddings, small, to_np
+from conftest import DEVICE, assert_finite, max_abs, random_embeddings, small, to_np, widest_dtype
 
 from aplot_kernels import aplot_cost, cosine_cost
 from aplot_kernels.cost import reference
-
-
-def _dtype(backend):
-    return torch.float64 if has_float64(backend) else torch.float32
 
 
 def _aplot_inputs(gen, batch, n, m, d, dtype=torch.float64):
@@ -38,12 +34,11 @@ def _aplot_by_spec(c, r, rc, rr, alpha, temperature, eps=1e-8):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.float64_only
 @pytest.mark.parametrize("batch,n,m,d", [(None, 1, 1, 1), (None, 7, 5, 3), (2, 13, 17, 8), (3, 33, 31, 65), (1, 64, 64, 32)])
 def test_cosine_cost_matches_pot(cost_backend, gen, batch, n, m, d):
     import ot
 
-    if not has_float64(cost_backend):
-        pytest.skip("float64 case: Triton computes float16/bfloat16/float32 only")
     shape = () if batch is None else (batch,)
     x, y = random_embeddings(gen, *shape, n, d), random_embeddings(gen, *shape, m, d)
     cost = cosine_cost(x, y, backend=cost_backend)
@@ -64,7 +59,7 @@ def test_cosine_cost_float32_matches_float64(cost_backend, gen, batch, n, m, d):
 
 
 def test_zero_vectors_cost_one(cost_backend, gen):
-    dtype = _dtype(cost_backend)
+    dtype = widest_dtype(cost_backend)
     x, y = random_embeddings(gen, 2, 5, 6, dtype=dtype), random_embeddings(gen, 2, 4, 6, dtype=dtype)
     x[0, 1] = 0.0
     y[1, 3] = 0.0
@@ -81,7 +76,7 @@ def test_zero_vectors_cost_one(cost_backend, gen):
 
 
 def test_cosine_cost_y_none_is_self_cost(cost_backend, gen):
-    dtype = _dtype(cost_backend)
+    dtype = widest_dtype(cost_backend)
     x = random_embeddings(gen, 2, 9, 5, dtype=dtype)
     assert torch.equal(cosine_cost(x, backend=cost_backend), cosine_cost(x, x, backend=cost_backend))
     assert cosine_cost(x[0], backend=cost_backend).shape == (9, 9)
@@ -114,7 +109,7 @@ def test_half_precision_costs_return_float32(cost_backend, gen, dtype):
 @pytest.mark.parametrize("alpha,temperature", [(0.9, 1.0), (0.0, 0.5), (1.0, 2.0), (0.3, 0.05)])
 @pytest.mark.parametrize("batch,n,m,d", [(None, 1, 1, 1), (None, 6, 9, 4), (3, 17, 13, 24)])
 def test_aplot_cost_follows_spec(cost_backend, gen, batch, n, m, d, alpha, temperature):
-    dtype = _dtype(cost_backend)
+    dtype = widest_dtype(cost_backend)
     inputs = _aplot_inputs(gen, batch, n, m, d, dtype=dtype)
     cost = aplot_cost(*inputs, alpha=alpha, temperature=temperature, backend=cost_backend)
     expected = _aplot_by_spec(*inputs, alpha, temperature)
@@ -136,7 +131,7 @@ def test_aplot_cost_is_high_for_hard_pairs(gen):
 
 
 def test_aplot_cost_zero_vectors_and_ties_are_finite(cost_backend, gen):
-    dtype = _dtype(cost_backend)
+    dtype = widest_dtype(cost_backend)
     c, r, rc, rr = (t.requires_grad_(False) for t in _aplot_inputs(gen, 2, 4, 5, 6, dtype=dtype))
     c[0, 2] = 0.0
     r[1, 0] = 0.0
@@ -154,9 +149,8 @@ def test_aplot_cost_zero_vectors_and_ties_are_finite(cost_backend, gen):
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.float64_only
 def test_gradcheck_cosine_cost(cost_backend, gen):
-    if not has_float64(cost_backend):
-        pytest.skip("gradcheck needs float64; Triton computes float32")
     x = random_embeddings(gen, 2, 4, 5).requires_grad_()
     y = random_embeddings(gen, 2, 3, 5).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, y: cosine_cost(x, y, backend=cost_backend), (x, y))
@@ -164,9 +158,8 @@ def test_gradcheck_cosine_cost(cost_backend, gen):
     assert torch.autograd.gradcheck(lambda x, y: cosine_cost(x[0], y[0], backend=cost_backend), (x, y))
 
 
+@pytest.mark.float64_only
 def test_gradcheck_aplot_cost(cost_backend, gen):
-    if not has_float64(cost_backend):
-        pytest.skip("gradcheck needs float64; Triton computes float32")
     inputs = [t.requires_grad_() for t in _aplot_inputs(gen, 2, 4, 3, 5)]
     for alpha, temperature in ((0.9, 1.0), (0.4, 0.3)):
         assert torch.autograd.gradcheck(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, assert_finite, random_cost, random_marginal, small
+from conftest import DEVICE, assert_finite, random_cost, random_marginal, small, widest_dtype
 
 import aplot_kernels.sinkhorn as sinkhorn_module
 from aplot_kernels import sinkhorn
@@ -101,7 +101,7 @@ def test_envelope_matches_finite_differences(float64_backend, gen):
 
 
 def test_envelope_only_reg_cost_carries_gradient(sinkhorn_backend, gen):
-    dtype = torch.float32 if sinkhorn_backend == "triton" else torch.float64
+    dtype = widest_dtype(sinkhorn_backend)
     C = random_cost(gen, 2, 5, 4, dtype=dtype).requires_grad_()
     r = sinkhorn(C, eps=EPS, n_iters=10, backend=sinkhorn_backend)
     assert r.reg_cost.requires_grad
@@ -110,7 +110,7 @@ def test_envelope_only_reg_cost_carries_gradient(sinkhorn_backend, gen):
 
 
 def test_none_gives_no_gradient(sinkhorn_backend, gen):
-    dtype = torch.float32 if sinkhorn_backend == "triton" else torch.float64
+    dtype = widest_dtype(sinkhorn_backend)
     C = random_cost(gen, 2, 5, 4, dtype=dtype).requires_grad_()
     a = random_marginal(gen, 2, 5, dtype=dtype).requires_grad_()
     r = sinkhorn(C, a, eps=EPS, n_iters=10, grad="none", backend=sinkhorn_backend)
@@ -130,7 +130,7 @@ def test_backward_runs_no_sinkhorn_iterations(sinkhorn_backend, gen, monkeypatch
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, "solve", counting_solve)
-    dtype = torch.float32 if sinkhorn_backend == "triton" else torch.float64
+    dtype = widest_dtype(sinkhorn_backend)
     C, a, b = (t.requires_grad_() for t in _problem(gen, dtype=dtype))
     r = sinkhorn(C, a, b, eps=EPS, n_iters=small(sinkhorn_backend, 50, 20), grad=grad, backend=sinkhorn_backend)
     assert len(calls) == 1
