@@ -105,8 +105,10 @@ def _aplot_cost_kernel(
     rx = tl.load(rx_ptr + pid_b * stride_rxb + rows * stride_rxn, mask=row_ok, other=0.0).to(tl.float32)
     ry = tl.load(ry_ptr + pid_b * stride_ryb + cols * stride_rym, mask=col_ok, other=0.0).to(tl.float32)
     gap = tl.abs(rx[:, None] - ry[None, :]) * inv_temperature
-    # 1 - sigmoid(|delta| / T) = sigmoid(-|delta| / T) = 1 / (1 + exp(|delta| / T)); exp overflow gives 0, as it should.
-    reward_term = 1.0 / (1.0 + tl.math.exp2(gap * LOG2E_K))
+    # 1 - sigmoid(|delta| / T) = sigmoid(-|delta| / T) = e / (1 + e) with e = exp(-|delta| / T) in (0, 1]:
+    # no overflow, and a huge gap underflows to exactly 0.
+    e = tl.math.exp2(-gap * LOG2E_K)
+    reward_term = e / (1.0 + e)
     cost = alpha * reward_term + (1.0 - alpha) * 0.5 * (1.0 + s)
     out = out_ptr + pid_b * stride_ob + rows[:, None] * stride_on + cols[None, :] * stride_om
     tl.store(out, cost, mask=row_ok[:, None] & col_ok[None, :])

@@ -1,0 +1,247 @@
+"""Triton kernels against the PyTorch reference, through the kernel modules directly.
+
+Runs on a GPU, or on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``,
+set by conftest.py when there is no GPU); shapes stay small (N, M <= 24,
+D <= 33) because the interpreter runs every program in Python. Covers both
+Sinkhorn strategies (fused: one program per problem; tiled: streaming passes,
+here with tiny tiles so that every loop runs over several tiles), non-powers
+of two, half-precision inputs, strided inputs, zero-weight padding, the
+tolerance mode and its early exit.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from aplot_kernels import backends
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_ok, _why = backends.triton_status(DEVICE)
+pytestmark = pytest.mark.skipif(not _ok, reason=f"Triton unavailable: {_why}")
+
+if _ok:
+    from aplot_kernels.cost import reference as cost_reference
+    from aplot_kernels.cost import triton_kernels as cost_kernels
+    from aplot_kernels.sinkhorn import reference as sinkhorn_reference
+    from aplot_kernels.sinkhorn import triton_kernels as sinkhorn_kernels
+
+HALF = (torch.float16, torch.bfloat16)
+PLAN_BOUND = 1e-5  # SPEC section 5: max |plan diff| <= 1e-5 * max plan entry (float32 vs float64 torch)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------
+# Costs
+# ---------------------------------------------------------------------------
+
+
+def _embeddings(batch, n, m, d, dtype, seed):
+    gen = _generator(seed)
+    x = torch.randn(batch, n, d, generator=gen).to(dtype)
+    y = torch.randn(batch, m, d, generator=gen).to(dtype)
+    x[0, 0] = 0  # a zero vector: cost 1 to everything, never NaN
+    rx = torch.randn(batch, n, generator=gen).to(dtype)
+    ry = torch.randn(batch, m, generator=gen).to(dtype)
+    return tuple(t.to(DEVICE) for t in (x, y, rx, ry))
+
+
+COST_SHAPES = [(1, 5, 7, 3), (2, 17, 24, 32), (3, 16, 16, 16), (1, 24, 9, 33)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("shape", COST_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cost_kernels_match_reference(shape, dtype):
+    x, y, rx, ry = _embeddings(*shape, dtype, seed=sum(shape))
+    cosine = cost_kernels.cosine_cost(x, y, 1e-8)
+    aplot = cost_kernels.aplot_cost(x, y, rx, ry, 0.7, 0.5, 1e-8)
+    assert cosine.dtype == aplot.dtype == torch.float32
+    # Reference on the same (rounded) inputs, in float64.
+    x64, y64, rx64, ry64 = (t.double() for t in (x, y, rx, ry))
+    torch.testing.assert_close(cosine.double(), cost_reference.cosine_cost(x64, y64, 1e-8), rtol=0, atol=5e-7)
+    torch.testing.assert_close(
+        aplot.double(), cost_reference.aplot_cost(x64, y64, rx64, ry64, 0.7, 0.5, 1e-8), rtol=0, atol=5e-7
+    )
+    assert bool((cosine[0, 0] == 1).all())
+
+
+def test_cost_kernels_strided_and_mixed_inputs():
+    x, y, rx, ry = _embeddings(2, 24, 20, 18, torch.float32, seed=3)
+    x_t = x.transpose(1, 2).contiguous().transpose(1, 2)  # same values, column-major rows
+    y_half = y.half()
+    rewards = torch.randn(2, 40, generator=_generator(4)).to(DEVICE)[:, ::2]  # stride 2
+    got = cost_kernels.aplot_cost(x_t, y_half, rx, rewards, 0.9, 1.0, 1e-8)
+    want = cost_reference.aplot_cost(x.double(), y_half.double(), rx.double(), rewards.double(), 0.9, 1.0, 1e-8)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-7)
+
+
+def test_aplot_cost_extreme_reward_gaps():
+    x, y, _, _ = _embeddings(1, 16, 16, 16, torch.float32, seed=5)
+    rx = torch.tensor([[1e4, -1e4] + [0.0] * 14], device=DEVICE)
+    ry = torch.zeros(1, 16, device=DEVICE)
+    got = cost_kernels.aplot_cost(x, y, rx, ry, 0.9, 1e-3, 1e-8)
+    assert bool(torch.isfinite(got).all())
+    want = cost_reference.aplot_cost(x.double(), y.double(), rx.double(), ry.double(), 0.9, 1e-3, 1e-8)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-7)
+
+
+def test_public_cost_dispatches_to_triton_and_differentiates():
+    import aplot_kernels
+
+    x, y, rx, ry = (t.requires_grad_() for t in _embeddings(1, 9, 11, 8, torch.float32, seed=6))
+    got = aplot_kernels.aplot_cost(x[0], y[0], rx[0], ry[0], backend="triton")
+    want = aplot_kernels.aplot_cost(x[0], y[0], rx[0], ry[0], backend="torch")
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    grads = torch.autograd.grad(got.square().sum(), (x, y, rx, ry))
+    grads_ref = torch.autograd.grad(want.square().sum(), (x, y, rx, ry))
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Sinkhorn
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_tiles(monkeypatch):
+    """Tiles smaller than the test problems, so every streaming loop runs over several tiles."""
+    monkeypatch.setitem(sinkhorn_kernels.TILED_BLOCKS, "row_block_n", 8)
+    monkeypatch.setitem(sinkhorn_kernels.TILED_BLOCKS, "row_block_m", 16)
+    monkeypatch.setitem(sinkhorn_kernels.TILED_BLOCKS, "col_block_n", 16)
+    monkeypatch.setitem(sinkhorn_kernels.TILED_BLOCKS, "col_block_m", 8)
+    monkeypatch.setitem(sinkhorn_kernels.TILED_BLOCKS, "check_block", 8)
+
+
+def _problem(batch, n, m, dtype, seed, *, pad=False, cost_scale=2.0):
+    gen = _generator(seed)
+    C = (torch.rand(batch, n, m, generator=gen) * cost_scale).to(dtype)
+    a = torch.rand(batch, n, generator=gen) + 0.1
+    b = torch.rand(batch, m, generator=gen) + 0.1
+    if pad:  # ragged problems: trailing and interior zero weights
+        a[0, -3:] = 0
+        a[-1, 1] = 0
+        b[-1, :2] = 0
+    a = a / a.sum(-1, keepdim=True)
+    b = b / b.sum(-1, keepdim=True)
+    return C.to(DEVICE), a.to(DEVICE), b.to(DEVICE)
+
+
+def _assert_matches_reference(out, C, a, b, eps, n_iters, tol, check_every):
+    ref = sinkhorn_reference.solve(C.double(), a.double(), b.double(), eps, n_iters, tol, check_every)
+    for name in out._fields:
+        value = getattr(out, name)
+        assert bool(torch.isfinite(value.double()).all()), f"non-finite {name}"
+    scale = ref.plan.abs().max().item()
+    plan_diff = (out.plan.double() - ref.plan).abs().max().item()
+    assert plan_diff <= PLAN_BOUND * scale, f"plan differs by {plan_diff / scale:.2e} of its max entry"
+    assert out.plan.dtype == out.f.dtype == out.cost.dtype == torch.float32
+    assert out.n_iters.dtype == torch.int64
+    assert out.n_iters.tolist() == ref.n_iters.tolist()
+    torch.testing.assert_close(out.cost.double(), ref.cost, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.reg_cost.double(), ref.reg_cost, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.err.double(), ref.err, rtol=1e-3, atol=1e-6)
+    # Potentials matter only up to rounding of eps * log(...); padded ones are reported as 0.
+    torch.testing.assert_close(out.f.double(), ref.f, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.g.double(), ref.g, rtol=0, atol=1e-5)
+    # Padding: exact zero rows and columns.
+    assert bool((out.plan.transpose(1, 2)[b == 0] == 0).all())
+    assert bool((out.plan[a == 0] == 0).all())
+    assert bool((out.f[a == 0] == 0).all()) and bool((out.g[b == 0] == 0).all())
+    return ref
+
+
+FIXED_CASES = [
+    # batch, n, m, eps, n_iters, pad
+    (2, 5, 7, 0.1, 10, False),
+    (2, 17, 24, 0.05, 12, True),
+    (3, 24, 9, 0.01, 15, False),
+    (1, 16, 16, 0.5, 5, True),
+]
+
+
+@pytest.mark.parametrize("case", FIXED_CASES, ids=lambda c: f"B{c[0]}-{c[1]}x{c[2]}-eps{c[3]}-K{c[4]}{'-pad' if c[5] else ''}")
+@pytest.mark.parametrize("strategy", ["fused", "tiled"])
+def test_sinkhorn_fixed_iterations(strategy, case, tiny_tiles):
+    batch, n, m, eps, n_iters, pad = case
+    C, a, b = _problem(batch, n, m, torch.float32, seed=n * m, pad=pad)
+    out = sinkhorn_kernels.solve(C, a, b, eps, n_iters, None, 10, strategy=strategy)
+    _assert_matches_reference(out, C, a, b, eps, n_iters, None, 10)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("strategy", ["fused", "tiled"])
+def test_sinkhorn_reads_half_cost(strategy, dtype, tiny_tiles):
+    C, a, b = _problem(2, 19, 13, dtype, seed=7, pad=True)
+    out = sinkhorn_kernels.solve(C, a, b, 0.05, 15, None, 10, strategy=strategy)
+    # The reference sees exactly the half-precision values, widened.
+    _assert_matches_reference(out, C, a, b, 0.05, 15, None, 10)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "tiled"])
+def test_sinkhorn_tolerance_stops_each_problem(strategy, tiny_tiles):
+    # Different eps-to-cost ratios make the problems converge at different checks.
+    C, a, b = _problem(3, 20, 20, torch.float32, seed=11)
+    C = C * torch.tensor([0.2, 1.0, 3.0], device=DEVICE)[:, None, None]
+    out = sinkhorn_kernels.solve(C, a, b, 0.1, 40, 1e-4, 7, strategy=strategy)
+    ref = _assert_matches_reference(out, C, a, b, 0.1, 40, 1e-4, 7)
+    assert len(set(ref.n_iters.tolist())) > 1, "the case should stop problems at different iterations"
+    stopped = out.n_iters < 40
+    assert bool(stopped.any()) and all(k % 7 == 0 for k in out.n_iters[stopped].tolist())
+    assert bool((out.err[stopped] <= 1e-4).all())
+
+
+@pytest.mark.parametrize("strategy", ["fused", "tiled"])
+def test_sinkhorn_tolerance_cap_and_unchecked_err(strategy, tiny_tiles):
+    C, a, b = _problem(2, 12, 10, torch.float32, seed=13, pad=True)
+    # tol=0 never stops: the cap holds and err is the last measured value (iteration 8 of 11).
+    out = sinkhorn_kernels.solve(C, a, b, 0.05, 11, 0.0, 4, strategy=strategy)
+    _assert_matches_reference(out, C, a, b, 0.05, 11, 0.0, 4)
+    assert out.n_iters.tolist() == [11, 11]
+    # check_every beyond the cap: never measured, so err is computed at the end.
+    out = sinkhorn_kernels.solve(C, a, b, 0.05, 6, 1e-3, 50, strategy=strategy)
+    _assert_matches_reference(out, C, a, b, 0.05, 6, 1e-3, 50)
+
+
+@pytest.mark.parametrize("strategy", ["fused", "tiled"])
+def test_sinkhorn_strided_inputs(strategy, tiny_tiles):
+    C, a, b = _problem(2, 10, 14, torch.float32, seed=17)
+    C_t = C.transpose(1, 2).contiguous().transpose(1, 2)
+    a_expanded = torch.full((1, 10), 0.1, device=DEVICE).expand(2, 10)
+    b_expanded = torch.full((1, 14), 1 / 14, device=DEVICE).expand(2, 14)
+    out = sinkhorn_kernels.solve(C_t, a_expanded, b_expanded, 0.1, 12, None, 10, strategy=strategy)
+    _assert_matches_reference(out, C, a_expanded, b_expanded, 0.1, 12, None, 10)
+
+
+def test_sinkhorn_auto_strategy_and_public_api():
+    import aplot_kernels
+
+    C, _, _ = _problem(2, 9, 11, torch.float32, seed=19)
+    got = aplot_kernels.sinkhorn(C, eps=0.1, n_iters=20, tol=1e-6, check_every=5, backend="triton")
+    want = aplot_kernels.sinkhorn(C.double(), eps=0.1, n_iters=20, tol=1e-6, check_every=5, backend="torch")
+    assert got.n_iters.tolist() == want.n_iters.tolist()
+    assert (got.plan.double() - want.plan).abs().max() <= PLAN_BOUND * want.plan.max()
+    # Envelope gradient: d reg_cost / d C = P, from any backend.
+    C.requires_grad_()
+    (grad,) = torch.autograd.grad(aplot_kernels.sinkhorn(C, eps=0.1, n_iters=20, backend="triton").reg_cost.sum(), C)
+    torch.testing.assert_close(grad, got.plan, rtol=1e-5, atol=1e-7)
+
+
+def test_sinkhorn_rejects_float64():
+    C, a, b = _problem(1, 4, 4, torch.float32, seed=23)
+    with pytest.raises(ValueError, match="float64|float16"):
+        sinkhorn_kernels.solve(C.double(), a, b, 0.1, 5, None, 10)
+
+
+def test_margin_through_triton_matches_torch():
+    import aplot_kernels
+
+    x, y, rx, ry = (t[0] for t in _embeddings(1, 12, 12, 16, torch.float32, seed=29))
+    got = aplot_kernels.aplot_margin(rx, ry, x, y, eps=0.05, n_iters=30, backend="triton")
+    want = aplot_kernels.aplot_margin(rx.double(), ry.double(), x.double(), y.double(), eps=0.05, n_iters=30, backend="torch")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
