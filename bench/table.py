@@ -1,0 +1,84 @@
+"""Print the README headline table (markdown) from a results CSV.
+
+    python -m bench.table bench/results/cpu/results.csv [--dtype float32]
+
+For every op and every (B, D) series, the largest size at which our backends
+ran: the median time of each of our backends, of the POT baseline, and of
+the fastest other library, and the speed-up of our fastest backend over POT.
+The line above the table names the machine the CSV came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import math
+from typing import Dict, List, Optional
+
+from .cases import OPS
+from .impls import POT_BASELINE
+from .plots import read_rows
+
+
+def _ms(row: Optional[Dict]) -> str:
+    if row is None:
+        return "-"
+    v = float(row["median_ms"])
+    return f"{v:.3g}" if v < 1000 else f"{v:.0f}"
+
+
+def _shape(r: Dict) -> str:
+    size = f"{r['N']}x{r['M']}" if r["B"] == "1" else f"{r['B']}x{r['N']}x{r['M']}"
+    return f"{size}, D={r['D']}"
+
+
+def headline(rows: List[Dict], dtype: str = "float32") -> str:
+    rows = [r for r in rows if r["dtype"] == dtype]
+    if not rows:
+        return f"(no {dtype} rows)"
+    ours = sorted({r["impl"] for r in rows if r["impl"].startswith("ours-") and "@" not in r["impl"]})
+    first = rows[0]
+    lines = [
+        f"Measured on {first['device_name']} ({first['device']}; {first['machine']}), torch {first['torch']}, "
+        f"POT {first['pot']}, commit {first['commit'] or '?'}, {first['timestamp'][:10]}; {dtype}, median ms.",
+        "",
+        "| op | problem | " + " | ".join(ours) + " | POT | fastest other | best ours vs POT |",
+        "| --- | --- | " + " | ".join("---:" for _ in ours) + " | ---: | --- | ---: |",
+    ]
+    by_case = collections.defaultdict(dict)
+    for r in rows:
+        by_case[(r["op"], int(r["B"]), int(r["D"]), int(r["N"]), int(r["M"]))][r["impl"]] = r
+    order = {op: i for i, op in enumerate(OPS)}
+    largest = {}
+    for (op, B, D, N, M), impls in by_case.items():
+        if any(name in impls for name in ours):
+            key = (op, B, D)
+            if key not in largest or N * M > largest[key][0] * largest[key][1]:
+                largest[key] = (N, M)
+    for (op, B, D), (N, M) in sorted(largest.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1:])):
+        impls = by_case[(op, B, D, N, M)]
+        pot = impls.get(POT_BASELINE.get(op, ""))
+        others = [r for name, r in impls.items() if not name.startswith("ours-") and r is not pot]
+        fastest_other = min(others, key=lambda r: float(r["median_ms"]), default=None)
+        mine = [impls[name] for name in ours if name in impls]
+        best = min(mine, key=lambda r: float(r["median_ms"]))
+        speedup = float(pot["median_ms"]) / float(best["median_ms"]) if pot else math.nan
+        cells = [_ms(impls.get(name)) for name in ours]
+        pot_cell = f"{_ms(pot)} ({pot['impl']})" if pot else "-"
+        other_cell = f"{fastest_other['impl']} {_ms(fastest_other)}" if fastest_other else "-"
+        speed_cell = "-" if math.isnan(speedup) else f"{speedup:.1f}x ({best['impl']})"
+        lines.append(f"| {op} | {_shape(best)} | " + " | ".join(cells) + f" | {pot_cell} | {other_cell} | {speed_cell} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.table", description="Print the headline table of a results CSV.")
+    parser.add_argument("csv", help="a results.csv written by python -m bench")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args(argv)
+    print(headline(read_rows(args.csv), args.dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,132 @@
+"""Benchmarks of the hot paths (pytest-benchmark, small shapes) and a smoke test of ``python -m bench``.
+
+The timed tests run a handful of rounds so the suite stays short; run them
+alone with ``pytest tests/test_bench.py --benchmark-only`` for figures, or
+with ``--benchmark-disable`` to run each body once.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aplot_kernels as ak
+from bench import cases, impls, measure, run, table
+
+BACKENDS = impls.our_backends("cpu")
+ROUNDS = dict(rounds=5, iterations=1, warmup_rounds=1)
+
+
+def _points(B, N, D, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(B, N, D, generator=gen), dim=-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bench_cosine_cost(benchmark, backend):
+    x, y = _points(8, 64, 256), _points(8, 64, 256, seed=1)
+    out = benchmark.pedantic(ak.cosine_cost, args=(x, y), kwargs=dict(backend=backend), **ROUNDS)
+    assert out.shape == (8, 64, 64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bench_aplot_cost(benchmark, backend):
+    x, y = _points(8, 64, 256), _points(8, 64, 256, seed=1)
+    rc, rr = torch.randn(8, 64), torch.randn(8, 64)
+    out = benchmark.pedantic(ak.aplot_cost, args=(x, y, rc, rr), kwargs=dict(backend=backend), **ROUNDS)
+    assert out.shape == (8, 64, 64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bench_sinkhorn_fixed(benchmark, backend):
+    C = ak.cosine_cost(_points(8, 64, 8), _points(8, 64, 8, seed=1), backend="torch")
+    res = benchmark.pedantic(ak.sinkhorn, args=(C,), kwargs=dict(n_iters=20, grad="none", backend=backend), **ROUNDS)
+    assert res.plan.shape == (8, 64, 64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bench_sinkhorn_tol(benchmark, backend):
+    C = ak.cosine_cost(_points(8, 64, 8), _points(8, 64, 8, seed=1), backend="torch")
+    res = benchmark.pedantic(ak.sinkhorn, args=(C,), kwargs=dict(n_iters=500, tol=1e-4, eps=0.05, grad="none", backend=backend), **ROUNDS)
+    assert float(res.err.max()) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bench_aplot_margin(benchmark, backend):
+    x, y = torch.randn(64, 128), torch.randn(64, 128)
+    rc, rr = torch.randn(64), torch.randn(64)
+    margins = benchmark.pedantic(ak.aplot_margin, args=(rc, rr, x, y), kwargs=dict(backend=backend), **ROUNDS)
+    assert margins.shape == (64,)
+
+
+@pytest.mark.parametrize("detach", [True, False], ids=["detach", "implicit"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bench_aplot_loss_fwd_bwd(benchmark, backend, detach):
+    inp = {"x": torch.randn(64, 128), "y": torch.randn(64, 128), "rc": torch.randn(64), "rr": torch.randn(64)}
+    grads = benchmark.pedantic(cases.loss_gradients, args=(inp,), kwargs=dict(backend=backend, detach=detach), **ROUNDS)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_bench_pot_solve_batch_baseline(benchmark):
+    ot_batch = pytest.importorskip("ot.batch")
+    C = ak.cosine_cost(_points(8, 64, 8), _points(8, 64, 8, seed=1), backend="torch")
+    res = benchmark.pedantic(
+        ot_batch.solve_batch, args=(C, 0.1), kwargs=dict(max_iter=20, tol=0.0, method="log_sinkhorn", grad="detach"), **ROUNDS
+    )
+    assert res.plan.shape == (8, 64, 64)
+
+
+# ---------------------------------------------------------------- the harness itself
+
+
+def test_measures():
+    plan = torch.full((2, 3, 4), 1.0 / 12, dtype=torch.float64)
+    b = torch.full((2, 4), 0.25)
+    assert measure.column_violation(plan, b) == pytest.approx(0.0, abs=1e-12)
+    assert measure.column_violation(plan * 2, b) == pytest.approx(1.0)
+    assert measure.relative_error(torch.tensor([1.0, 2.1]), torch.tensor([1.0, 2.0])) == pytest.approx(0.05)
+    timing = measure.time_call(lambda i: i + 1, [1, 2], torch.device("cpu"), warmup=1, min_reps=3, max_reps=4, target_s=0.0, max_call_s=1.0)
+    assert timing.reps == 3 and timing.p20_ms <= timing.median_ms <= timing.p80_ms
+
+
+def test_missing_library_is_a_note_not_an_error(tmp_path, monkeypatch):
+    real = impls.installed
+    monkeypatch.setattr(impls, "installed", lambda name: False if name == "geomloss" else real(name))
+    out = tmp_path / "b"
+    assert run.main(["--quick", "--out", str(out), "--ops", "sinkhorn_tol", "--impls", "geomloss", "--no-plots"]) == 0
+    assert "geomloss is not installed" in (out / "notes.txt").read_text()
+
+
+REQUIRED = [
+    "op", "impl", "device", "dtype", "B", "N", "M", "D", "n_iters", "median_ms", "p20_ms", "p80_ms",
+    "peak_mem_mb", "marginal_err", "plan_err", "speedup_vs_pot", "machine", "torch", "pot",
+]
+
+
+def test_quick_run_writes_results_and_plots(tmp_path):
+    out = tmp_path / "bench"
+    argv = ["--quick", "--out", str(out), "--ops", "cosine_cost,sinkhorn_fixed", "--impls", "ours-torch,pot-batch-torch,pot-dist-torch"]
+    assert run.main(argv) == 0
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert set(REQUIRED) <= set(reader.fieldnames)
+        rows = list(reader)
+    assert {r["op"] for r in rows} == {"cosine_cost", "sinkhorn_fixed"}
+    for r in rows:
+        assert float(r["median_ms"]) > 0 and float(r["p20_ms"]) <= float(r["p80_ms"])
+        assert float(r["plan_err"]) < 1e-4
+        if r["impl"] in ("pot-batch-torch", "pot-dist-torch"):
+            assert float(r["speedup_vs_pot"]) == 1.0
+    sinkhorn = [r for r in rows if r["op"] == "sinkhorn_fixed"]
+    assert all(float(r["marginal_err"]) < 1.0 for r in sinkhorn)
+    assert os.path.exists(out / "sinkhorn_fixed.png") and os.path.exists(out / "cosine_cost.png")
+    # a fresh --out starts a new file; --append adds to it
+    assert run.main(argv[:3] + ["--ops", "cosine_cost", "--impls", "ours-torch", "--no-plots"]) == 0
+    with open(out / "results.csv", newline="") as f:
+        assert {r["op"] for r in csv.DictReader(f)} == {"cosine_cost"}
+    text = table.headline(table.read_rows(str(out / "results.csv")))
+    assert text.startswith("Measured on") and "| cosine_cost |" in text
