@@ -57,8 +57,17 @@ def backends_for(op: str, device: torch.device = DEVICE) -> list:
     return names
 
 
-COST_BACKENDS = backends_for("cost")
-SINKHORN_BACKENDS = backends_for("sinkhorn")
+def _selected(names: list) -> list:
+    """``APLOT_TEST_BACKENDS=torch,native`` restricts the run to those backends (``torch`` is always kept)."""
+    wanted = os.environ.get("APLOT_TEST_BACKENDS")
+    if not wanted:
+        return names
+    keep = {"torch"} | {w.strip() for w in wanted.split(",")}
+    return [n for n in names if n in keep]
+
+
+COST_BACKENDS = _selected(backends_for("cost"))
+SINKHORN_BACKENDS = _selected(backends_for("sinkhorn"))
 # Kernel backends only (compared against the torch reference).
 KERNEL_SINKHORN_BACKENDS = [b for b in SINKHORN_BACKENDS if b != "torch"]
 KERNEL_COST_BACKENDS = [b for b in COST_BACKENDS if b != "torch"]

@@ -7,12 +7,17 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import COST_BACKENDS, DEVICE, SINKHORN_BACKENDS, assert_finite, random_embeddings
+from conftest import COST_BACKENDS, DEVICE, SINKHORN_BACKENDS, assert_finite, random_embeddings, small
 
 from aplot_kernels import APLOTLoss, aplot_cost, aplot_loss, aplot_margin, bt_loss, sinkhorn
 from aplot_kernels import loss as loss_module
 
 LOSS_BACKENDS = [b for b in SINKHORN_BACKENDS if b in COST_BACKENDS]
+
+
+def opts(backend, **options):
+    """``backend=`` plus a short Sinkhorn run on the Triton interpreter (the default 50 iterations elsewhere)."""
+    return {"backend": backend, "n_iters": small(backend, 50, 12), **options}
 
 
 @pytest.fixture(params=LOSS_BACKENDS)
@@ -43,16 +48,16 @@ def test_scale_zero_is_bt_loss_exactly(loss_backend, gen):
     rc, rr, ce, re = _batch(gen, 5)
     margin = random_embeddings(gen, 5, dtype=torch.float32)
     for reduction in ("mean", "sum", "none"):
-        got = aplot_loss(rc, rr, ce, re, reduction=reduction, scale=0.0, backend=loss_backend)
+        got = aplot_loss(rc, rr, ce, re, reduction=reduction, scale=0.0, **opts(loss_backend))
         assert torch.equal(got, bt_loss(rc, rr, reduction=reduction))
-        got = aplot_loss(rc, rr, ce, re, margin, reduction=reduction, scale=0, backend=loss_backend)
+        got = aplot_loss(rc, rr, ce, re, margin, reduction=reduction, scale=0, **opts(loss_backend))
         assert torch.equal(got, bt_loss(rc, rr, margin, reduction=reduction))
 
 
 def test_margin_is_scaled_average_transport_cost(loss_backend, gen):
     rc, rr, ce, re = _batch(gen, 6, m=9)
     options = dict(alpha=0.7, temperature=0.5, eps=0.2, n_iters=30)
-    got = aplot_margin(rc, rr, ce, re, scale=1.7, backend=loss_backend, **options)
+    got = aplot_margin(rc, rr, ce, re, scale=1.7, **opts(loss_backend, **options))
     cost = aplot_cost(ce, re, rc, rr, alpha=0.7, temperature=0.5, backend="torch")
     plan = sinkhorn(cost, eps=0.2, n_iters=30, backend="torch").plan
     assert got.shape == (6,)
@@ -68,11 +73,11 @@ def test_hard_pair_gets_larger_margin(loss_backend, gen):
     rc = 3.0 + torch.rand(n, generator=gen).to(DEVICE)
     rr = -3.0 - torch.rand(n, generator=gen).to(DEVICE)
     rc[0] = rr[0] = 0.0
-    margins = aplot_margin(rc, rr, ce, re, backend=loss_backend)
+    margins = aplot_margin(rc, rr, ce, re, **opts(loss_backend))
     assert int(margins.argmax()) == 0
     assert float(margins[0]) > 1.3 * float(margins[1:].max())
     # A larger margin means a larger loss for the hard pair than bt_loss alone gives it.
-    with_ot = aplot_loss(rc, rr, ce, re, reduction="none", backend=loss_backend)
+    with_ot = aplot_loss(rc, rr, ce, re, reduction="none", **opts(loss_backend))
     assert float(with_ot[0]) > float(bt_loss(rc, rr, reduction="none")[0])
 
 
@@ -80,11 +85,11 @@ def test_single_pair_falls_back_with_one_warning(loss_backend, gen, monkeypatch)
     monkeypatch.setattr(loss_module, "_warned_single_pair", False)
     rc, rr, ce, re = _batch(gen, 1)
     with pytest.warns(RuntimeWarning, match="single pair"):
-        got = aplot_loss(rc, rr, ce, re, backend=loss_backend)
+        got = aplot_loss(rc, rr, ce, re, **opts(loss_backend))
     assert torch.equal(got, bt_loss(rc, rr))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert torch.equal(APLOTLoss(backend=loss_backend)(rc, rr, ce, re), bt_loss(rc, rr))
+        assert torch.equal(APLOTLoss(**opts(loss_backend))(rc, rr, ce, re), bt_loss(rc, rr))
 
 
 def test_one_chosen_against_several_rejected_uses_ot(loss_backend, gen):
@@ -92,13 +97,13 @@ def test_one_chosen_against_several_rejected_uses_ot(loss_backend, gen):
     rc, rr, ce, re = _batch(gen, 1, m=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = APLOTLoss(backend=loss_backend)(rc, rr, ce, re, return_outputs=True)
+        out = APLOTLoss(**opts(loss_backend))(rc, rr, ce, re, return_outputs=True)
     assert out.plan.shape == (1, 4) and out.margins.shape == (1,)
 
 
 def test_more_rejected_than_chosen(loss_backend, gen):
     rc, rr, ce, re = _batch(gen, 4, m=7)
-    out = APLOTLoss(backend=loss_backend, scale=0.5)(rc, rr, ce, re, return_outputs=True)
+    out = APLOTLoss(**opts(loss_backend), scale=0.5)(rc, rr, ce, re, return_outputs=True)
     assert out.plan.shape == (4, 7) and out.cost.shape == (4, 7) and out.margins.shape == (4,)
     torch.testing.assert_close(out.plan.sum(-1), torch.full((4,), 0.25, device=DEVICE), rtol=0, atol=1e-3)
     # Only the first n rejected responses pair up with the chosen ones.
@@ -108,14 +113,14 @@ def test_more_rejected_than_chosen(loss_backend, gen):
 @pytest.mark.parametrize("detach", [True, False])
 def test_gradients_reach_rewards_and_embeddings_only_when_attached(loss_backend, gen, detach):
     inputs = [t.requires_grad_() for t in _batch(gen, 5, m=6)]
-    aplot_loss(*inputs, detach=detach, backend=loss_backend).backward()
+    aplot_loss(*inputs, detach=detach, **opts(loss_backend)).backward()
     rc, rr, ce, re = inputs
     assert_finite(grad_rc=rc.grad, grad_rr=rr.grad)
     assert float(rc.grad.abs().sum()) > 0
     if detach:
         assert ce.grad is None and re.grad is None
         # Detached margins: the reward gradient is bt_loss's with the margin held fixed.
-        margin = aplot_margin(*(t.detach() for t in inputs), backend=loss_backend)
+        margin = aplot_margin(*(t.detach() for t in inputs), **opts(loss_backend))
         rc2, rr2 = rc.detach().clone().requires_grad_(), rr.detach().clone().requires_grad_()
         bt_loss(rc2, rr2[:5], margin).backward()
         torch.testing.assert_close(rc.grad, rc2.grad)
@@ -144,40 +149,40 @@ def test_attached_margin_gradient_matches_finite_differences(gen):
 
 def test_reductions(loss_backend, gen):
     rc, rr, ce, re = _batch(gen, 5)
-    none = aplot_loss(rc, rr, ce, re, reduction="none", backend=loss_backend)
+    none = aplot_loss(rc, rr, ce, re, reduction="none", **opts(loss_backend))
     assert none.shape == (5,)
-    torch.testing.assert_close(aplot_loss(rc, rr, ce, re, reduction="sum", backend=loss_backend), none.sum())
-    torch.testing.assert_close(aplot_loss(rc, rr, ce, re, backend=loss_backend), none.mean())
+    torch.testing.assert_close(aplot_loss(rc, rr, ce, re, reduction="sum", **opts(loss_backend)), none.sum())
+    torch.testing.assert_close(aplot_loss(rc, rr, ce, re, **opts(loss_backend)), none.mean())
 
 
 def test_dataset_margin_is_added(loss_backend, gen):
     rc, rr, ce, re = _batch(gen, 5)
     dataset_margin = torch.rand(5, generator=gen).to(DEVICE)
-    ot_margin = aplot_margin(rc, rr, ce, re, backend=loss_backend)
-    got = aplot_loss(rc, rr, ce, re, dataset_margin, reduction="none", backend=loss_backend)
+    ot_margin = aplot_margin(rc, rr, ce, re, **opts(loss_backend))
+    got = aplot_loss(rc, rr, ce, re, dataset_margin, reduction="none", **opts(loss_backend))
     torch.testing.assert_close(got, bt_loss(rc, rr, ot_margin + dataset_margin, reduction="none"))
-    got = aplot_loss(rc, rr, ce, re, 0.25, reduction="none", backend=loss_backend)
+    got = aplot_loss(rc, rr, ce, re, 0.25, reduction="none", **opts(loss_backend))
     torch.testing.assert_close(got, bt_loss(rc, rr, ot_margin + 0.25, reduction="none"))
 
 
 def test_module_forward_equals_function(loss_backend, gen):
     rc, rr, ce, re = _batch(gen, 6)
     options = dict(alpha=0.8, temperature=0.7, eps=0.15, n_iters=25, scale=0.6)
-    module = APLOTLoss(reduction="sum", backend=loss_backend, **options)
-    expected = aplot_loss(rc, rr, ce, re, reduction="sum", backend=loss_backend, **options)
+    module = APLOTLoss(reduction="sum", **opts(loss_backend, **options))
+    expected = aplot_loss(rc, rr, ce, re, reduction="sum", **opts(loss_backend, **options))
     assert torch.equal(module(rc, rr, ce, re), expected)
     out = module(rc, rr, ce, re, return_outputs=True)
     assert torch.equal(out.loss, expected)
-    torch.testing.assert_close(out.margins, aplot_margin(rc, rr, ce, re, backend=loss_backend, **options))
+    torch.testing.assert_close(out.margins, aplot_margin(rc, rr, ce, re, **opts(loss_backend, **options)))
     torch.testing.assert_close(out.cost, aplot_cost(ce, re, rc, rr, alpha=0.8, temperature=0.7, backend=loss_backend))
     torch.testing.assert_close(out.plan, sinkhorn(out.cost, eps=0.15, n_iters=25, backend=loss_backend).plan)
-    skipped = APLOTLoss(scale=0.0, backend=loss_backend)(rc, rr, ce, re, return_outputs=True)
+    skipped = APLOTLoss(scale=0.0, **opts(loss_backend))(rc, rr, ce, re, return_outputs=True)
     assert skipped.margins is None and skipped.plan is None and skipped.cost is None
 
 
 def test_half_precision_inputs(loss_backend, gen):
     rc, rr, ce, re = (t.to(torch.bfloat16) for t in _batch(gen, 4))
-    got = aplot_loss(rc, rr, ce, re, reduction="none", backend=loss_backend)
+    got = aplot_loss(rc, rr, ce, re, reduction="none", **opts(loss_backend))
     assert_finite(loss=got.float())
-    reference = aplot_loss(*(t.float() for t in (rc, rr, ce, re)), reduction="none", backend=loss_backend)
+    reference = aplot_loss(*(t.float() for t in (rc, rr, ce, re)), reduction="none", **opts(loss_backend))
     torch.testing.assert_close(got.float(), reference, rtol=2e-2, atol=2e-2)
