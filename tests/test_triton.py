@@ -12,6 +12,7 @@ tolerance mode and its early exit.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -245,3 +246,80 @@ def test_margin_through_triton_matches_torch():
     got = aplot_kernels.aplot_margin(rx, ry, x, y, eps=0.05, n_iters=30, backend="triton")
     want = aplot_kernels.aplot_margin(rx.double(), ry.double(), x.double(), y.double(), eps=0.05, n_iters=30, backend="torch")
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Ahead-of-time compilation for the H100 (sm_90), without a GPU: catches what
+# the interpreter accepts but the compiler rejects. Runs in a subprocess
+# because kernels defined under TRITON_INTERPRET=1 cannot be compiled.
+# ---------------------------------------------------------------------------
+
+
+def _compile_all_for_sm90() -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from aplot_kernels.cost import triton_kernels as cost_mod
+    from aplot_kernels.sinkhorn import triton_kernels as sink_mod
+
+    target = GPUTarget("cuda", 90, 32)
+
+    def build(fn, pointers, floats, constexprs, num_warps):
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in pointers:
+                signature[name] = "*" + pointers[name]
+            else:
+                signature[name] = "fp32" if name in floats else "i32"
+        consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target, options={"num_warps": num_warps})
+        print("compiled", fn.__name__, constexprs)
+
+    f32 = "fp32"
+    scaled = ("neg_inv_hi", "neg_inv_lo")
+    for c_type in ("fp32", "bf16"):
+        fused = dict(c_ptr=c_type, a_ptr=f32, b_ptr=f32, plan_ptr=f32, f_ptr=f32, g_ptr=f32, cost_ptr=f32, reg_ptr=f32, iters_ptr="i64", err_ptr=f32)
+        build(sink_mod._solve_fused_kernel, fused, ("eps", "tol") + scaled, dict(HAS_TOL=c_type == "fp32", BLOCK_N=64, BLOCK_M=128), 16)
+        build(sink_mod._column_pass_kernel, dict(c_ptr=c_type, log_u_ptr=f32, b_ptr=f32, out_ptr=f32, active_ptr="i32"), scaled,
+              dict(WRITE_V=True, BLOCK_N=128, BLOCK_M=32), 8)
+        build(sink_mod._row_pass_kernel, dict(c_ptr=c_type, log_v_ptr=f32, a_ptr=f32, log_u_ptr=f32, active_ptr="i32"), scaled,
+              dict(BLOCK_N=32, BLOCK_M=128), 8)
+    build(sink_mod._plan_kernel, dict(c_ptr="fp16", log_u_ptr=f32, log_v_ptr=f32, plan_ptr=f32, row_cost_ptr=f32), scaled,
+          dict(BLOCK_N=32, BLOCK_M=128), 8)
+    # k == 1 and flags of 0/1 may arrive as compile-time constants.
+    build(sink_mod._check_kernel, dict(col_lse_ptr=f32, log_v_ptr=f32, b_ptr=f32, active_ptr="i32", err_ptr=f32, iters_ptr="i64"),
+          ("tol",), dict(BLOCK=1024, k=1, apply_next_v=1), 4)
+    for emb_type, ieee in (("fp32", True), ("bf16", False)):
+        build(cost_mod._aplot_cost_kernel, dict(x_ptr=emb_type, y_ptr=emb_type, rx_ptr=emb_type, ry_ptr=f32, out_ptr=f32),
+              ("alpha", "inv_temperature", "eps"), dict(IEEE_FP32=ieee, BLOCK_N=64, BLOCK_M=64, BLOCK_D=32), 8)
+    build(cost_mod._cosine_cost_kernel, dict(x_ptr="fp16", y_ptr="fp16", out_ptr=f32), ("eps",),
+          dict(IEEE_FP32=False, BLOCK_N=64, BLOCK_M=64, BLOCK_D=32), 8)
+
+
+def test_kernels_compile_for_sm90():
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--compile-sm90"], env=env, capture_output=True, text=True, timeout=300
+    )
+    if proc.returncode == 3:
+        pytest.skip(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
+    try:
+        _compile_all_for_sm90()
+    except (FileNotFoundError, RuntimeError) as exc:
+        if "ptxas" not in str(exc).lower():
+            raise
+        print(f"no ptxas for sm_90 compilation: {exc}")  # Triton installed without its CUDA tools
+        raise SystemExit(3)
