@@ -217,3 +217,16 @@ def test_half_precision_gradients_keep_input_dtype(cost_backend, gen):
         assert g.dtype == torch.bfloat16 and g.shape == t.shape
     assert_finite(**{f"grad_{i}": g.float() for i, g in enumerate(grads)})
 
+
+
+def test_strided_inputs(cost_backend, gen):
+    """Sliced embeddings and rewards (non-unit strides) give the same costs as contiguous copies."""
+    dtype = widest_dtype(cost_backend)
+    big = random_embeddings(gen, 2, 12, 16, dtype=dtype)
+    x, y = big[:, ::2, ::2], big[:, 1::3, ::2]
+    rc = random_embeddings(gen, 2, 12, dtype=dtype)[:, ::2]
+    rr = random_embeddings(gen, 4, 2, dtype=dtype).t()
+    tight = 1e-12 if dtype == torch.float64 else 1e-6
+    contiguous = [t.contiguous() for t in (x, y, rc, rr)]
+    assert max_abs(cosine_cost(x, y, backend=cost_backend), cosine_cost(*contiguous[:2], backend="torch")) <= tight
+    assert max_abs(aplot_cost(x, y, rc, rr, backend=cost_backend), aplot_cost(*contiguous, backend="torch")) <= tight

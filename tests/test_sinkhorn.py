@@ -351,3 +351,27 @@ def test_auto_backend_works_where_torch_works(gen, dtype):
     torch.testing.assert_close(C, cosine_cost(x, y, backend="torch"), rtol=1e-5, atol=1e-6)
     r = sinkhorn(C, eps=0.1, n_iters=10)
     assert_plan_close_relative(r.plan, sinkhorn(C, eps=0.1, n_iters=10, backend="torch").plan)
+
+
+def test_strided_inputs(sinkhorn_backend, gen):
+    """A transposed cost and stride-0 expanded marginals give the same numbers as contiguous copies."""
+    dtype = widest_dtype(sinkhorn_backend)
+    C = random_cost(gen, 2, 5, 6, dtype=dtype).transpose(-1, -2)
+    a = random_marginal(gen, 1, 6, dtype=dtype).expand(2, 6)
+    b = random_marginal(gen, 1, 5, dtype=dtype)[0]
+    r = sinkhorn(C, a, b, eps=0.1, n_iters=10, tol=1e-5, check_every=3, backend=sinkhorn_backend)
+    ref = sinkhorn(C.contiguous(), a.contiguous(), b.expand(2, 5).contiguous(), eps=0.1, n_iters=10, tol=1e-5,
+                   check_every=3, backend="torch")
+    assert_plan_close_relative(r.plan, ref.plan, bound=1e-6)
+    assert r.n_iters.tolist() == ref.n_iters.tolist()
+
+
+@pytest.mark.parametrize("scale,eps", [(100.0, 0.01), (1e4, 0.1), (-5.0, 0.05)])
+def test_extreme_costs_stay_finite(sinkhorn_backend, gen, scale, eps):
+    """C / eps up to 1e5 (plan entries underflow) and negative costs: the log domain keeps everything finite."""
+    C = random_cost(gen, 2, 6, 5, scale=scale, dtype=torch.float32)
+    r = sinkhorn(C, eps=eps, n_iters=20, backend=sinkhorn_backend)
+    assert_finite(**r._asdict())
+    if abs(scale) / eps <= 200:  # beyond that, float32 rounding of C / eps alone moves the plan (and its marginals) by more than 1e-5
+        ref = sinkhorn(C.double(), eps=eps, n_iters=20, backend="torch")
+        assert_plan_close_relative(r.plan, ref.plan)
