@@ -332,7 +332,7 @@ def test_ragged_batch_gradients_are_finite(sinkhorn_backend, gen, grad):
     r = sinkhorn(C, a, b, eps=0.1, n_iters=small(sinkhorn_backend, 40, 12), grad=grad, backend=sinkhorn_backend)
     loss = r.reg_cost.sum()
     if grad == "implicit":
-        loss = loss + r.cost.sum() + (r.plan * torch.rand_like(r.plan)).sum()
+        loss = loss + r.cost.sum() + (r.plan * torch.rand(r.plan.shape, generator=gen).to(r.plan)).sum()
     grad_c, grad_a, grad_b = torch.autograd.grad(loss, (C, a, b))
     assert_finite(grad_c=grad_c, grad_a=grad_a, grad_b=grad_b)
     # Nothing flows to padding: zero plan rows carry no gradient, centred potentials are 0 there.
