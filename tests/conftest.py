@@ -8,11 +8,16 @@ tested for an op only once its kernel module for that op exists.
 
 The Triton interpreter is slow and Triton has no float64, so:
 
-* ``small(backend, big, tiny)`` picks a shape per backend;
-* ``skip_float64(backend)`` / the ``float64_backend`` fixture keep float64
-  cases on the backends that compute float64 (torch, native);
+* ``small(backend, big, tiny)`` picks a shape or iteration count per backend;
+* ``@pytest.mark.float64_only``, ``skip_float64(backend)`` and the
+  ``float64_backend`` fixture keep float64 cases on the backends that compute
+  float64 (torch; native on the CPU); ``widest_dtype(backend)`` picks float64
+  where it can;
 * float32 kernel results are held to the float64 ``torch`` reference with
   SPEC section 5's bound ``max |plan diff| <= 1e-5 * max plan entry``.
+
+``APLOT_TEST_BACKENDS=native`` (a comma-separated list) restricts a run to
+``torch`` and those backends.
 """
 
 from __future__ import annotations
