@@ -7,8 +7,9 @@ Run by ``bench/gpu_check.sh`` (which also builds and runs the GPU tests), or::
 
 Cases (``K`` = Sinkhorn iterations, fixed count, ``tol=None``; costs in [0, 2]):
 
-* ``sinkhorn_small``: B=64, N=M=128, K=50, float32 ``C`` (both Triton
-  strategies, so the fused/tiled threshold can be set from the numbers);
+* ``sinkhorn_small``: B=64, N=M=128, K=50, float32 ``C`` (every Triton
+  strategy, so that the thresholds of ``strategy="auto"`` can be set from the
+  numbers; "fused" spills registers at 128 x 128, see FUSED_MAX_ELEMENTS);
 * ``aplot_margin``: n=512, D=4096, K=50, bfloat16 embeddings (cost kernel +
   Sinkhorn + row costs, ``detach=True``);
 * ``sinkhorn_large``: B=4, N=M=4096, K=50, float32 ``C`` (tiled strategy).
@@ -43,10 +44,12 @@ reading all of ``C`` once; ``C`` (268 MB in float32) is far larger than the
   128/SM/clock.
 
 For ``sinkhorn_small`` ``C`` (4.2 MB) sits in L2; the exp count is 2.1 M per
-iteration (~0.6 us at full MUFU rate over all SMs), so the fused strategy (64
-programs, one per problem, on 64 of the 132 SMs) has a floor near 1.1 us per
-iteration (~57 us for K=50), while the tiled strategy is bound by its two
-kernel launches per iteration (a few us each).
+iteration (~0.6 us at full MUFU rate over all SMs), so the one-program-per-problem
+strategies ("fused", "streamed": 64 programs on 64 of the 132 SMs) have an exp
+floor near 1.1 us per iteration (~57 us for K=50; "streamed" also reads its
+64 KB of C from L2 twice per iteration, ~8 MB per iteration for the batch,
+~1.5 us at ~5.5 TB/s of L2 bandwidth), while the tiled strategy is bound by
+its two kernel launches per iteration (a few us each, ~0.3-0.5 ms for K=50).
 """
 
 from __future__ import annotations
@@ -175,11 +178,11 @@ class Runner:
     def run_all(self):
         print(f"gpu_check on {self.meta['device']}: torch {self.meta['torch']}, triton {self.meta['triton']}, POT {self.pot_version or '-'}")
         if self.dry:
-            self.sinkhorn_case("sinkhorn_small", batch=2, n=16, m=16, n_iters=5, strategies=("fused", "tiled"))
+            self.sinkhorn_case("sinkhorn_small", batch=2, n=16, m=16, n_iters=5, strategies=("fused", "streamed", "tiled"))
             self.margin_case(n=16, d=32, n_iters=5)
             self.sinkhorn_case("sinkhorn_large", batch=1, n=40, m=24, n_iters=3, strategies=("tiled",), pot_loop=False)
         else:
-            self.sinkhorn_case("sinkhorn_small", batch=64, n=128, m=128, n_iters=50, strategies=("fused", "tiled", "auto"))
+            self.sinkhorn_case("sinkhorn_small", batch=64, n=128, m=128, n_iters=50, strategies=("fused", "streamed", "tiled", "auto"))
             self.margin_case(n=512, d=4096, n_iters=50)
             self.sinkhorn_case("sinkhorn_large", batch=4, n=4096, m=4096, n_iters=50, strategies=("tiled",), repeats=5)
 

@@ -9,13 +9,17 @@ instruction; ``tl.exp`` would lower to the same) and ``-C / eps`` is formed
 with a split reciprocal (``c * hi + c * lo`` in one FMA) so that it is
 within about half an ulp of the true quotient without a division.
 
-Two strategies:
+Three strategies (``solve(..., strategy="auto")`` picks one by size):
 
 * ``"fused"`` (small problems, ``next_pow2(N) * next_pow2(M) <=
   FUSED_MAX_ELEMENTS``): one program per problem holds ``-C / eps`` in
   registers and runs every iteration in the kernel. The tolerance check and
   the early exit happen on chip; the epilogue writes plan, potentials, cost,
   dual value, iteration count and error.
+* ``"streamed"`` (many mid-sized problems): one program per problem runs every
+  iteration in the kernel, streaming ``C`` tile by tile in each pass (online
+  log-sum-exp) with the potentials in global scratch; no per-iteration
+  launches, early exit on chip.
 * ``"tiled"`` (large problems): the host launches, per iteration, a column
   log-sum-exp kernel (v-update) and a row log-sum-exp kernel (u-update), each
   streaming ``C`` tile by tile with an online (running max) log-sum-exp. No
@@ -51,6 +55,13 @@ FUSED_ENTRIES_PER_THREAD = 16
 
 # Tile shapes of the streaming kernels: a row pass reads BLOCK_N rows x BLOCK_M columns per step
 # (128 contiguous fp32 = 512 B per row), a column pass a tall BLOCK_N x BLOCK_M tile.
+# The streamed strategy (one program per problem, C streamed each pass) pays off when there are
+# enough problems to occupy the GPU (32 of an H100's 132 SMs) and the whole batch's C stays in L2
+# (50 MB on an H100); otherwise the tiled passes, which spread each problem over many programs.
+# Both thresholds are estimates; bench/gpu_check.py times every strategy.
+STREAMED_MIN_BATCH = 32
+STREAMED_MAX_BYTES = 32 << 20
+
 # 16 tile entries per thread: the 32 x 128 row pass then uses 148 registers on sm_90 (242 with 4 warps).
 TILED_BLOCKS = dict(row_block_n=32, row_block_m=128, col_block_n=128, col_block_m=32, check_block=1024)
 TILED_ENTRIES_PER_THREAD = 16
@@ -196,6 +207,46 @@ def _online_lse_step(peak, total, z, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _column_lse(
+    c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``LSE_i(-C_ij / eps + log_u_i)`` for one problem's columns ``cols`` (``[BLOCK_M]``), streaming rows."""
+    col_ok = cols < M
+    peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        inside = row_ok[:, None] & col_ok[None, :]
+        c = tl.load(c_ptr + rows[:, None] * stride_cn + cols[None, :] * stride_cm, mask=inside, other=0.0).to(tl.float32)
+        log_u = tl.load(log_u_ptr + rows, mask=row_ok, other=float("-inf"))
+        z = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf")) + log_u[:, None]
+        peak, total = _online_lse_step(peak, total, z, 0)
+    return _lse_value(peak, total)
+
+
+@triton.jit
+def _row_lse(
+    c_ptr, log_v_ptr, rows, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``LSE_j(-C_ij / eps + log_v_j)`` for one problem's rows ``rows`` (``[BLOCK_N]``), streaming columns."""
+    row_ok = rows < N
+    peak = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < M
+        inside = row_ok[:, None] & col_ok[None, :]
+        c = tl.load(c_ptr + rows[:, None] * stride_cn + cols[None, :] * stride_cm, mask=inside, other=0.0).to(tl.float32)
+        log_v = tl.load(log_v_ptr + cols, mask=col_ok, other=float("-inf"))
+        z = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf")) + log_v[None, :]
+        peak, total = _online_lse_step(peak, total, z, 1)
+    return _lse_value(peak, total)
+
+
+@triton.jit
 def _column_pass_kernel(
     c_ptr, log_u_ptr, b_ptr, out_ptr, active_ptr,
     N, M, stride_cb, stride_cn, stride_cm, stride_bb, stride_bm,
@@ -207,18 +258,10 @@ def _column_pass_kernel(
     if tl.load(active_ptr + pid_b) != 0:
         cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         col_ok = cols < M
-        peak = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        total = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        c_base = c_ptr + pid_b * stride_cb + cols[None, :] * stride_cm
-        for n0 in range(0, N, BLOCK_N):
-            rows = n0 + tl.arange(0, BLOCK_N)
-            row_ok = rows < N
-            inside = row_ok[:, None] & col_ok[None, :]
-            c = tl.load(c_base + rows[:, None] * stride_cn, mask=inside, other=0.0).to(tl.float32)
-            log_u = tl.load(log_u_ptr + pid_b * N + rows, mask=row_ok, other=float("-inf"))
-            z = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf")) + log_u[:, None]
-            peak, total = _online_lse_step(peak, total, z, 0)
-        lse = _lse_value(peak, total)
+        lse = _column_lse(
+            c_ptr + pid_b * stride_cb, log_u_ptr + pid_b * N, cols, N, M, stride_cn, stride_cm,
+            neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M,
+        )
         if WRITE_V:
             wb = tl.load(b_ptr + pid_b * stride_bb + cols * stride_bm, mask=col_ok, other=0.0)
             lse = tl.where(wb > 0, _log_weight(wb) - lse, float("-inf"))
@@ -237,18 +280,10 @@ def _row_pass_kernel(
     if tl.load(active_ptr + pid_b) != 0:
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        peak = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        c_base = c_ptr + pid_b * stride_cb + rows[:, None] * stride_cn
-        for m0 in range(0, M, BLOCK_M):
-            cols = m0 + tl.arange(0, BLOCK_M)
-            col_ok = cols < M
-            inside = row_ok[:, None] & col_ok[None, :]
-            c = tl.load(c_base + cols[None, :] * stride_cm, mask=inside, other=0.0).to(tl.float32)
-            log_v = tl.load(log_v_ptr + pid_b * M + cols, mask=col_ok, other=float("-inf"))
-            z = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf")) + log_v[None, :]
-            peak, total = _online_lse_step(peak, total, z, 1)
-        lse = _lse_value(peak, total)
+        lse = _row_lse(
+            c_ptr + pid_b * stride_cb, log_v_ptr + pid_b * M, rows, N, M, stride_cn, stride_cm,
+            neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M,
+        )
         wa = tl.load(a_ptr + pid_b * stride_ab + rows * stride_an, mask=row_ok, other=0.0)
         tl.store(log_u_ptr + pid_b * N + rows, tl.where(wa > 0, _log_weight(wa) - lse, float("-inf")), mask=row_ok)
 
@@ -289,30 +324,42 @@ def _check_kernel(
 
 
 @triton.jit
+def _plan_rows(
+    c_ptr, log_u_ptr, log_v_ptr, plan_ptr, rows, N, M, stride_cn, stride_cm, stride_pn, stride_pm,
+    neg_inv_hi, neg_inv_lo, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Write one problem's plan rows ``P_ij = exp(log_u_i + log_v_j - C_ij / eps)``; return ``sum_j P_ij C_ij``."""
+    row_ok = rows < N
+    log_u = tl.load(log_u_ptr + rows, mask=row_ok, other=float("-inf"))
+    row_cost = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < M
+        inside = row_ok[:, None] & col_ok[None, :]
+        c = tl.load(c_ptr + rows[:, None] * stride_cn + cols[None, :] * stride_cm, mask=inside, other=0.0).to(tl.float32)
+        log_v = tl.load(log_v_ptr + cols, mask=col_ok, other=float("-inf"))
+        neg_c = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
+        plan = tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
+        tl.store(plan_ptr + rows[:, None] * stride_pn + cols[None, :] * stride_pm, plan, mask=inside)
+        row_cost += tl.sum(plan * c, axis=1)
+    return row_cost
+
+
+@triton.jit
 def _plan_kernel(
     c_ptr, log_u_ptr, log_v_ptr, plan_ptr, row_cost_ptr,
     N, M, stride_cb, stride_cn, stride_cm, stride_pb, stride_pn, stride_pm,
     neg_inv_hi, neg_inv_lo,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """``P_ij = exp(log_u_i + log_v_j - C_ij / eps)`` and the row sums of ``P * C``."""
+    """The plan and the row sums of ``P * C``, one block of rows per program."""
     pid_b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    log_u = tl.load(log_u_ptr + pid_b * N + rows, mask=row_ok, other=float("-inf"))
-    row_cost = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        cols = m0 + tl.arange(0, BLOCK_M)
-        col_ok = cols < M
-        inside = row_ok[:, None] & col_ok[None, :]
-        c = tl.load(c_ptr + pid_b * stride_cb + rows[:, None] * stride_cn + cols[None, :] * stride_cm, mask=inside, other=0.0)
-        c = c.to(tl.float32)
-        log_v = tl.load(log_v_ptr + pid_b * M + cols, mask=col_ok, other=float("-inf"))
-        neg_c = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
-        plan = tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
-        tl.store(plan_ptr + pid_b * stride_pb + rows[:, None] * stride_pn + cols[None, :] * stride_pm, plan, mask=inside)
-        row_cost += tl.sum(plan * c, axis=1)
-    tl.store(row_cost_ptr + pid_b * N + rows, row_cost, mask=row_ok)
+    row_cost = _plan_rows(
+        c_ptr + pid_b * stride_cb, log_u_ptr + pid_b * N, log_v_ptr + pid_b * M, plan_ptr + pid_b * stride_pb,
+        rows, N, M, stride_cn, stride_cm, stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M,
+    )
+    tl.store(row_cost_ptr + pid_b * N + rows, row_cost, mask=rows < N)
 
 
 def _solve_tiled(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
@@ -359,6 +406,11 @@ def _solve_tiled(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
         C, log_u, log_v, plan, row_cost, n, m, *C.stride(), *plan.stride(), hi, lo,
         BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"], num_warps=row_warps,
     )
+    return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err)
+
+
+def _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) -> SolveOutput:
+    """Potentials (0 on padding), values, and ``err`` where no check measured it (``err < 0``)."""
     f = torch.where(a > 0, eps * log_u, 0.0)
     g = torch.where(b > 0, eps * log_v, 0.0)
     reg_cost = (a * f).sum(-1) + (b * g).sum(-1)
@@ -366,7 +418,124 @@ def _solve_tiled(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
     return SolveOutput(plan, f, g, row_cost.sum(-1), reg_cost, iters, err)
 
 
-STRATEGIES = ("auto", "fused", "tiled")
+# ---------------------------------------------------------------------------
+# Streamed strategy: one program per problem runs every iteration, streaming C
+# (from L2 when the batch's C fits there) with the same passes as "tiled".
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _column_violation(
+    c_ptr, log_u_ptr, log_v_ptr, b_ptr, N, M, stride_cn, stride_cm, stride_bm, neg_inv_hi, neg_inv_lo,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """``sum_j |(P^T 1)_j - b_j|`` of one problem, with ``(P^T 1)_j = exp(log_v_j + LSE_i(-C_ij / eps + log_u_i))``."""
+    err = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < M
+        lse = _column_lse(c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M)
+        log_v = tl.load(log_v_ptr + cols, mask=col_ok, other=float("-inf"))
+        wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
+        err += tl.abs(tl.math.exp2((log_v + lse) * LOG2E_K) - wb)
+    return tl.sum(err)
+
+
+@triton.jit
+def _solve_streamed_kernel(
+    c_ptr, a_ptr, b_ptr, log_u_ptr, log_v_ptr, plan_ptr, row_cost_ptr, iters_ptr, err_ptr,
+    N, M, stride_cb, stride_cn, stride_cm, stride_ab, stride_an, stride_bb, stride_bm,
+    stride_pb, stride_pn, stride_pm,
+    neg_inv_hi, neg_inv_lo, n_iters, check_every, tol,
+    HAS_TOL: tl.constexpr, ROW_BLOCK_N: tl.constexpr, ROW_BLOCK_M: tl.constexpr,
+    COL_BLOCK_N: tl.constexpr, COL_BLOCK_M: tl.constexpr,
+):
+    """All iterations of one problem; ``log_u``/``log_v`` (initialised by the host) live in global scratch.
+
+    The potentials written by one pass are read by other threads of this
+    program in the next, hence the barriers between passes.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    c_ptr += pid * stride_cb
+    a_ptr += pid * stride_ab
+    b_ptr += pid * stride_bb
+    log_u_ptr += pid * N
+    log_v_ptr += pid * M
+    active = tl.full((), 1, tl.int32)
+    iters = tl.full((), 0, tl.int32)
+    err = tl.full((), -1.0, tl.float32)  # < 0: never measured
+    for k in range(1, n_iters + 1):
+        if active != 0:
+            for m0 in range(0, M, COL_BLOCK_M):
+                cols = m0 + tl.arange(0, COL_BLOCK_M)
+                col_ok = cols < M
+                lse = _column_lse(
+                    c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, COL_BLOCK_N, COL_BLOCK_M
+                )
+                wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
+                tl.store(log_v_ptr + cols, tl.where(wb > 0, _log_weight(wb) - lse, float("-inf")), mask=col_ok)
+            tl.debug_barrier()
+            for n0 in range(0, N, ROW_BLOCK_N):
+                rows = n0 + tl.arange(0, ROW_BLOCK_N)
+                row_ok = rows < N
+                lse = _row_lse(
+                    c_ptr, log_v_ptr, rows, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, ROW_BLOCK_N, ROW_BLOCK_M
+                )
+                wa = tl.load(a_ptr + rows * stride_an, mask=row_ok, other=0.0)
+                tl.store(log_u_ptr + rows, tl.where(wa > 0, _log_weight(wa) - lse, float("-inf")), mask=row_ok)
+            tl.debug_barrier()
+            iters += 1
+            if HAS_TOL:
+                if k % check_every == 0:
+                    err = _column_violation(
+                        c_ptr, log_u_ptr, log_v_ptr, b_ptr, N, M, stride_cn, stride_cm, stride_bm,
+                        neg_inv_hi, neg_inv_lo, COL_BLOCK_N, COL_BLOCK_M,
+                    )
+                    active = (err > tol).to(tl.int32)
+    for n0 in range(0, N, ROW_BLOCK_N):
+        rows = n0 + tl.arange(0, ROW_BLOCK_N)
+        row_cost = _plan_rows(
+            c_ptr, log_u_ptr, log_v_ptr, plan_ptr + pid * stride_pb, rows, N, M, stride_cn, stride_cm,
+            stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, ROW_BLOCK_N, ROW_BLOCK_M,
+        )
+        tl.store(row_cost_ptr + pid * N + rows, row_cost, mask=rows < N)
+    tl.store(iters_ptr + pid, iters.to(tl.int64))
+    tl.store(err_ptr + pid, err)
+
+
+def _solve_streamed(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
+    batch, n, m = C.shape
+    dev = C.device
+    blocks = TILED_BLOCKS
+    hi, lo = _split_reciprocal(eps)
+    log_u = torch.where(a > 0, 0.0, NEG_INF).contiguous()  # padded rows never enter a column update
+    log_v = torch.zeros(batch, m, dtype=torch.float32, device=dev)
+    plan = torch.empty(batch, n, m, dtype=torch.float32, device=dev)
+    row_cost = torch.empty(batch, n, dtype=torch.float32, device=dev)
+    iters = torch.empty(batch, dtype=torch.int64, device=dev)
+    err = torch.empty(batch, dtype=torch.float32, device=dev)
+    tile = max(blocks["row_block_n"] * blocks["row_block_m"], blocks["col_block_n"] * blocks["col_block_m"])
+    _solve_streamed_kernel[(batch,)](
+        C, a, b, log_u, log_v, plan, row_cost, iters, err, n, m,
+        *C.stride(), *a.stride(), *b.stride(), *plan.stride(),
+        hi, lo, int(n_iters), int(check_every), float(tol if tol is not None else 0.0),
+        HAS_TOL=tol is not None, ROW_BLOCK_N=blocks["row_block_n"], ROW_BLOCK_M=blocks["row_block_m"],
+        COL_BLOCK_N=blocks["col_block_n"], COL_BLOCK_M=blocks["col_block_m"],
+        num_warps=num_warps_for(tile, per_thread=TILED_ENTRIES_PER_THREAD),
+    )
+    return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err)
+
+
+STRATEGIES = ("auto", "fused", "streamed", "tiled")
+
+
+def _auto_strategy(C: torch.Tensor) -> str:
+    batch, n, m = C.shape
+    if block_size(n, hi=1 << 30) * block_size(m, hi=1 << 30) <= FUSED_MAX_ELEMENTS:
+        return "fused"
+    if batch >= STREAMED_MIN_BATCH and C.numel() * C.element_size() <= STREAMED_MAX_BYTES:
+        return "streamed"
+    return "tiled"
 
 
 def solve(
@@ -386,9 +555,12 @@ def solve(
         C: ``[B, N, M]`` float16, bfloat16 or float32 (read as is, computed in float32).
         a: ``[B, N]``, b: ``[B, M]`` float32 weights (stride-0 views are fine), zero for padding.
         eps, n_iters, tol, check_every: as :func:`aplot_kernels.sinkhorn.reference.solve`.
-        strategy: ``"fused"`` (one program per problem), ``"tiled"`` (streaming
-            passes) or ``"auto"`` (fused when the padded problem has at most
-            ``FUSED_MAX_ELEMENTS`` entries).
+        strategy: ``"fused"`` (one program per problem, C in registers),
+            ``"streamed"`` (one program per problem, C streamed), ``"tiled"``
+            (streaming passes launched per iteration) or ``"auto"``: fused when
+            the padded problem has at most ``FUSED_MAX_ELEMENTS`` entries,
+            streamed for at least ``STREAMED_MIN_BATCH`` problems whose costs
+            total at most ``STREAMED_MAX_BYTES``, tiled otherwise.
 
     Returns:
         :class:`SolveOutput` in float32 (``n_iters`` int64).
@@ -401,7 +573,6 @@ def solve(
     b = b.to(torch.float32)
     _, n, m = C.shape
     if strategy == "auto":
-        fits = block_size(n, hi=1 << 30) * block_size(m, hi=1 << 30) <= FUSED_MAX_ELEMENTS
-        strategy = "fused" if fits else "tiled"
-    run = _solve_fused if strategy == "fused" else _solve_tiled
+        strategy = _auto_strategy(C)
+    run = {"fused": _solve_fused, "streamed": _solve_streamed, "tiled": _solve_tiled}[strategy]
     return run(C, a, b, float(eps), int(n_iters), tol, int(check_every))
