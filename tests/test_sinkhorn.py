@@ -376,3 +376,18 @@ def test_extreme_costs_stay_finite(sinkhorn_backend, gen, scale, eps):
     if abs(scale) / eps <= 200:  # beyond that, float32 rounding of C / eps alone moves the plan (and its marginals) by more than 1e-5
         ref = sinkhorn(C.double(), eps=eps, n_iters=20, backend="torch")
         assert_plan_close_relative(r.plan, ref.plan)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_marginals_are_balanced_up_to_their_rounding(sinkhorn_backend, gen, dtype):
+    """Weights 1/5 in bfloat16 sum to 1.0009: balanced within their own rounding, so accepted."""
+    C = random_cost(gen, 2, 5, 4, dtype=dtype)
+    a = torch.full((5,), 0.2, dtype=dtype, device=DEVICE)
+    r = sinkhorn(C, a, eps=0.1, n_iters=10, backend=sinkhorn_backend)
+    ref = sinkhorn(C, a, eps=0.1, n_iters=10, backend="torch")
+    assert r.plan.dtype == torch.float32
+    assert_finite(**r._asdict())
+    assert_plan_close_relative(r.plan, ref.plan)
+    torch.testing.assert_close(r.plan.sum(-1), a.float().expand(2, 5), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="same total mass"):
+        sinkhorn(C, a, torch.full((4,), 0.26, dtype=dtype, device=DEVICE), backend=sinkhorn_backend)
