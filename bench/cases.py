@@ -6,7 +6,8 @@ Ops (``Case.op``):
 * ``aplot_cost``: ``aplot_cost`` on the same shapes plus rewards ``[B,N]``, ``[B,M]``.
 * ``sinkhorn_fixed``: Sinkhorn on a cost ``[B,N,M]`` for exactly ``n_iters`` iterations.
 * ``sinkhorn_tol``: Sinkhorn until the L1 column-marginal violation is ``<= tol``
-  (checked every 10 iterations, capped at ``n_iters``).
+  (checked every 10 iterations, capped at ``n_iters``); its ``plan_err`` is
+  against a float64 reference run to ``REFERENCE_TOL``.
 * ``aplot_margin``: the APLOT margins of ``n = N`` pairs with ``D``-wide embeddings (``B = 1``).
 * ``aplot_loss_fwd_bwd``: ``aplot_loss`` forward and backward (default ``detach=True``:
   gradients reach the rewards), next to ``bt_loss`` on the same rewards.
@@ -46,7 +47,7 @@ LOSS_OPS = ("aplot_loss_fwd_bwd", "aplot_loss_implicit_fwd_bwd")
 SINKHORN_POINT_DIM = 8
 FIXED_ITERS, FIXED_EPS = 50, 0.1  # aplot_margin's defaults
 TOL, TOL_EPS, TOL_CAP, CHECK_EVERY = 1e-5, 0.05, 1000, 10
-REFERENCE_TOL, REFERENCE_CAP = 1e-8, 5000  # "converged" float64 reference of sinkhorn_tol
+REFERENCE_TOL, REFERENCE_CAP = 1e-7, 5000  # "converged" float64 reference of sinkhorn_tol
 ALPHA, TEMPERATURE = 0.9, 1.0
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,15 +124,15 @@ def shape_matrix(device: str, quick: bool) -> List[Tuple[str, int, int, int, int
     small = [32, 64, 128, 256]
     if device == "cuda":
         large, pairs, dims = [512, 1024, 2048, 4096], [64, 256, 1024, 4096], [768, 2048, 4096]
-        tol_large = large
+        tol_small, tol_large = small, large
     else:
         large, pairs, dims = [512, 1024, 2048], [64, 256, 1024, 2048], [768, 4096]
-        tol_large = [1024]
+        tol_small, tol_large = small[:3], [1024]
     shapes = []
     for op in COST_OPS:
         shapes += _batched(op, small, 64, 768) + _aplot(op, pairs, dims)
     shapes += _batched("sinkhorn_fixed", small, 64, p) + _batched("sinkhorn_fixed", large, 1, p)
-    shapes += _batched("sinkhorn_tol", small, 64, p) + _batched("sinkhorn_tol", tol_large, 1, p)
+    shapes += _batched("sinkhorn_tol", tol_small, 64, p) + _batched("sinkhorn_tol", tol_large, 1, p)
     shapes += _aplot("aplot_margin", pairs, dims)
     loss_pairs = pairs if device == "cuda" else pairs[:3]
     shapes += _aplot("aplot_loss_fwd_bwd", loss_pairs, dims)

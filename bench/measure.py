@@ -24,7 +24,7 @@ import ctypes.util
 import functools
 import threading
 import time
-from typing import Callable, List, NamedTuple, Sequence
+from typing import Callable, List, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -76,32 +76,41 @@ def time_call(
     max_reps: int,
     target_s: float,
     max_call_s: float,
-) -> Timing:
+    first: Optional[Callable] = None,
+):
     """Time ``fn(inputs[i % len(inputs)])``.
 
     The number of timed calls is ``target_s`` divided by the last warm-up
     call's time, clamped to ``[min_reps, max_reps]``; a call slower than
     ``max_call_s`` (after a second warm-up call when the first was that slow)
-    gets a single timed repetition (the row is then marked by the caller).
+    is not repeated: that second call is the single measurement (the row is
+    then marked by the caller).
+    ``first(inp)``, when given, replaces ``fn`` for the first warm-up call (to
+    measure memory on the way). Returns ``(Timing, output of the first call)``.
     """
-    warm = []
+    warm, first_out = [], None
     # A slow first call may be compilation or lazy initialisation: judge by the second.
     while len(warm) < max(1, warmup) or (len(warm) == 1 and warm[0] > max_call_s):
         synchronize(device)
         start = time.perf_counter()
-        fn(inputs[len(warm) % len(inputs)])
+        if warm or first is None:
+            fn(inputs[len(warm) % len(inputs)])
+        else:
+            first_out = first(inputs[0])
         synchronize(device)
         warm.append(time.perf_counter() - start)
         if len(warm) >= 2 and warm[-1] > max_call_s:
             break
     per_call = warm[-1]
-    if per_call > max_call_s:
-        reps = 1
+    if per_call > max_call_s and len(warm) >= 2:
+        # Too slow to repeat: the second (warm) call is the one measurement.
+        times = [per_call * 1e3]
     else:
         reps = int(min(max_reps, max(min_reps, target_s / max(per_call, 1e-6))))
-    times = _time_cuda(fn, inputs, reps, device) if device.type == "cuda" else _time_cpu(fn, inputs, reps)
+        times = _time_cuda(fn, inputs, reps, device) if device.type == "cuda" else _time_cpu(fn, inputs, reps)
+    reps = len(times)
     p20, median, p80 = np.percentile(times, [20, 50, 80])
-    return Timing(float(median), float(p20), float(p80), reps, warm[0] * 1e3)
+    return Timing(float(median), float(p20), float(p80), reps, warm[0] * 1e3), first_out
 
 
 @functools.lru_cache(maxsize=None)

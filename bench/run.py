@@ -105,6 +105,7 @@ class Runner:
     def __init__(self, settings: Settings, impl_filter: List[str], log=print):
         self.settings, self.impl_filter, self.log = settings, impl_filter, log
         self.too_slow: Dict[tuple, float] = {}  # (op, impl, dtype) -> work of the first too-slow case
+        self.last: Dict[tuple, tuple] = {}  # (op, impl, dtype) -> (work, seconds per call) of the last case run
         self.notes: List[str] = []
         self.failures: List[str] = []
 
@@ -117,7 +118,7 @@ class Runner:
         s = self.settings
         device = torch.device(case.device)
         inputs = C_.make_inputs(case, s.inputs)
-        ref = C_.reference(case, inputs[0])
+        ref = None  # computed once the first implementation has run
         _, b = C_.uniform_weights(case, device=torch.device("cpu"), dtype=torch.float64)
         rows = []
         for name, factory in impls.implementations(case.op, case.device).items():
@@ -127,6 +128,13 @@ class Runner:
             if key in self.too_slow and case.work >= self.too_slow[key]:
                 self._note(f"{case.op} {name} {case.dtype}: shapes from B={case.B} N={case.N} D={case.D} skipped (a smaller one took over {s.max_call_s} s per call)")
                 continue
+            if key in self.last:
+                work, seconds = self.last[key]
+                predicted = seconds * case.work / work
+                if predicted > 2 * s.max_call_s:
+                    self.too_slow[key] = case.work
+                    self._note(f"{case.op} {name} {case.dtype}: shapes from B={case.B} N={case.N} D={case.D} skipped (predicted {predicted:.0f} s per call from the last shape)")
+                    continue
             try:
                 runner = impls.build(factory, case, inputs)
             except impls.Unavailable as why:
@@ -138,21 +146,19 @@ class Runner:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
-                    timing = time_call(
-                        runner.call, runner.inputs, device, warmup=s.warmup, min_reps=s.min_reps,
-                        max_reps=s.max_reps, target_s=s.target_s, max_call_s=s.max_call_s,
-                    )
-                    out, peak_mb = call_with_peak_memory(runner.call, runner.inputs[0], device)
+                    timing, out, peak_mb = self._time(runner, device)
                     probe = runner.extract(out, inputs[0])
                 except Exception as exc:
                     self._failed(case, name, exc)
                     continue
             del out
+            self.last[key] = (case.work, timing.median_ms / 1e3)
             note = runner.note
             if timing.reps == 1:
                 self.too_slow[key] = case.work
                 note = "; ".join(filter(None, [note, f"one timed call (over {s.max_call_s} s)"]))
             marginal = column_violation(probe.plan, b) if probe.plan is not None else math.nan
+            ref = ref or C_.reference(case, inputs[0])
             plan_err = relative_error(probe.output, ref.output) if probe.output is not None and ref.output is not None else math.nan
             n_iters = probe.n_iters if probe.n_iters is not None else (case.n_iters if case.tol is None else math.nan)
             fl = floor.floor_ms(case, n_iters)
@@ -163,6 +169,28 @@ class Runner:
             ))
         _fill_speedups(rows, case.op)
         return rows
+
+    def _time(self, runner, device: torch.device):
+        """``(Timing, output on inputs[0], peak MiB)``.
+
+        On the CPU the first warm-up call doubles as the memory and output
+        call (a call fewer per row); on CUDA a separate call after the timed
+        ones keeps compilation and autotuning out of the memory figure.
+        """
+        s = self.settings
+        options = dict(warmup=s.warmup, min_reps=s.min_reps, max_reps=s.max_reps, target_s=s.target_s, max_call_s=s.max_call_s)
+        if device.type == "cpu":
+            memory = {}
+
+            def first(inp):
+                out, memory["peak"] = call_with_peak_memory(runner.call, inp, device)
+                return out
+
+            timing, out = time_call(runner.call, runner.inputs, device, first=first, **options)
+            return timing, out, memory["peak"]
+        timing, _ = time_call(runner.call, runner.inputs, device, **options)
+        out, peak_mb = call_with_peak_memory(runner.call, runner.inputs[0], device)
+        return timing, out, peak_mb
 
     def _failed(self, case: C_.Case, name: str, exc: Exception) -> None:
         text = f"{case.op} {name} {case.dtype} B={case.B} N={case.N} D={case.D}: {type(exc).__name__}: {exc}"

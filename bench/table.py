@@ -3,7 +3,8 @@
     python -m bench.table bench/results/cpu/results.csv [--dtype float32]
 
 For every op and every (B, D) series, the largest size at which our backends
-ran: the median time of each of our backends, of the POT baseline, and of
+and the POT baseline both ran (the largest for ours alone where POT has no
+such op or never ran): the median time of each of our backends, of the POT baseline, and of
 the fastest other library, and the speed-up of our fastest backend over POT.
 The line above the table names the machine the CSV came from.
 """
@@ -49,12 +50,13 @@ def headline(rows: List[Dict], dtype: str = "float32") -> str:
     for r in rows:
         by_case[(r["op"], int(r["B"]), int(r["D"]), int(r["N"]), int(r["M"]))][r["impl"]] = r
     order = {op: i for i, op in enumerate(OPS)}
-    largest = {}
+    largest = {}  # (op, B, D) -> (has the POT baseline, N * M, N, M), the best shape to show
     for (op, B, D, N, M), impls in by_case.items():
         if any(name in impls for name in ours):
+            rank = (POT_BASELINE.get(op) in impls, N * M, N, M)
             key = (op, B, D)
-            if key not in largest or N * M > largest[key][0] * largest[key][1]:
-                largest[key] = (N, M)
+            largest[key] = max(largest.get(key, rank), rank)
+    largest = {key: rank[2:] for key, rank in largest.items()}
     for (op, B, D), (N, M) in sorted(largest.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1:])):
         impls = by_case[(op, B, D, N, M)]
         pot = impls.get(POT_BASELINE.get(op, ""))

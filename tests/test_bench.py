@@ -89,8 +89,10 @@ def test_measures():
     assert measure.column_violation(plan, b) == pytest.approx(0.0, abs=1e-12)
     assert measure.column_violation(plan * 2, b) == pytest.approx(1.0)
     assert measure.relative_error(torch.tensor([1.0, 2.1]), torch.tensor([1.0, 2.0])) == pytest.approx(0.05)
-    timing = measure.time_call(lambda i: i + 1, [1, 2], torch.device("cpu"), warmup=1, min_reps=3, max_reps=4, target_s=0.0, max_call_s=1.0)
-    assert timing.reps == 3 and timing.p20_ms <= timing.median_ms <= timing.p80_ms
+    timing, first = measure.time_call(
+        lambda i: i + 1, [1, 2], torch.device("cpu"), warmup=1, min_reps=3, max_reps=4, target_s=0.0, max_call_s=1.0, first=lambda i: i + 10
+    )
+    assert timing.reps == 3 and timing.p20_ms <= timing.median_ms <= timing.p80_ms and first == 11
 
 
 def test_missing_library_is_a_note_not_an_error(tmp_path, monkeypatch):
