@@ -18,8 +18,10 @@ import torch
 
 from .reference import SolveOutput
 
-# Above this many unknowns (N + M) the implicit backward solves iteratively.
+# Above this many unknowns (N + M), or this many float64 system entries over the
+# whole batch (256 MiB), the implicit backward solves iteratively.
 DIRECT_SOLVE_MAX = 2048
+DIRECT_SOLVE_MAX_ENTRIES = 1 << 25
 
 
 def centred(potential: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
@@ -120,7 +122,7 @@ def _solve_fixed_point_system(plan, diag_a, diag_b, gauge, rhs):
     Jacobi-preconditioned conjugate gradients, which stay in ``range(H)``.
     """
     batch, n, m = plan.shape
-    if n + m <= DIRECT_SOLVE_MAX:
+    if n + m <= DIRECT_SOLVE_MAX and batch * (n + m) ** 2 <= DIRECT_SOLVE_MAX_ENTRIES:
         system = plan.new_zeros(batch, n + m, n + m)
         system[:, :n, :n] = torch.diag_embed(diag_a)
         system[:, n:, n:] = torch.diag_embed(diag_b)
