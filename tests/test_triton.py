@@ -320,6 +320,8 @@ def test_kernels_compile_for_sm90():
     import subprocess
     import sys
 
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU every other test compiles and runs the kernels")
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

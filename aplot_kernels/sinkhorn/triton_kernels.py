@@ -49,22 +49,24 @@ from .reference import SolveOutput, column_violation
 # Largest padded problem (next_pow2(N) * next_pow2(M)) solved by one program with C in registers.
 # Compiled for sm_90 (triton 3.9, ptxas), the fused kernel needs about 8 registers per tile entry
 # held by a thread: 16 entries per thread fit without spilling (64 x 128 with 16 warps: 128
-# registers, 8 bytes of stack), 128 x 128 with 16 warps spills 416 bytes. Larger problems go tiled.
+# registers, 8 bytes of stack), 128 x 128 with 16 warps spills 416 bytes. Larger problems are
+# streamed or tiled.
 FUSED_MAX_ELEMENTS = 64 * 128
 FUSED_ENTRIES_PER_THREAD = 16
 
-# Tile shapes of the streaming kernels: a row pass reads BLOCK_N rows x BLOCK_M columns per step
-# (128 contiguous fp32 = 512 B per row), a column pass a tall BLOCK_N x BLOCK_M tile.
+# Tile shapes of the streaming passes (tiled and streamed strategies): a row pass reads BLOCK_N
+# rows x BLOCK_M columns per step (128 contiguous fp32 = 512 B per row), a column pass a tall
+# BLOCK_N x BLOCK_M tile. With 16 tile entries per thread the 32 x 128 row pass uses 148
+# registers on sm_90 (242 with 4 warps), the streamed kernel 211, none spill.
+TILED_BLOCKS = dict(row_block_n=32, row_block_m=128, col_block_n=128, col_block_m=32, check_block=1024)
+TILED_ENTRIES_PER_THREAD = 16
+
 # The streamed strategy (one program per problem, C streamed each pass) pays off when there are
 # enough problems to occupy the GPU (32 of an H100's 132 SMs) and the whole batch's C stays in L2
 # (50 MB on an H100); otherwise the tiled passes, which spread each problem over many programs.
 # Both thresholds are estimates; bench/gpu_check.py times every strategy.
 STREAMED_MIN_BATCH = 32
 STREAMED_MAX_BYTES = 32 << 20
-
-# 16 tile entries per thread: the 32 x 128 row pass then uses 148 registers on sm_90 (242 with 4 warps).
-TILED_BLOCKS = dict(row_block_n=32, row_block_m=128, col_block_n=128, col_block_m=32, check_block=1024)
-TILED_ENTRIES_PER_THREAD = 16
 
 NEG_INF = float("-inf")
 
