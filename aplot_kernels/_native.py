@@ -3,30 +3,151 @@
 The extension registers its kernels as ``torch.ops.aplot_kernels.*``
 operators. ``status(device)`` says whether they can run on a device, and why
 not.
+
+Where it comes from, in order:
+
+1. ``aplot_kernels._C``, compiled at install time
+   (``pip install --no-build-isolation .`` with torch already installed);
+2. otherwise it is compiled on first use with ``torch.utils.cpp_extension.load``
+   (ninja and a C++ compiler needed; CUDA sources too when torch has CUDA and
+   nvcc is found) into ``~/.cache/aplot_kernels/<torch version>-<source hash>``,
+   from ``csrc/`` of a source checkout or the copy installed with the package.
+   ``APLOT_KERNELS_NO_JIT=1`` switches this off.
+
+This file is also read by ``setup.py`` (by path, before the package is
+installed), so the sources and flags of both builds are defined once, here.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+import hashlib
+import logging
+import os
+import sys
+from typing import List, Optional, Tuple
 
 import torch
+
+logger = logging.getLogger("aplot_kernels")
+
+EXTENSION_NAME = "aplot_kernels._C"
+JIT_MODULE_NAME = "aplot_kernels_native"
+NO_JIT_ENV = "APLOT_KERNELS_NO_JIT"
+
+# No -march=native: the binary must run on other CPUs of the architecture. The
+# AVX2 loops are compiled through a target pragma and chosen at run time.
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]
+LD_FLAGS = ["-fopenmp"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+CUDA_DEFINE = "-DAPLOT_WITH_CUDA"
+
+
+def source_files(csrc_dir: str, with_cuda: bool) -> List[str]:
+    """The translation units of the extension, relative to nothing (absolute if ``csrc_dir`` is)."""
+    names = ["ops.cpp", "cpu/cpu_kernels.cpp", "cpu/sinkhorn_cpu.cpp", "cpu/cost_cpu.cpp"]
+    if with_cuda:
+        names += ["cuda/sinkhorn_cuda.cu", "cuda/cost_cuda.cu"]
+    return [os.path.join(csrc_dir, name) for name in names]
+
+
+def compile_flags(with_cuda: bool) -> Tuple[List[str], List[str], List[str]]:
+    """``(cxx flags, nvcc flags, linker flags)``."""
+    define = [CUDA_DEFINE] if with_cuda else []
+    return CXX_FLAGS + define, NVCC_FLAGS + define, list(LD_FLAGS)
+
+
+def _csrc_dir() -> Optional[str]:
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    for candidate in (os.path.join(os.path.dirname(package_dir), "csrc"), os.path.join(package_dir, "csrc")):
+        if os.path.isfile(os.path.join(candidate, "ops.cpp")):
+            return candidate
+    return None
+
+
+def _cuda_buildable() -> bool:
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def _build_dir(csrc_dir: str, sources: List[str], flags) -> str:
+    digest = hashlib.sha256()
+    digest.update(repr((flags, sys.version_info[:2])).encode())
+    headers = []
+    for root, _, files in os.walk(csrc_dir):
+        headers += [os.path.join(root, f) for f in files if f.endswith((".h", ".cuh"))]
+    if not any(path.endswith(".cu") for path in sources):  # CUDA headers do not change a CPU build
+        headers = [path for path in headers if not path.endswith(".cuh")]
+    for path in sorted(set(sources) | set(headers)):
+        digest.update(os.path.relpath(path, csrc_dir).encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read())
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "aplot_kernels", f"{torch.__version__}-{digest.hexdigest()[:16]}")
+
+
+def _jit_build():
+    """Compile (or reuse a cached build of) the extension and import it."""
+    from torch.utils import cpp_extension
+
+    csrc_dir = _csrc_dir()
+    if csrc_dir is None:
+        raise RuntimeError("the C++ sources (csrc/) are not in this install")
+    with_cuda = _cuda_buildable()
+    sources = source_files(csrc_dir, with_cuda)
+    cxx_flags, nvcc_flags, ld_flags = compile_flags(with_cuda)
+    build_dir = _build_dir(csrc_dir, sources, (cxx_flags, nvcc_flags, ld_flags))
+    os.makedirs(build_dir, exist_ok=True)
+    if not os.path.exists(os.path.join(build_dir, f"{JIT_MODULE_NAME}.so")):
+        logger.warning(
+            "aplot_kernels: compiling the native extension%s into %s (first use only; about a minute)",
+            " with CUDA kernels" if with_cuda else "",
+            build_dir,
+        )
+    return cpp_extension.load(
+        name=JIT_MODULE_NAME,
+        sources=sources,
+        extra_cflags=cxx_flags,
+        extra_cuda_cflags=nvcc_flags,
+        extra_ldflags=ld_flags,
+        extra_include_paths=[csrc_dir],
+        build_directory=build_dir,
+        is_python_module=True,
+        verbose=False,
+    )
+
+
+_module = None
 
 
 @functools.lru_cache(maxsize=None)
 def _load() -> Tuple[bool, str]:
+    global _module
     try:
-        from . import _C  # noqa: F401  (importing registers the operators)
+        from . import _C
+
+        _module = _C
+        return True, ""
+    except Exception as exc:  # not built at install time, or built for another torch
+        prebuilt = f"aplot_kernels._C could not be imported ({exc})"
+    if os.environ.get(NO_JIT_ENV, "0") not in ("", "0"):
+        return False, f"{prebuilt}, and {NO_JIT_ENV}=1 disables compiling it on first use"
+    try:
+        _module = _jit_build()
     except Exception as exc:
-        return False, f"the compiled extension aplot_kernels._C could not be imported ({exc}); reinstall with `pip install .` and a C++ compiler"
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        return False, (
+            f"{prebuilt}, and compiling it on first use failed ({reason}); it needs ninja and a C++ compiler "
+            f"(`pip install ninja`), or build it at install time: `pip install --no-build-isolation .`"
+        )
+    sys.modules.setdefault(EXTENSION_NAME, _module)
     return True, ""
 
 
 @functools.lru_cache(maxsize=None)
 def _has_cuda_kernels() -> bool:
-    from . import _C
-
-    return bool(getattr(_C, "WITH_CUDA", False))
+    return bool(getattr(_module, "WITH_CUDA", False))
 
 
 def status(device: torch.device) -> Tuple[bool, str]:
@@ -43,5 +164,8 @@ def status(device: torch.device) -> Tuple[bool, str]:
 
 
 def ops():
-    """The registered operator namespace; call only after ``status`` said yes."""
+    """The registered operator namespace (loading the extension first if needed)."""
+    ok, why = _load()
+    if not ok:
+        raise RuntimeError(f"the native extension is unavailable: {why}")
     return torch.ops.aplot_kernels

@@ -1,0 +1,34 @@
+"""Cost matrices in the compiled extension (``csrc/``): C++ on CPU tensors, CUDA on GPU tensors.
+
+Forward only: :mod:`aplot_kernels.cost` uses the reference's closed-form
+backward passes for these. Inputs may be any float dtype; the result has
+``torch.promote_types(input dtypes, float32)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+
+__all__ = ["cosine_cost", "aplot_cost"]
+
+
+def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """``[B, N, D] x [B, M, D] -> [B, N, M]``: ``1 - <x_hat_i, y_hat_j>``."""
+    return _native.ops().cosine_cost(x, y, float(eps))
+
+
+def aplot_cost(
+    chosen_emb: torch.Tensor,
+    rejected_emb: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    eps: float,
+) -> torch.Tensor:
+    """``[B, N, D], [B, M, D], [B, N], [B, M] -> [B, N, M]``: the APLOT cost."""
+    return _native.ops().aplot_cost(
+        chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, float(alpha), float(temperature), float(eps)
+    )

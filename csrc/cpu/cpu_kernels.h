@@ -1,0 +1,33 @@
+// The CPU hot loops for the instruction set this machine has (see isa_kernels.h).
+#pragma once
+
+#include <cstdint>
+
+namespace aplot_kernels {
+namespace cpu {
+
+template <typename T>
+struct Kernels {
+  // out[r] = log_w[r] - log sum_c exp(mat[r, c] + vec[c]) (or the log-sum-exp itself when log_w is null).
+  void (*lse_rows)(const T* mat, int64_t stride, const T* vec, const T* log_w, T* out, int64_t row_begin, int64_t row_end);
+  // out[c] = exp(shift + vec[c] + row[c]).
+  void (*exp_row)(const T* row, T shift, const T* vec, T* out, int64_t stride);
+  // s[j] <- alpha * sigmoid(-|r_i - q[j]| / temperature) + coef * (1 + s[j]).
+  void (*aplot_epilogue_row)(T* s, T r_i, const T* q, T alpha, T temperature, T coef, int64_t count);
+};
+
+// Kernels for the best instruction set of this CPU (chosen once).
+template <typename T>
+const Kernels<T>& kernels();
+
+// Name of that instruction set ("avx2" or "generic"), for diagnostics.
+const char* isa_name();
+
+// Vector width in elements of T: every padded row length is a multiple of it.
+template <typename T>
+constexpr int64_t vector_width() {
+  return 32 / sizeof(T);
+}
+
+}  // namespace cpu
+}  // namespace aplot_kernels

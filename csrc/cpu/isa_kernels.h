@@ -1,0 +1,227 @@
+// The CPU hot loops, written once and compiled once per instruction set.
+//
+// This header has no include guard on purpose: cpu_kernels.cpp includes it
+// twice, once under `#pragma GCC target("avx2,fma")` with
+// APLOT_ISA = avx2 and once for the baseline x86-64 / any other target with
+// APLOT_ISA = generic, and picks one at run time. So the build needs no
+// -march flag and the binary runs on any CPU of the architecture.
+//
+// The loops use GCC/Clang vector extensions (32-byte vectors: 8 floats or 4
+// doubles) with an explicit exp, so the summation order is fixed by the code
+// alone: results do not depend on the number of threads.
+//
+// Layout contract of every matrix handed in: rows are padded to a multiple of
+// the vector width with -inf, and the vectors added to rows are padded with
+// 0, so the loops need no tail handling.
+
+#ifndef APLOT_ISA
+#error "define APLOT_ISA before including isa_kernels.h"
+#endif
+
+namespace aplot_kernels {
+namespace cpu {
+namespace APLOT_ISA {
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef double f64x4 __attribute__((vector_size(32)));
+typedef int64_t i64x4 __attribute__((vector_size(32)));
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef f32x8 type;
+  static constexpr int width = 8;
+};
+template <>
+struct Vec<double> {
+  typedef f64x4 type;
+  static constexpr int width = 4;
+};
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename V, typename T>
+inline V splat(T x) {
+  V v = {};
+  return v + x;
+}
+
+// exp(x) to about 1 ulp; exactly 0 below the smallest normal (and for -inf),
+// +inf above the largest finite result.
+// Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a polynomial in r
+// (the Cephes expf coefficients) and 2^n built in the exponent bits.
+inline f32x8 vexp(f32x8 x) {
+  const float lo = -87.33654f, hi = 88.0f;
+  const i32x8 underflow = x < lo;
+  const i32x8 overflow = x > 88.72283f;
+  x = x < lo ? splat<f32x8>(lo) : x;
+  x = x > hi ? splat<f32x8>(hi) : x;
+  // Adding 1.5 * 2^23 rounds to the nearest integer; its low mantissa bits are n.
+  const float magic = 12582912.0f;
+  const f32x8 t = x * 1.44269504088896341f + magic;
+  const f32x8 n = t - magic;
+  const i32x8 n_int = (i32x8)t - (i32x8)splat<f32x8>(magic);
+  f32x8 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  f32x8 p = splat<f32x8>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const f32x8 scale = (f32x8)((n_int + 127) << 23);
+  f32x8 result = p * scale;
+  result = underflow ? splat<f32x8>(0.0f) : result;
+  return overflow ? splat<f32x8>(std::numeric_limits<float>::infinity()) : result;
+}
+
+inline f64x4 vexp(f64x4 x) {
+  const double lo = -708.3964185322641, hi = 709.0;
+  const i64x4 underflow = x < lo;
+  const i64x4 overflow = x > 709.782712893384;
+  x = x < lo ? splat<f64x4>(lo) : x;
+  x = x > hi ? splat<f64x4>(hi) : x;
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  const f64x4 t = x * 1.4426950408889634074 + magic;
+  const f64x4 n = t - magic;
+  const i64x4 n_int = (i64x4)t - (i64x4)splat<f64x4>(magic);
+  f64x4 r = x - n * 6.93145751953125e-1;
+  r = r - n * 1.42860682030941723212e-6;
+  // Taylor series to r^13: the remainder is below 1e-17 relative for |r| <= ln2/2.
+  f64x4 p = splat<f64x4>(1.0 / 6227020800.0);
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * (r * r) + r + 1.0;
+  const f64x4 scale = (f64x4)((n_int + 1023) << 52);
+  f64x4 result = p * scale;
+  result = underflow ? splat<f64x4>(0.0) : result;
+  return overflow ? splat<f64x4>(std::numeric_limits<double>::infinity()) : result;
+}
+
+template <typename T, typename V>
+inline T horizontal_max(V v) {
+  T m = v[0];
+  for (int k = 1; k < Vec<T>::width; ++k) m = v[k] > m ? v[k] : m;
+  return m;
+}
+
+template <typename T, typename V>
+inline T horizontal_sum(V v) {
+  // Pairwise, in a fixed order.
+  T s[Vec<T>::width];
+  for (int k = 0; k < Vec<T>::width; ++k) s[k] = v[k];
+  for (int half = Vec<T>::width / 2; half > 0; half /= 2)
+    for (int k = 0; k < half; ++k) s[k] += s[k + half];
+  return s[0];
+}
+
+// For rows r in [row_begin, row_end) of `mat` (row stride `stride`):
+//   lse_r = log sum_c exp(mat[r, c] + vec[c])   (max-shifted)
+// and out[r] = log_w[r] - lse_r, or out[r] = lse_r when log_w is null.
+// A row with log_w[r] = -inf (zero weight, padding) gets -inf without work.
+template <typename T>
+void lse_rows(const T* mat, int64_t stride, const T* vec, const T* log_w, T* out, int64_t row_begin, int64_t row_end) {
+  typedef typename Vec<T>::type V;
+  constexpr int W = Vec<T>::width;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const int64_t paired = stride - stride % (2 * W);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    if (log_w != nullptr && log_w[r] == neg_inf) {
+      out[r] = neg_inf;
+      continue;
+    }
+    const T* row = mat + r * stride;
+    V m0 = splat<V>(neg_inf), m1 = m0;
+    int64_t c = 0;
+    for (; c < paired; c += 2 * W) {
+      const V x0 = load<V>(row + c) + load<V>(vec + c);
+      const V x1 = load<V>(row + c + W) + load<V>(vec + c + W);
+      m0 = x0 > m0 ? x0 : m0;
+      m1 = x1 > m1 ? x1 : m1;
+    }
+    for (; c < stride; c += W) {
+      const V x0 = load<V>(row + c) + load<V>(vec + c);
+      m0 = x0 > m0 ? x0 : m0;
+    }
+    const T m = horizontal_max<T>(m0 > m1 ? m0 : m1);
+    if (m == neg_inf) {  // no mass reaches this row: keep it out of the arithmetic
+      out[r] = log_w != nullptr ? -neg_inf : neg_inf;
+      continue;
+    }
+    V s0 = splat<V>(T(0)), s1 = s0;
+    c = 0;
+    for (; c < paired; c += 2 * W) {
+      s0 += vexp(load<V>(row + c) + load<V>(vec + c) - m);
+      s1 += vexp(load<V>(row + c + W) + load<V>(vec + c + W) - m);
+    }
+    for (; c < stride; c += W) s0 += vexp(load<V>(row + c) + load<V>(vec + c) - m);
+    const T lse = std::log(horizontal_sum<T>(s0 + s1)) + m;
+    out[r] = log_w != nullptr ? log_w[r] - lse : lse;
+  }
+}
+
+// out[c] = exp(row[c] + shift + vec[c]) for c < stride (the transport plan row
+// exp(u_i + v_j - C_ij / eps) when row = -C_i. / eps, shift = u_i, vec = v).
+template <typename T>
+void exp_row(const T* row, T shift, const T* vec, T* out, int64_t stride) {
+  typedef typename Vec<T>::type V;
+  constexpr int W = Vec<T>::width;
+  for (int64_t c = 0; c < stride; c += W) {
+    // (shift + vec) + row: the reference's order, (log_u + log_v) - C / eps.
+    store(out + c, vexp((load<V>(vec + c) + shift) + load<V>(row + c)));
+  }
+}
+
+// The APLOT epilogue on one row, in place over the similarities s[0, count):
+//   s[j] <- alpha * sigmoid(-|r_i - q[j]| / temperature) + coef * (1 + s[j]).
+template <typename T>
+void aplot_epilogue_row(T* s, T r_i, const T* q, T alpha, T temperature, T coef, int64_t count) {
+  typedef typename Vec<T>::type V;
+  constexpr int W = Vec<T>::width;
+  int64_t j = 0;
+  for (; j + W <= count; j += W) {
+    V delta = r_i - load<V>(q + j);
+    delta = delta < T(0) ? -delta : delta;
+    const V gap = T(1) / (T(1) + vexp(delta / temperature));
+    store(s + j, alpha * gap + coef * (T(1) + load<V>(s + j)));
+  }
+  for (; j < count; ++j) {
+    const T delta = std::abs(r_i - q[j]);
+    const T gap = T(1) / (T(1) + std::exp(delta / temperature));
+    s[j] = alpha * gap + coef * (T(1) + s[j]);
+  }
+}
+
+// Instantiated here, inside the instruction-set region of the includer.
+template void lse_rows<float>(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t);
+template void lse_rows<double>(const double*, int64_t, const double*, const double*, double*, int64_t, int64_t);
+template void exp_row<float>(const float*, float, const float*, float*, int64_t);
+template void exp_row<double>(const double*, double, const double*, double*, int64_t);
+template void aplot_epilogue_row<float>(float*, float, const float*, float, float, float, int64_t);
+template void aplot_epilogue_row<double>(double*, double, const double*, double, double, double, int64_t);
+
+}  // namespace APLOT_ISA
+}  // namespace cpu
+}  // namespace aplot_kernels

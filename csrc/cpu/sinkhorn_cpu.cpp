@@ -1,0 +1,261 @@
+// Log-domain Sinkhorn on the CPU: the `aplot_kernels::sinkhorn_solve` operator.
+//
+// It reproduces aplot_kernels/sinkhorn/reference.py step for step (POT's
+// order: column potential, then row potential, from zero potentials; -inf
+// potentials on zero weights; per-problem tolerance stop after every
+// check_every-th iteration), so its numbers are the reference's up to
+// floating-point rounding.
+//
+// Per problem, -C/eps is stored twice, row-major and transposed, so both
+// log-sum-exps stream contiguous rows. Threads go over problems when there
+// are enough of them, otherwise over the rows of each update. Every value is
+// computed by the same loop in the same order either way, so results do not
+// depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace aplot_kernels {
+namespace cpu {
+namespace {
+
+int64_t round_up(int64_t n, int64_t multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
+struct Options {
+  double eps;
+  int64_t n_iters;
+  double tol;  // < 0: no tolerance, run n_iters iterations
+  int64_t check_every;
+};
+
+// Scratch memory for one problem of size n x m, reused across problems.
+template <typename T>
+struct Workspace {
+  int64_t n, m, n_pad, m_pad;
+  std::vector<T> neg_c;     // [n, m_pad] -C / eps, padding -inf
+  std::vector<T> neg_c_t;   // [m, n_pad] its transpose
+  std::vector<T> log_u;     // [n_pad] f / eps, padding 0
+  std::vector<T> log_v;     // [m_pad] g / eps, padding 0
+  std::vector<T> log_a;     // [n] log a, -inf at zero weights
+  std::vector<T> log_b;     // [m]
+  std::vector<T> col_lse;   // [m] log-sum-exp over rows, kept from a tolerance check
+  std::vector<T> row_cost;  // [n] sum_j P_ij C_ij
+
+  Workspace(int64_t n_, int64_t m_)
+      : n(n_), m(m_), n_pad(round_up(n_, vector_width<T>())), m_pad(round_up(m_, vector_width<T>())),
+        neg_c(n * m_pad), neg_c_t(m * n_pad), log_u(n_pad), log_v(m_pad), log_a(n), log_b(m), col_lse(m),
+        row_cost(n) {}
+};
+
+// Pointers to one problem's inputs and outputs.
+template <typename T, typename scalar_t>
+struct Problem {
+  const scalar_t* C;  // [n, m]
+  const T* a;         // [n]
+  const T* b;         // [m]
+  T* plan;            // [n, m]
+  T* f;               // [n]
+  T* g;               // [m]
+  T* cost;
+  T* reg_cost;
+  int64_t* n_iters;
+  T* err;
+};
+
+template <typename T, typename scalar_t>
+void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Options& opt, bool parallel_rows) {
+  const Kernels<T>& k = kernels<T>();
+  const int64_t n = ws.n, m = ws.m, n_pad = ws.n_pad, m_pad = ws.m_pad;
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  const T eps = static_cast<T>(opt.eps);
+  // Rows of a pass go to threads in chunks of at least ~16k elements.
+  auto for_rows = [&](int64_t rows, int64_t row_len, const auto& body) {
+    if (parallel_rows) {
+      at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(row_len, 1)), body);
+    } else {
+      body(0, rows);
+    }
+  };
+
+  for_rows(n, m, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* row = ws.neg_c.data() + i * m_pad;
+      const scalar_t* c_row = p.C + i * m;
+      for (int64_t j = 0; j < m; ++j) row[j] = -(static_cast<T>(c_row[j]) / eps);
+      for (int64_t j = m; j < m_pad; ++j) row[j] = neg_inf;
+    }
+  });
+  constexpr int64_t kBlock = 64;  // columns per transpose block: their destination rows stay in cache
+  for_rows((m + kBlock - 1) / kBlock, n * kBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t j0 = block * kBlock, j1 = std::min(m, j0 + kBlock);
+      for (int64_t i = 0; i < n; ++i) {
+        const T* src = ws.neg_c.data() + i * m_pad;
+        for (int64_t j = j0; j < j1; ++j) ws.neg_c_t[j * n_pad + i] = src[j];
+      }
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = n; i < n_pad; ++i) ws.neg_c_t[j * n_pad + i] = neg_inf;
+    }
+  });
+
+  for (int64_t i = 0; i < n; ++i) {
+    const bool positive = p.a[i] > 0;
+    ws.log_a[i] = positive ? std::log(p.a[i]) : neg_inf;
+    ws.log_u[i] = positive ? T(0) : neg_inf;  // padded rows stay out of the first column update
+  }
+  for (int64_t j = 0; j < m; ++j) ws.log_b[j] = p.b[j] > 0 ? std::log(p.b[j]) : neg_inf;
+  std::fill(ws.log_u.begin() + n, ws.log_u.end(), T(0));
+  std::fill(ws.log_v.begin(), ws.log_v.end(), T(0));
+
+  const bool with_tol = opt.tol >= 0;
+  const T tol = static_cast<T>(opt.tol);
+  bool col_lse_ready = false, measured = false;
+  T err = 0;
+  int64_t iters = opt.n_iters;
+  for (int64_t it = 1; it <= opt.n_iters; ++it) {
+    if (col_lse_ready) {  // the tolerance check already summed the columns for these row potentials
+      for (int64_t j = 0; j < m; ++j) ws.log_v[j] = ws.log_b[j] == neg_inf ? neg_inf : ws.log_b[j] - ws.col_lse[j];
+      col_lse_ready = false;
+    } else {
+      for_rows(m, n_pad, [&](int64_t begin, int64_t end) {
+        k.lse_rows(ws.neg_c_t.data(), n_pad, ws.log_u.data(), ws.log_b.data(), ws.log_v.data(), begin, end);
+      });
+    }
+    for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
+      k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
+    });
+    if (with_tol && it % opt.check_every == 0) {
+      // Column sums of the plan: (P^T 1)_j = exp(log_v_j + lse_i(-C_ij / eps + log_u_i)).
+      for_rows(m, n_pad, [&](int64_t begin, int64_t end) {
+        k.lse_rows(ws.neg_c_t.data(), n_pad, ws.log_u.data(), nullptr, ws.col_lse.data(), begin, end);
+      });
+      col_lse_ready = true;
+      err = 0;
+      for (int64_t j = 0; j < m; ++j) err += std::abs(std::exp(ws.log_v[j] + ws.col_lse[j]) - p.b[j]);
+      measured = true;
+      if (err <= tol) {
+        iters = it;
+        break;
+      }
+    }
+  }
+
+  for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
+    std::vector<T> row(m_pad);
+    for (int64_t i = begin; i < end; ++i) {
+      T* plan_row = p.plan + i * m;
+      if (ws.log_u[i] == neg_inf) {  // padded row: exactly zero
+        std::fill(plan_row, plan_row + m, T(0));
+        ws.row_cost[i] = 0;
+        continue;
+      }
+      k.exp_row(ws.neg_c.data() + i * m_pad, ws.log_u[i], ws.log_v.data(), row.data(), m_pad);
+      const scalar_t* c_row = p.C + i * m;
+      T total = 0;
+      for (int64_t j = 0; j < m; ++j) {
+        plan_row[j] = row[j];
+        total += row[j] * static_cast<T>(c_row[j]);
+      }
+      ws.row_cost[i] = total;
+    }
+  });
+
+  T cost = 0, reg_cost = 0;
+  for (int64_t i = 0; i < n; ++i) cost += ws.row_cost[i];
+  T dual_a = 0, dual_b = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    p.f[i] = p.a[i] > 0 ? eps * ws.log_u[i] : T(0);
+    dual_a += p.a[i] * p.f[i];
+  }
+  for (int64_t j = 0; j < m; ++j) {
+    p.g[j] = p.b[j] > 0 ? eps * ws.log_v[j] : T(0);
+    dual_b += p.b[j] * p.g[j];
+  }
+  reg_cost = dual_a + dual_b;
+  if (!measured) {  // never checked: the column violation of the final plan
+    std::vector<T> col_sum(m, T(0));
+    for (int64_t i = 0; i < n; ++i) {
+      const T* plan_row = p.plan + i * m;
+      for (int64_t j = 0; j < m; ++j) col_sum[j] += plan_row[j];
+    }
+    err = 0;
+    for (int64_t j = 0; j < m; ++j) err += std::abs(col_sum[j] - p.b[j]);
+  }
+  *p.cost = cost;
+  *p.reg_cost = reg_cost;
+  *p.n_iters = iters;
+  *p.err = err;
+}
+
+using SolveResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+SolveResult sinkhorn_solve_cpu(const at::Tensor& C_in, const at::Tensor& a_in, const at::Tensor& b_in, double eps,
+                               int64_t n_iters, double tol, int64_t check_every) {
+  TORCH_CHECK(C_in.dim() == 3, "sinkhorn_solve: C must be [B, N, M], got ", C_in.sizes());
+  TORCH_CHECK(eps > 0, "sinkhorn_solve: eps must be > 0");
+  TORCH_CHECK(n_iters >= 1 && check_every >= 1, "sinkhorn_solve: n_iters and check_every must be >= 1");
+  const int64_t batch = C_in.size(0), n = C_in.size(1), m = C_in.size(2);
+  TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == batch && a_in.size(1) == n, "sinkhorn_solve: a must be [B, N]");
+  TORCH_CHECK(b_in.dim() == 2 && b_in.size(0) == batch && b_in.size(1) == m, "sinkhorn_solve: b must be [B, M]");
+  const at::ScalarType compute = C_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor C = C_in.contiguous();
+  const at::Tensor a = a_in.to(compute).contiguous();
+  const at::Tensor b = b_in.to(compute).contiguous();
+  const auto options = C.options().dtype(compute);
+  at::Tensor plan = at::empty({batch, n, m}, options);
+  at::Tensor f = at::empty({batch, n}, options);
+  at::Tensor g = at::empty({batch, m}, options);
+  at::Tensor cost = at::empty({batch}, options);
+  at::Tensor reg_cost = at::empty({batch}, options);
+  at::Tensor err = at::empty({batch}, options);
+  at::Tensor iters = at::empty({batch}, options.dtype(at::kLong));
+  const Options opt{eps, n_iters, tol, check_every};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, C.scalar_type(), "sinkhorn_solve_cpu", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    auto problem = [&](int64_t index) {
+      return Problem<T, scalar_t>{C.const_data_ptr<scalar_t>() + index * n * m,
+                                  a.const_data_ptr<T>() + index * n,
+                                  b.const_data_ptr<T>() + index * m,
+                                  plan.mutable_data_ptr<T>() + index * n * m,
+                                  f.mutable_data_ptr<T>() + index * n,
+                                  g.mutable_data_ptr<T>() + index * m,
+                                  cost.mutable_data_ptr<T>() + index,
+                                  reg_cost.mutable_data_ptr<T>() + index,
+                                  iters.mutable_data_ptr<int64_t>() + index,
+                                  err.mutable_data_ptr<T>() + index};
+    };
+    const int64_t threads = at::get_num_threads();
+    const bool by_problem =
+        batch >= threads && (batch % threads == 0 || batch >= 4 * threads || n * m <= 16384);
+    if (by_problem) {
+      at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+        Workspace<T> ws(n, m);
+        for (int64_t index = begin; index < end; ++index) solve_problem(problem(index), ws, opt, false);
+      });
+    } else {
+      Workspace<T> ws(n, m);
+      for (int64_t index = 0; index < batch; ++index) solve_problem(problem(index), ws, opt, true);
+    }
+  });
+  return {plan, f, g, cost, reg_cost, iters, err};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace aplot_kernels
+
+TORCH_LIBRARY_IMPL(aplot_kernels, CPU, m) {
+  m.impl("sinkhorn_solve", &aplot_kernels::cpu::sinkhorn_solve_cpu);
+}

@@ -1,0 +1,34 @@
+// The operator schemas (torch.ops.aplot_kernels.*) and the Python module aplot_kernels._C.
+//
+// CPU implementations live in cpu/, CUDA ones in cuda/ (compiled only when
+// the build has CUDA, which defines APLOT_WITH_CUDA).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(aplot_kernels, m) {
+  // tol < 0 means no tolerance: exactly n_iters iterations.
+  // Returns (plan [B,N,M], f [B,N], g [B,M], cost [B], reg_cost [B], n_iters [B] int64, err [B]).
+  m.def(
+      "sinkhorn_solve(Tensor C, Tensor a, Tensor b, float eps, int n_iters, float tol, int check_every) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cosine_cost(Tensor x, Tensor y, float eps) -> Tensor");
+  m.def(
+      "aplot_cost(Tensor chosen_emb, Tensor rejected_emb, Tensor chosen_rewards, Tensor rejected_rewards, "
+      "float alpha, float temperature, float eps) -> Tensor");
+}
+
+namespace aplot_kernels {
+namespace cpu {
+const char* isa_name();
+}
+}  // namespace aplot_kernels
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "Compiled kernels of aplot_kernels; the operators are torch.ops.aplot_kernels.*";
+#ifdef APLOT_WITH_CUDA
+  module.attr("WITH_CUDA") = true;
+#else
+  module.attr("WITH_CUDA") = false;
+#endif
+  module.attr("CPU_ISA") = aplot_kernels::cpu::isa_name();
+}
