@@ -5,6 +5,7 @@
 #   bash bench/gpu_check.sh [OUT_DIR]          (default bench/results)
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh OUT_DIR   (CPU: no build, no general
 #       suite, the Triton tests and the benchmark's tiny interpreter shapes)
+#   GPU_CHECK_SKIP_BUILD=1: no `pip install -e .` (run from the checkout; no native extension)
 #
 # POT wheels may be carried in .whl/ at the repository root (no network needed).
 # Budget: under 8 minutes in all; every step has its own time limit and a
@@ -55,14 +56,14 @@ BENCH_ARGS=()
 if [[ $DRY == 1 ]]; then
   export TRITON_INTERPRET=1
   BENCH_ARGS=(--dry-run)
-else
+elif [[ ${GPU_CHECK_SKIP_BUILD:-0} != 1 ]]; then
   run 200 build.txt "$PY" -m pip install -q -e . --no-build-isolation
 fi
 # Run from the checkout even when the editable install failed.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 
 run "$([[ $DRY == 1 ]] && echo 240 || echo 90)" pytest_triton.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py
-run 150 bench.txt "$PY" bench/gpu_check.py --out "$OUT" "${BENCH_ARGS[@]}"
+run 150 bench.txt "$PY" bench/gpu_check.py --out "$OUT" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
 # The general backend-parametrised suite (CUDA tensors where it uses them); last, as it is the largest.
 [[ $DRY == 1 ]] || run 150 pytest_suite.txt "$PY" -m pytest -q -p no:cacheprovider --durations=10 tests
 
