@@ -64,7 +64,7 @@ def test_train_smoke_file_data_with_margin_and_top_layer(tmp_path, tiny_model_di
     rows = [{"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no",
              "rejected": "no" if i % 2 == 0 else "yes", "margin": 0.1} for i in range(30)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics = run_train(tmp_path, "--model", tiny_model_dir, "--data", str(path), "--train-layers", "1")
+    metrics = run_train(tmp_path, "--model", tiny_model_dir, "--data", str(path), "--train-layers", "1", "--threads", "1")
     assert metrics["splits"] == {"train": 27, "test_id": 3}
     assert metrics["config"]["train_layers"] == 1
 
@@ -97,3 +97,13 @@ def test_bench_is_found_in_the_checkout():
     if not os.path.isfile(os.path.join(root, "bench", "__main__.py")):
         pytest.skip("not a source checkout with bench/")
     assert callable(cli._bench_main())
+
+
+def test_length_sorted_encoding_matches_one_text_at_a_time(tiny_model_dir):
+    encoder = model_mod.load_encoder(tiny_model_dir)
+    prompts = ["Where?", "A much longer question about very many things?", "Q", "Why not?"]
+    responses = ["Here.", "Short.", "A long long long answer with words.", "Because."]
+    batched = model_mod.encode(encoder, prompts, responses, train_layers=0, batch_size=3)
+    for i in range(len(prompts)):
+        alone = model_mod.encode(encoder, prompts[i:i + 1], responses[i:i + 1], train_layers=0)
+        torch.testing.assert_close(batched.hidden[i], alone.hidden[0], rtol=1e-5, atol=1e-5)

@@ -61,7 +61,7 @@ def preference_data(with_margin):
     return datasets.Dataset.from_dict(data)
 
 
-def make_trainer(tmp_path, *, pad_is_eos=False, with_margin=False, max_steps=3, peft_config=None, **kwargs):
+def make_trainer(tmp_path, *, pad_is_eos=False, with_margin=False, max_steps=3, peft_config=None, eval_dataset=None, **kwargs):
     tok = tiny_tokenizer(pad_is_eos)
     args = __import__("trl").RewardConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=max_steps, learning_rate=1e-2,
@@ -71,7 +71,7 @@ def make_trainer(tmp_path, *, pad_is_eos=False, with_margin=False, max_steps=3, 
     )
     return APLOTRewardTrainer(
         model=tiny_model(tok), args=args, train_dataset=preference_data(with_margin), processing_class=tok,
-        peft_config=peft_config, **kwargs,
+        peft_config=peft_config, eval_dataset=eval_dataset, **kwargs,
     )
 
 
@@ -111,13 +111,16 @@ def test_loss_equals_aplot_loss_by_hand(tmp_path, pad_is_eos, with_margin, cente
 
 
 def test_train_steps_and_metrics(tmp_path):
-    trainer = make_trainer(tmp_path, max_steps=3, **OPTIONS)
+    trainer = make_trainer(tmp_path, max_steps=3, eval_dataset=preference_data(False), **OPTIONS)
     result = trainer.train()
     assert result.global_step == 3
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and all(torch.isfinite(torch.tensor(e["loss"])) for e in logged)
     for key in ("accuracy", "margin", "aplot_margin_mean", "aplot_margin_min", "aplot_margin_max"):
         assert key in logged[-1], key
+    evaluated = trainer.evaluate()
+    assert evaluated["eval_aplot_margin_min"] <= evaluated["eval_aplot_margin_mean"] <= evaluated["eval_aplot_margin_max"]
+    assert 0.0 <= evaluated["eval_accuracy"] <= 1.0
 
 
 def test_peft_lora(tmp_path):

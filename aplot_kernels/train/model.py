@@ -126,27 +126,40 @@ def encode(
     *,
     train_layers: int,
     max_length: int = 128,
-    batch_size: int = 128,
+    batch_size: int = 64,
     progress: Optional[Callable[[int], None]] = None,
 ) -> Features:
-    """Run the frozen part once over ``(prompt, response)`` texts; returns :class:`Features`."""
+    """Run the frozen part once over ``(prompt, response)`` texts; returns :class:`Features`.
+
+    With no trainable layer only the pooled embedding is kept, so texts are
+    batched by length (less padding to compute); otherwise every text is
+    padded to the longest one, the shape of the cached hidden states.
+    """
     tok = encoder.tokenizer(**_texts(encoder.tokenizer, prompts, responses), padding="longest", truncation=True,
                             max_length=max_length, return_tensors="pt")
     ids, mask = tok["input_ids"], tok["attention_mask"]
     extra = {k: v for k, v in tok.items() if k not in ("input_ids", "attention_mask")}
     n_layers = encoder.model.config.num_hidden_layers
+    lengths = mask.sum(1)
+    order = torch.argsort(lengths, stable=True) if train_layers == 0 else torch.arange(ids.shape[0])
     outputs: List[torch.Tensor] = []
     for start in range(0, ids.shape[0], batch_size):
-        part = slice(start, start + batch_size)
-        out = encoder.model(input_ids=ids[part], attention_mask=mask[part], output_hidden_states=train_layers > 0,
-                            **{k: v[part] for k, v in extra.items()})
+        rows = order[start:start + batch_size]
+        width = int(lengths[rows].max()) if train_layers == 0 else ids.shape[1]
+        # Right padding (BERT-style tokenizers): trimming trailing columns drops padding only.
+        keep = slice(0, width) if encoder.tokenizer.padding_side == "right" else slice(ids.shape[1] - width, ids.shape[1])
+        out = encoder.model(input_ids=ids[rows, keep], attention_mask=mask[rows, keep],
+                            output_hidden_states=train_layers > 0, **{k: v[rows, keep] for k, v in extra.items()})
         if train_layers > 0:
             outputs.append(out.hidden_states[n_layers - train_layers])
         else:
-            outputs.append(pool(out.last_hidden_state, mask[part], encoder.pooling))
+            outputs.append(pool(out.last_hidden_state, mask[rows, keep], encoder.pooling))
         if progress is not None:
-            progress(min(batch_size, ids.shape[0] - start))
-    return Features(torch.cat(outputs), mask)
+            progress(len(rows))
+    hidden = torch.cat(outputs)
+    if train_layers == 0:
+        hidden = hidden[torch.argsort(order)]
+    return Features(hidden, mask)
 
 
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
