@@ -181,15 +181,21 @@ class HeadInput:
         self.value: Optional[torch.Tensor] = None
 
     def pooled(self, input_ids=None, attention_mask=None, pad_token_id=None) -> torch.Tensor:
-        """``[B, H]``: the head input as is when the model pooled before the head, else pooled at the scored token."""
+        """``[B, H]``: the head input as is when the model pooled before the head, else the scored token's.
+
+        For a head applied to every token, the token is chosen as
+        ``*ForSequenceClassification`` chooses it: the rightmost token that is
+        not ``pad_token_id``, or the last position when there is no pad token
+        or no ``input_ids`` (``attention_mask`` is not what those models read,
+        so it is used only when ``input_ids`` is missing but a pad token is known).
+        """
         if self.value is None:
             raise RuntimeError("the score head was not called during the forward pass")
         if self.value.dim() == 2:
             return self.value
         if self.value.dim() != 3:
             raise RuntimeError(f"unexpected score head input of shape {tuple(self.value.shape)}")
-        if input_ids is not None and pad_token_id is None:
-            # A model without a pad token scores the last position.
+        if pad_token_id is None or (input_ids is None and attention_mask is None):
             return self.value[:, -1]
         return pool_last_token(self.value, attention_mask, input_ids, pad_token_id)
 

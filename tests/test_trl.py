@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("trl")
+trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -63,7 +63,7 @@ def preference_data(with_margin):
 
 def make_trainer(tmp_path, *, pad_is_eos=False, with_margin=False, max_steps=3, peft_config=None, eval_dataset=None, **kwargs):
     tok = tiny_tokenizer(pad_is_eos)
-    args = __import__("trl").RewardConfig(
+    args = trl.RewardConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=max_steps, learning_rate=1e-2,
         logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
         dataset_num_proc=None, center_rewards_coefficient=kwargs.pop("center_rewards_coefficient", None),
