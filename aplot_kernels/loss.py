@@ -315,7 +315,7 @@ def _widened_aplot_loss(module: APLOTLoss, chosen_rewards, rejected_rewards, cho
     _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
     n = chosen_rewards.shape[0]
     margin = _check_margin(margin, n, chosen_rewards)
-    options = module.margin_options()
+    options = _check_margin_options(module.margin_options())
     if options["scale"] == 0:
         module.local_offset = 0
         return APLOTOutput(bt_loss(chosen_rewards, rejected_rewards[:n], margin, reduction=module.reduction), None, None, None)
