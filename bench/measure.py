@@ -8,13 +8,12 @@ percentiles.
 
 Peak memory: on CUDA, ``max_memory_allocated`` during one call minus what was
 allocated before it. On the CPU, ``tracemalloc`` does not see torch's
-allocations, so a thread samples the process RSS during one call and the row
-reports the peak growth. glibc's adaptive mmap threshold would keep large
-freed blocks in the heap and hide the growth of later calls, so it is pinned
-(``mallopt``) before the first measurement: blocks above 128 KiB are then
-mmapped and returned to the system when freed. The figure is still a sampled
-lower bound (1 ms period) and includes temporaries of every library in the
-call.
+allocations, so a thread samples the process RSS (1 ms period) during one
+call, after ``malloc_trim`` has handed the allocator's free memory back, and
+the row reports the peak growth: a lower bound that includes the
+temporaries of every library in the call. The allocator's settings are left
+alone (pinning glibc's mmap threshold would make every large temporary a
+fresh mmap and slow the torch and numpy rows down by page faults).
 """
 
 from __future__ import annotations
@@ -114,17 +113,19 @@ def time_call(
 
 
 @functools.lru_cache(maxsize=None)
-def pin_malloc_threshold() -> bool:
-    """Make glibc return large freed blocks to the system (see the module docstring)."""
+def _libc():
     name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        m_mmap_threshold = -3
-        return bool(libc.mallopt(m_mmap_threshold, 128 * 1024))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand glibc's free heap memory back to the system, so that a call's growth shows in the RSS."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _rss_bytes() -> int:
@@ -173,7 +174,7 @@ def call_with_peak_memory(fn: Callable, inp, device: torch.device):
         torch.cuda.synchronize(device)
         return out, (torch.cuda.max_memory_allocated(device) - base) / 2**20
     if device.type == "cpu":
-        pin_malloc_threshold()
+        release_free_memory()
         with _RSSPeak() as rss:
             out = fn(inp)
         return out, max(0, rss.peak - rss.base) / 2**20

@@ -126,7 +126,7 @@ class Runner:
                 continue
             key = (case.op, name, case.dtype)
             if key in self.too_slow and case.work >= self.too_slow[key]:
-                self._note(f"{case.op} {name} {case.dtype}: shapes from B={case.B} N={case.N} D={case.D} skipped (a smaller one took over {s.max_call_s} s per call)")
+                self._note(f"{case.op} {name} {case.dtype}: shapes from B={case.B} N={case.N} D={case.D} skipped (a smaller one took, or was predicted to take, too long per call)")
                 continue
             if key in self.last:
                 work, seconds = self.last[key]
