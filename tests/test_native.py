@@ -55,7 +55,8 @@ def _assert_same_as_reference(out, ref, rtol):
 
 
 @pytest.mark.parametrize("batch,n,m,eps,n_iters", [(1, 1, 1, 0.1, 1), (3, 7, 5, 0.1, 20), (4, 24, 31, 0.05, 60),
-                                                   (2, 40, 33, 0.01, 150), (1, 130, 70, 0.05, 25)])
+                                                   (2, 40, 33, 0.01, 150), (1, 130, 70, 0.05, 25),
+                                                   (1, 515, 520, 0.05, 8)])
 def test_float64_matches_reference_and_pot(batch, n, m, eps, n_iters):
     gen = _gen(n * m)
     C = random_cost(gen, batch, n, m, scale=2.0, device=CPU)
@@ -130,7 +131,7 @@ def test_tolerance_stops_each_problem_on_its_own(dtype, n_iters, check_every):
         assert len(set(out.n_iters.tolist())) > 1  # they did stop at different counts
 
 
-@pytest.mark.parametrize("batch,n,m", [(1, 300, 260), (4, 64, 48), (3, 130, 129)])
+@pytest.mark.parametrize("batch,n,m", [(1, 300, 260), (4, 64, 48), (3, 130, 129), (1, 520, 515)])
 def test_results_do_not_depend_on_the_thread_count(batch, n, m):
     gen = _gen(batch * n)
     C = random_cost(gen, batch, n, m, device=CPU).float()

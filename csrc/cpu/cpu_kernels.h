@@ -10,6 +10,9 @@ template <typename T>
 struct Kernels {
   // out[r] = log_w[r] - log sum_c exp(mat[r, c] + vec[c]) (or the log-sum-exp itself when log_w is null).
   void (*lse_rows)(const T* mat, int64_t stride, const T* vec, const T* log_w, T* out, int64_t row_begin, int64_t row_end);
+  // out[l] = log_w[l] - log sum_k exp(mat[k, l] + vec[k]) for l in [col_begin, col_end) (or the log-sum-exp itself).
+  void (*lse_cols)(const T* mat, int64_t stride, int64_t rows, const T* vec, const T* log_w, T* out, int64_t col_begin,
+                   int64_t col_end);
   // out[c] = exp(shift + vec[c] + row[c]).
   void (*exp_row)(const T* row, T shift, const T* vec, T* out, int64_t stride);
   // s[j] <- alpha * sigmoid(-|r_i - q[j]| / temperature) + coef * (1 + s[j]).

@@ -182,6 +182,54 @@ void lse_rows(const T* mat, int64_t stride, const T* vec, const T* log_w, T* out
   }
 }
 
+// Column-wise log-sum-exp, for columns l in [col_begin, col_end):
+//   lse_l = log sum_k exp(mat[k, l] + vec[k])   over rows k < rows (max-shifted)
+// and out[l] = log_w[l] - lse_l (-inf where log_w[l] = -inf), or out[l] =
+// lse_l when log_w is null. Vector lanes run along l, so there is no
+// horizontal reduction and every lane sums its rows in order; rows with
+// vec[k] = -inf (zero weight) are skipped. col_begin must be a multiple of
+// the vector width; mat has row stride `stride` >= the padded col_end.
+template <typename T>
+void lse_cols(const T* mat, int64_t stride, int64_t rows, const T* vec, const T* log_w, T* out, int64_t col_begin,
+              int64_t col_end) {
+  typedef typename Vec<T>::type V;
+  constexpr int W = Vec<T>::width;
+  constexpr int kVectors = 4;  // columns per block: 4 vectors of accumulators
+  const T neg_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t l0 = col_begin; l0 < col_end; l0 += kVectors * W) {
+    const int count = static_cast<int>(std::min<int64_t>(kVectors, (col_end - l0 + W - 1) / W));
+    V m[kVectors], s[kVectors];
+    for (int q = 0; q < kVectors; ++q) m[q] = splat<V>(neg_inf), s[q] = splat<V>(T(0));
+    for (int64_t k = 0; k < rows; ++k) {
+      const T shift = vec[k];
+      if (shift == neg_inf) continue;
+      const T* row = mat + k * stride + l0;
+      for (int q = 0; q < count; ++q) {
+        const V x = load<V>(row + q * W) + shift;
+        m[q] = x > m[q] ? x : m[q];
+      }
+    }
+    for (int64_t k = 0; k < rows; ++k) {
+      const T shift = vec[k];
+      if (shift == neg_inf) continue;
+      const T* row = mat + k * stride + l0;
+      for (int q = 0; q < count; ++q) s[q] += vexp(load<V>(row + q * W) + shift - m[q]);
+    }
+    for (int q = 0; q < count; ++q) {
+      for (int lane = 0; lane < W; ++lane) {
+        const int64_t l = l0 + q * W + lane;
+        if (l >= col_end) break;
+        const T lse = std::log(s[q][lane]) + m[q][lane];
+        if (log_w == nullptr) {
+          out[l] = lse;
+        } else {
+          out[l] = log_w[l] == neg_inf ? neg_inf : log_w[l] - lse;
+        }
+      }
+    }
+  }
+}
+
 // out[c] = exp(row[c] + shift + vec[c]) for c < stride (the transport plan row
 // exp(u_i + v_j - C_ij / eps) when row = -C_i. / eps, shift = u_i, vec = v).
 template <typename T>
@@ -217,6 +265,8 @@ void aplot_epilogue_row(T* s, T r_i, const T* q, T alpha, T temperature, T coef,
 // Instantiated here, inside the instruction-set region of the includer.
 template void lse_rows<float>(const float*, int64_t, const float*, const float*, float*, int64_t, int64_t);
 template void lse_rows<double>(const double*, int64_t, const double*, const double*, double*, int64_t, int64_t);
+template void lse_cols<float>(const float*, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t);
+template void lse_cols<double>(const double*, int64_t, int64_t, const double*, const double*, double*, int64_t, int64_t);
 template void exp_row<float>(const float*, float, const float*, float*, int64_t);
 template void exp_row<double>(const double*, double, const double*, double*, int64_t);
 template void aplot_epilogue_row<float>(float*, float, const float*, float, float, float, int64_t);

@@ -6,9 +6,11 @@
 // check_every-th iteration), so its numbers are the reference's up to
 // floating-point rounding.
 //
-// Per problem, -C/eps is stored twice, row-major and transposed, so both
-// log-sum-exps stream contiguous rows. Threads go over problems when there
-// are enough of them, otherwise over the rows of each update. Every value is
+// Per problem, -C/eps is stored twice, row-major and transposed, so that
+// every log-sum-exp streams contiguous memory: with vector lanes along the
+// output index (no horizontal reductions; small problems) or along each row
+// (long rows). Threads go over problems when there are enough of them,
+// otherwise over the rows or column blocks of each update. Every value is
 // computed by the same loop in the same order either way, so results do not
 // depend on the thread count.
 #include <ATen/ATen.h>
@@ -88,6 +90,20 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
     }
   };
 
+  // Sums with vector lanes along the output index (no horizontal reductions:
+  // faster for short rows), or along each row (faster once rows are long).
+  const bool by_columns = std::min(n, m) < 512;
+  constexpr int64_t kColumnBlock = 4 * vector_width<T>();
+  auto for_columns = [&](int64_t cols, int64_t rows, const auto& body) {
+    const int64_t blocks = (cols + kColumnBlock - 1) / kColumnBlock;
+    auto blocked = [&](int64_t begin, int64_t end) { body(begin * kColumnBlock, std::min(cols, end * kColumnBlock)); };
+    if (parallel_rows) {
+      at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / std::max<int64_t>(rows * kColumnBlock, 1)), blocked);
+    } else {
+      blocked(0, blocks);
+    }
+  };
+
   for_rows(n, m, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* row = ws.neg_c.data() + i * m_pad;
@@ -127,19 +143,35 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
     if (col_lse_ready) {  // the tolerance check already summed the columns for these row potentials
       for (int64_t j = 0; j < m; ++j) ws.log_v[j] = ws.log_b[j] == neg_inf ? neg_inf : ws.log_b[j] - ws.col_lse[j];
       col_lse_ready = false;
+    } else if (by_columns) {
+      for_columns(m, n, [&](int64_t begin, int64_t end) {
+        k.lse_cols(ws.neg_c.data(), m_pad, n, ws.log_u.data(), ws.log_b.data(), ws.log_v.data(), begin, end);
+      });
     } else {
       for_rows(m, n_pad, [&](int64_t begin, int64_t end) {
         k.lse_rows(ws.neg_c_t.data(), n_pad, ws.log_u.data(), ws.log_b.data(), ws.log_v.data(), begin, end);
       });
     }
-    for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
-      k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
-    });
+    if (by_columns) {
+      for_columns(n, m, [&](int64_t begin, int64_t end) {
+        k.lse_cols(ws.neg_c_t.data(), n_pad, m, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
+      });
+    } else {
+      for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
+        k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
+      });
+    }
     if (with_tol && it % opt.check_every == 0) {
       // Column sums of the plan: (P^T 1)_j = exp(log_v_j + lse_i(-C_ij / eps + log_u_i)).
-      for_rows(m, n_pad, [&](int64_t begin, int64_t end) {
-        k.lse_rows(ws.neg_c_t.data(), n_pad, ws.log_u.data(), nullptr, ws.col_lse.data(), begin, end);
-      });
+      if (by_columns) {
+        for_columns(m, n, [&](int64_t begin, int64_t end) {
+          k.lse_cols(ws.neg_c.data(), m_pad, n, ws.log_u.data(), nullptr, ws.col_lse.data(), begin, end);
+        });
+      } else {
+        for_rows(m, n_pad, [&](int64_t begin, int64_t end) {
+          k.lse_rows(ws.neg_c_t.data(), n_pad, ws.log_u.data(), nullptr, ws.col_lse.data(), begin, end);
+        });
+      }
       col_lse_ready = true;
       err = 0;
       for (int64_t j = 0; j < m; ++j) err += std::abs(std::exp(ws.log_v[j] + ws.col_lse[j]) - p.b[j]);
