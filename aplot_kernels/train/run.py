@@ -55,6 +55,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     add("--eps", type=float, default=0.1, help="Sinkhorn regularisation (0.1)")
     add("--n-iters", type=int, default=50, help="Sinkhorn iterations (50)")
     add("--scale", type=float, default=1.0, help="APLOT margin scale (1.0)")
+    add("--backend", default="auto", help="APLOT kernel backend: auto, torch, native or triton (auto)")
     add("--threads", type=int, default=0, help="torch CPU threads (0: torch's default; 1 for head-only training steps)")
     add("--tiny", action="store_true", help="a seconds-long smoke run: few pairs and steps")
     add("--no-progress", action="store_true", help="no progress bars")
@@ -98,6 +99,15 @@ def _check_args(args) -> None:
         raise ValueError(f"`--target-accuracy` must lie in (0, 1], got {args.target_accuracy}")
 
 
+def _warm_up(options: dict) -> float:
+    """One tiny APLOT call before the timed runs: the kernel backend may compile itself on first use."""
+    from ..loss import aplot_margin
+
+    started = time.perf_counter()
+    aplot_margin(torch.zeros(2), torch.ones(2), torch.eye(2), torch.eye(2), **options)
+    return time.perf_counter() - started
+
+
 def run(args) -> dict:
     """Run the comparison; returns the metrics dict that is also written to ``metrics.json``."""
     from .model import RewardNet, encode, load_encoder
@@ -138,8 +148,12 @@ def run(args) -> dict:
     config = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_layers=args.lr_layers, eval_every=args.eval_every,
         seed=args.seed, train_layers=args.train_layers, target_accuracy=args.target_accuracy,
-        aplot=dict(alpha=args.alpha, temperature=args.temperature, eps=args.eps, n_iters=args.n_iters, scale=args.scale),
+        aplot=dict(alpha=args.alpha, temperature=args.temperature, eps=args.eps, n_iters=args.n_iters, scale=args.scale,
+                   backend=args.backend),
     )
+    warmup_seconds = _warm_up(config.aplot)
+    if warmup_seconds > 2.0:
+        print(f"APLOT backend {args.backend!r} ready after {warmup_seconds:.0f} s (a first use may compile the native extension)")
     evals = {name: feats for name, feats in features.items() if name != "train"}
     results = {}
     # A head-only step is a few small ops, which one thread runs faster than two (no synchronisation).
@@ -166,6 +180,7 @@ def run(args) -> dict:
         "config": config.as_dict(),
         "results": results,
         "encode_seconds": encode_seconds,
+        "backend_warmup_seconds": warmup_seconds,
         "runtime_seconds": runtime,
         "torch_threads": {"encode": default_threads, "train": threads},
     }
