@@ -12,11 +12,6 @@ import math
 import os
 from typing import Dict, List
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
 KEY = ("op", "impl", "device", "dtype", "B", "N", "M", "D")
 
 
@@ -36,6 +31,12 @@ def _float(value: str) -> float:
 
 
 def plot_csv(csv_path: str, out_dir: str) -> List[str]:
+    """Write ``<out_dir>/<op>.png`` for every op in the CSV; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     rows = read_rows(csv_path)
     by_op = collections.defaultdict(list)
     for r in rows:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib.util
 import math
 import os
 import sys
@@ -250,10 +251,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"[{i}/{len(todo)}] {case.op} {case.dtype} B={case.B} N={case.N} M={case.M} D={case.D} "
               f"({time.perf_counter() - t0:.1f} s): {summary} ms", flush=True)
     if not args.no_plots and os.path.exists(csv_path):
-        from . import plots
+        if importlib.util.find_spec("matplotlib") is None:
+            runner.notes.append("plots skipped: matplotlib is not installed (pip install .[bench])")
+        else:
+            from . import plots
 
-        for path in plots.plot_csv(csv_path, args.out):
-            print(f"wrote {path}")
+            for path in plots.plot_csv(csv_path, args.out):
+                print(f"wrote {path}")
     if runner.notes:
         with open(os.path.join(args.out, "notes.txt"), "w") as f:
             f.write("\n".join(runner.notes) + "\n")
