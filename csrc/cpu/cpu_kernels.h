@@ -13,6 +13,11 @@ struct Kernels {
   // out[l] = log_w[l] - log sum_k exp(mat[k, l] + vec[k]) for l in [col_begin, col_end) (or the log-sum-exp itself).
   void (*lse_cols)(const T* mat, int64_t stride, int64_t rows, const T* vec, const T* log_w, T* out, int64_t col_begin,
                    int64_t col_end);
+  // out[r] = sum_c mat[r, c] * vec[c].
+  void (*dot_rows)(const T* mat, int64_t stride, const T* vec, T* out, int64_t row_begin, int64_t row_end);
+  // out[l] = sum_k weights[k] * mat[k, l].
+  void (*weighted_col_sums)(const T* mat, int64_t stride, int64_t rows, const T* weights, T* out, int64_t col_begin,
+                            int64_t col_end);
   // out[c] = exp(shift + vec[c] + row[c]).
   void (*exp_row)(const T* row, T shift, const T* vec, T* out, int64_t stride);
   // s[j] <- alpha * sigmoid(-|r_i - q[j]| / temperature) + coef * (1 + s[j]).

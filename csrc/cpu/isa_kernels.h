@@ -230,6 +230,48 @@ void lse_cols(const T* mat, int64_t stride, int64_t rows, const T* vec, const T*
   }
 }
 
+// out[r] = sum_c mat[r, c] * vec[c] for rows r in [row_begin, row_end).
+template <typename T>
+void dot_rows(const T* mat, int64_t stride, const T* vec, T* out, int64_t row_begin, int64_t row_end) {
+  typedef typename Vec<T>::type V;
+  constexpr int W = Vec<T>::width;
+  const int64_t paired = stride - stride % (2 * W);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* row = mat + r * stride;
+    V s0 = splat<V>(T(0)), s1 = s0;
+    int64_t c = 0;
+    for (; c < paired; c += 2 * W) {
+      s0 += load<V>(row + c) * load<V>(vec + c);
+      s1 += load<V>(row + c + W) * load<V>(vec + c + W);
+    }
+    for (; c < stride; c += W) s0 += load<V>(row + c) * load<V>(vec + c);
+    out[r] = horizontal_sum<T>(s0 + s1);
+  }
+}
+
+// out[l] = sum_k weights[k] * mat[k, l] for columns l in [col_begin, col_end)
+// (col_begin a multiple of the vector width); rows with weight 0 are skipped.
+template <typename T>
+void weighted_col_sums(const T* mat, int64_t stride, int64_t rows, const T* weights, T* out, int64_t col_begin,
+                       int64_t col_end) {
+  typedef typename Vec<T>::type V;
+  constexpr int W = Vec<T>::width;
+  constexpr int kVectors = 4;
+  for (int64_t l0 = col_begin; l0 < col_end; l0 += kVectors * W) {
+    const int count = static_cast<int>(std::min<int64_t>(kVectors, (col_end - l0 + W - 1) / W));
+    V s[kVectors];
+    for (int q = 0; q < kVectors; ++q) s[q] = splat<V>(T(0));
+    for (int64_t k = 0; k < rows; ++k) {
+      const T w = weights[k];
+      if (w == T(0)) continue;
+      const T* row = mat + k * stride + l0;
+      for (int q = 0; q < count; ++q) s[q] += load<V>(row + q * W) * w;
+    }
+    for (int q = 0; q < count; ++q)
+      for (int lane = 0; lane < W && l0 + q * W + lane < col_end; ++lane) out[l0 + q * W + lane] = s[q][lane];
+  }
+}
+
 // out[c] = exp(row[c] + shift + vec[c]) for c < stride (the transport plan row
 // exp(u_i + v_j - C_ij / eps) when row = -C_i. / eps, shift = u_i, vec = v).
 template <typename T>
@@ -267,6 +309,10 @@ template void lse_rows<float>(const float*, int64_t, const float*, const float*,
 template void lse_rows<double>(const double*, int64_t, const double*, const double*, double*, int64_t, int64_t);
 template void lse_cols<float>(const float*, int64_t, int64_t, const float*, const float*, float*, int64_t, int64_t);
 template void lse_cols<double>(const double*, int64_t, int64_t, const double*, const double*, double*, int64_t, int64_t);
+template void dot_rows<float>(const float*, int64_t, const float*, float*, int64_t, int64_t);
+template void dot_rows<double>(const double*, int64_t, const double*, double*, int64_t, int64_t);
+template void weighted_col_sums<float>(const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t);
+template void weighted_col_sums<double>(const double*, int64_t, int64_t, const double*, double*, int64_t, int64_t);
 template void exp_row<float>(const float*, float, const float*, float*, int64_t);
 template void exp_row<double>(const double*, double, const double*, double*, int64_t);
 template void aplot_epilogue_row<float>(float*, float, const float*, float, float, float, int64_t);

@@ -51,13 +51,22 @@ struct Workspace {
   std::vector<T> log_v;     // [m_pad] g / eps, padding 0
   std::vector<T> log_a;     // [n] log a, -inf at zero weights
   std::vector<T> log_b;     // [m]
-  std::vector<T> col_lse;   // [m] log-sum-exp over rows, kept from a tolerance check
+  std::vector<T> col_sum;   // [m] column sums of the plan
+  std::vector<T> plan_row;  // [m_pad]
   std::vector<T> row_cost;  // [n] sum_j P_ij C_ij
+  // Scaling domain: kernel[i, j] = exp(-C_ij / eps + alpha_i + beta_j) with
+  // log_u = alpha + log(scale_u), log_v = beta + log(scale_v).
+  std::vector<T> kernel;    // [n, m_pad], padding 0
+  std::vector<T> alpha;     // [n]
+  std::vector<T> beta;      // [m_pad], padding 0
+  std::vector<T> scale_u;   // [n]
+  std::vector<T> scale_v;   // [m_pad], padding 0
+  std::vector<T> sums;      // [max(n, m)] row or column sums of the scaled kernel
 
   Workspace(int64_t n_, int64_t m_)
       : n(n_), m(m_), n_pad(round_up(n_, vector_width<T>())), m_pad(round_up(m_, vector_width<T>())),
-        neg_c(n * m_pad), neg_c_t(m * n_pad), log_u(n_pad), log_v(m_pad), log_a(n), log_b(m), col_lse(m),
-        row_cost(n) {}
+        neg_c(n * m_pad), neg_c_t(m * n_pad), log_u(n_pad), log_v(m_pad), log_a(n), log_b(m), col_sum(m), plan_row(m_pad),
+        row_cost(n), kernel(n * m_pad), alpha(n), beta(m_pad), scale_u(n), scale_v(m_pad), sums(std::max(n, m)) {}
 };
 
 // Pointers to one problem's inputs and outputs.
@@ -136,14 +145,80 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
 
   const bool with_tol = opt.tol >= 0;
   const T tol = static_cast<T>(opt.tol);
-  bool col_lse_ready = false, measured = false;
+  bool measured = false;
   T err = 0;
   int64_t iters = opt.n_iters;
+  // Scaling domain (after the first iteration): the kernel is the plan at the
+  // last absorption, each half-iteration is a matrix-vector product instead of
+  // n * m exps, and the scalings are absorbed back into the log potentials
+  // whenever one leaves [1 / kRange, kRange], so that no entry that matters can
+  // underflow. Same iterates as the log domain up to rounding.
+  constexpr T kRange = T(1e4);
+  // The reference's err: sum_j |sum_i exp(log_u_i + log_v_j - C_ij / eps) - b_j|, rows summed in order.
+  auto column_violation = [&] {
+    std::fill(ws.col_sum.begin(), ws.col_sum.end(), T(0));
+    for (int64_t i = 0; i < n; ++i) {
+      if (ws.log_u[i] == neg_inf) continue;
+      k.exp_row(ws.neg_c.data() + i * m_pad, ws.log_u[i], ws.log_v.data(), ws.plan_row.data(), m_pad);
+      for (int64_t j = 0; j < m; ++j) ws.col_sum[j] += ws.plan_row[j];
+    }
+    T total = 0;
+    for (int64_t j = 0; j < m; ++j) total += std::abs(ws.col_sum[j] - p.b[j]);
+    return total;
+  };
+  bool scaled = false, absorb = true;
+  auto sync_potentials = [&] {  // log_u, log_v from the scalings
+    for (int64_t i = 0; i < n; ++i) ws.log_u[i] = p.a[i] > 0 ? ws.alpha[i] + std::log(ws.scale_u[i]) : neg_inf;
+    for (int64_t j = 0; j < m; ++j) ws.log_v[j] = p.b[j] > 0 ? ws.beta[j] + std::log(ws.scale_v[j]) : neg_inf;
+  };
+  auto out_of_range = [&](const std::vector<T>& scale, const T* w, int64_t count) {
+    for (int64_t k2 = 0; k2 < count; ++k2)
+      if (w[k2] > 0 && !(scale[k2] < kRange && scale[k2] > 1 / kRange)) return true;
+    return false;
+  };
   for (int64_t it = 1; it <= opt.n_iters; ++it) {
-    if (col_lse_ready) {  // the tolerance check already summed the columns for these row potentials
-      for (int64_t j = 0; j < m; ++j) ws.log_v[j] = ws.log_b[j] == neg_inf ? neg_inf : ws.log_b[j] - ws.col_lse[j];
-      col_lse_ready = false;
-    } else if (by_columns) {
+    if (it >= 2) {
+      if (absorb) {
+        if (scaled) sync_potentials();
+        std::copy(ws.log_u.begin(), ws.log_u.begin() + n, ws.alpha.begin());
+        std::copy(ws.log_v.begin(), ws.log_v.end(), ws.beta.begin());
+        for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            T* row = ws.kernel.data() + i * m_pad;
+            if (ws.alpha[i] == neg_inf) {
+              std::fill(row, row + m_pad, T(0));
+            } else {
+              k.exp_row(ws.neg_c.data() + i * m_pad, ws.alpha[i], ws.beta.data(), row, m_pad);
+            }
+          }
+        });
+        for (int64_t i = 0; i < n; ++i) ws.scale_u[i] = p.a[i] > 0 ? T(1) : T(0);
+        std::fill(ws.scale_v.begin(), ws.scale_v.end(), T(0));
+        for (int64_t j = 0; j < m; ++j) ws.scale_v[j] = p.b[j] > 0 ? T(1) : T(0);
+        scaled = true;
+        absorb = false;
+      }
+      for_columns(m, n, [&](int64_t begin, int64_t end) {
+        k.weighted_col_sums(ws.kernel.data(), m_pad, n, ws.scale_u.data(), ws.sums.data(), begin, end);
+      });
+      for (int64_t j = 0; j < m; ++j) ws.scale_v[j] = p.b[j] > 0 ? p.b[j] / ws.sums[j] : T(0);
+      for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
+        k.dot_rows(ws.kernel.data(), m_pad, ws.scale_v.data(), ws.sums.data(), begin, end);
+      });
+      for (int64_t i = 0; i < n; ++i) ws.scale_u[i] = p.a[i] > 0 ? p.a[i] / ws.sums[i] : T(0);
+      absorb = out_of_range(ws.scale_u, p.a, n) || out_of_range(ws.scale_v, p.b, m);
+      if (with_tol && it % opt.check_every == 0) {
+        sync_potentials();
+        err = column_violation();
+        measured = true;
+        if (err <= tol) {
+          iters = it;
+          break;
+        }
+      }
+      continue;
+    }
+    if (by_columns) {
       for_columns(m, n, [&](int64_t begin, int64_t end) {
         k.lse_cols(ws.neg_c.data(), m_pad, n, ws.log_u.data(), ws.log_b.data(), ws.log_v.data(), begin, end);
       });
@@ -162,19 +237,7 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
       });
     }
     if (with_tol && it % opt.check_every == 0) {
-      // Column sums of the plan: (P^T 1)_j = exp(log_v_j + lse_i(-C_ij / eps + log_u_i)).
-      if (by_columns) {
-        for_columns(m, n, [&](int64_t begin, int64_t end) {
-          k.lse_cols(ws.neg_c.data(), m_pad, n, ws.log_u.data(), nullptr, ws.col_lse.data(), begin, end);
-        });
-      } else {
-        for_rows(m, n_pad, [&](int64_t begin, int64_t end) {
-          k.lse_rows(ws.neg_c_t.data(), n_pad, ws.log_u.data(), nullptr, ws.col_lse.data(), begin, end);
-        });
-      }
-      col_lse_ready = true;
-      err = 0;
-      for (int64_t j = 0; j < m; ++j) err += std::abs(std::exp(ws.log_v[j] + ws.col_lse[j]) - p.b[j]);
+      err = column_violation();
       measured = true;
       if (err <= tol) {
         iters = it;
@@ -182,6 +245,7 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
       }
     }
   }
+  if (scaled) sync_potentials();
 
   for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
     std::vector<T> row(m_pad);
@@ -215,15 +279,7 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
     dual_b += p.b[j] * p.g[j];
   }
   reg_cost = dual_a + dual_b;
-  if (!measured) {  // never checked: the column violation of the final plan
-    std::vector<T> col_sum(m, T(0));
-    for (int64_t i = 0; i < n; ++i) {
-      const T* plan_row = p.plan + i * m;
-      for (int64_t j = 0; j < m; ++j) col_sum[j] += plan_row[j];
-    }
-    err = 0;
-    for (int64_t j = 0; j < m; ++j) err += std::abs(col_sum[j] - p.b[j]);
-  }
+  if (!measured) err = column_violation();  // never checked: measured on the final plan
   *p.cost = cost;
   *p.reg_cost = reg_cost;
   *p.n_iters = iters;
