@@ -37,7 +37,9 @@ def tensor(name: str, value, *, ndims: Sequence[int], allow_none: bool = False) 
         raise ValueError(f"`{name}` must be {want}, got shape {tuple(value.shape)}")
     if value.numel() == 0:
         raise ValueError(f"`{name}` must not have an empty dimension, got shape {tuple(value.shape)}")
-    if not bool(torch.isfinite(value).all()):
+    # One reduction pass in the common case: NaN and inf propagate into the sum.
+    # A non-finite sum can also be an overflow of finite values, so confirm exactly.
+    if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
         raise ValueError(f"`{name}` contains NaN or inf")
     return value
 
