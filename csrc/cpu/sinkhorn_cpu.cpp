@@ -6,13 +6,19 @@
 // check_every-th iteration), so its numbers are the reference's up to
 // floating-point rounding.
 //
-// Per problem, -C/eps is stored twice, row-major and transposed, so that
-// every log-sum-exp streams contiguous memory: with vector lanes along the
-// output index (no horizontal reductions; small problems) or along each row
-// (long rows). Threads go over problems when there are enough of them,
-// otherwise over the rows or column blocks of each update. Every value is
-// computed by the same loop in the same order either way, so results do not
-// depend on the thread count.
+// The first iteration runs in the log domain on -C/eps (stored row-major and
+// transposed so that every log-sum-exp streams contiguous memory, with vector
+// lanes along the output index for short rows and along each row for long
+// ones). From the second iteration on it runs in the scaling domain: the
+// kernel is the plan at the last absorption, exp(-C/eps + alpha_i + beta_j),
+// each half-iteration is a matrix-vector product, and the scalings are
+// absorbed back into the log potentials whenever one leaves [1e-4, 1e4], so no
+// kernel entry that matters can underflow. The plan, potentials and err are
+// always formed in the log domain exactly as the reference forms them.
+//
+// Threads go over problems when there are enough of them, otherwise over the
+// rows or column blocks of each pass. Every value is computed by the same loop
+// in the same order either way, so results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
