@@ -64,6 +64,8 @@ class Case:
     D: int
     dtype: str
     device: str
+    eps_override: Optional[float] = None  # the issue-level target shapes fix their own eps and K
+    iters_override: Optional[int] = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -71,6 +73,8 @@ class Case:
 
     @property
     def eps(self) -> float:
+        if self.eps_override is not None:
+            return self.eps_override
         return TOL_EPS if self.op == "sinkhorn_tol" else FIXED_EPS
 
     @property
@@ -78,6 +82,8 @@ class Case:
         """Iterations (``sinkhorn_tol``: the cap); 0 for ops without Sinkhorn."""
         if self.op in COST_OPS:
             return 0
+        if self.iters_override is not None:
+            return self.iters_override
         return TOL_CAP if self.op == "sinkhorn_tol" else FIXED_ITERS
 
     @property
@@ -93,7 +99,7 @@ class Case:
 
     def family(self) -> Tuple:
         """Cases that differ only in ``N = M`` form one line of a plot."""
-        return (self.op, self.dtype, self.B, self.D)
+        return (self.op, self.dtype, self.B, self.D, self.eps, self.n_iters)
 
 
 def _batched(op, sizes, B, D):
@@ -102,6 +108,17 @@ def _batched(op, sizes, B, D):
 
 def _aplot(op, sizes, dims):
     return [(op, 1, n, n, d) for d, n in itertools.product(dims, sizes)]
+
+
+# The CPU speed targets of the native backend (float32, uniform marginals, eps=0.05),
+# measured in the full CPU run beside the reference and POT.
+CPU_TARGETS = [
+    ("sinkhorn_fixed", 64, 64, 64, SINKHORN_POINT_DIM, dict(eps_override=0.05, iters_override=50)),
+    ("sinkhorn_fixed", 8, 256, 256, SINKHORN_POINT_DIM, dict(eps_override=0.05, iters_override=50)),
+    ("sinkhorn_fixed", 1, 1024, 1024, SINKHORN_POINT_DIM, dict(eps_override=0.05, iters_override=50)),
+    ("sinkhorn_fixed", 256, 24, 31, SINKHORN_POINT_DIM, dict(eps_override=0.05, iters_override=100)),
+    ("aplot_margin", 1, 512, 512, 1024, {}),
+]
 
 
 def shape_matrix(device: str, quick: bool) -> List[Tuple[str, int, int, int, int]]:
@@ -137,6 +154,8 @@ def shape_matrix(device: str, quick: bool) -> List[Tuple[str, int, int, int, int
     loss_pairs = pairs if device == "cuda" else pairs[:3]
     shapes += _aplot("aplot_loss_fwd_bwd", loss_pairs, dims)
     shapes += _aplot("aplot_loss_implicit_fwd_bwd", loss_pairs, dims[:1])
+    if device == "cpu":
+        shapes += CPU_TARGETS
     return shapes
 
 
@@ -149,10 +168,10 @@ def default_dtypes(device: str, quick: bool) -> List[str]:
 def cases(device: str, quick: bool, ops=None, dtypes=None) -> List[Case]:
     dtypes = dtypes or default_dtypes(device, quick)
     out = []
-    for op, B, N, M, D in shape_matrix(device, quick):
+    for op, B, N, M, D, *overrides in shape_matrix(device, quick):
         if ops and op not in ops:
             continue
-        out += [Case(op, B, N, M, D, dt, device) for dt in dtypes]
+        out += [Case(op, B, N, M, D, dt, device, **(overrides[0] if overrides else {})) for dt in dtypes]
     order = {op: i for i, op in enumerate(OPS)}
     return sorted(out, key=lambda c: (order[c.op], c.dtype != "float32", c.dtype, c.work))
 

@@ -12,7 +12,7 @@ import math
 import os
 from typing import Dict, List
 
-KEY = ("op", "impl", "device", "dtype", "B", "N", "M", "D")
+KEY = ("op", "impl", "device", "dtype", "B", "N", "M", "D", "eps", "iter_cap")
 
 
 def read_rows(csv_path: str) -> List[Dict]:
@@ -45,7 +45,7 @@ def plot_csv(csv_path: str, out_dir: str) -> List[str]:
     for op, op_rows in by_op.items():
         panels = collections.defaultdict(list)
         for r in op_rows:
-            panels[(r["device"], r["dtype"], int(r["B"]), int(r["D"]))].append(r)
+            panels[(r["device"], r["dtype"], int(r["B"]), int(r["D"]), r["eps"], r["iter_cap"])].append(r)
         keys = sorted(panels)
         cols = min(3, len(keys))
         nrows = math.ceil(len(keys) / cols)
@@ -60,8 +60,8 @@ def plot_csv(csv_path: str, out_dir: str) -> List[str]:
                 style = "-o" if impl.startswith("ours-") else "--s"
                 ax.plot(n, [p[1] for p in pts], style, label=impl, markersize=4)
                 ax.fill_between(n, [p[2] for p in pts], [p[3] for p in pts], alpha=0.15)
-            device, dtype, B, D = key
-            ax.set_title(f"{device} {dtype}  B={B}  D={D}", fontsize=9)
+            device, dtype, B, D, eps, iter_cap = key
+            ax.set_title(f"{device} {dtype}  B={B}  D={D}  eps={eps}  K={iter_cap}", fontsize=9)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("N = M")

@@ -33,6 +33,40 @@ def _shape(r: Dict) -> str:
     return f"{size}, D={r['D']}"
 
 
+def _series(r: Dict) -> tuple:
+    """Rows that differ only in ``N, M`` (same op, batch, width, eps and iteration cap)."""
+    return (r["op"], int(r["B"]), int(r["D"]), float(r["eps"] or "nan"), int(float(r["iter_cap"] or 0)))
+
+
+def targets(rows: List[Dict], shapes) -> str:
+    """Our backends against the torch reference and POT at the given ``(op, B, N, M, D, overrides)`` shapes."""
+    lines = [
+        "| op | problem | eps | K | ours-native | ours-torch (reference) | POT solve_batch | native vs reference | native vs POT |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for op, B, N, M, D, overrides in shapes:
+        eps = overrides.get("eps_override")
+        impls = {
+            r["impl"]: r for r in rows
+            if r["op"] == op and r["dtype"] == "float32" and (int(r["B"]), int(r["N"]), int(r["M"]), int(r["D"])) == (B, N, M, D)
+            and (eps is None or math.isclose(float(r["eps"]), eps))
+            and ("iters_override" not in overrides or int(float(r["iter_cap"])) == overrides["iters_override"])
+        }
+        native, ref, pot = impls.get("ours-native"), impls.get("ours-torch"), impls.get(POT_BASELINE.get(op, ""))
+        if native is None:
+            continue
+
+        def ratio(other):
+            return f"{float(other['median_ms']) / float(native['median_ms']):.1f}x" if other else "-"
+
+        first = native
+        lines.append(
+            f"| {op} | {_shape(native)} | {float(first['eps']):g} | {int(float(first['iter_cap'] or 0)) or '-'} | {_ms(native)} | {_ms(ref)} | {_ms(pot)} "
+            f"| {ratio(ref)} | {ratio(pot)} |"
+        )
+    return "\n".join(lines)
+
+
 def headline(rows: List[Dict], dtype: str = "float32") -> str:
     rows = [r for r in rows if r["dtype"] == dtype]
     if not rows:
@@ -48,17 +82,19 @@ def headline(rows: List[Dict], dtype: str = "float32") -> str:
     ]
     by_case = collections.defaultdict(dict)
     for r in rows:
-        by_case[(r["op"], int(r["B"]), int(r["D"]), int(r["N"]), int(r["M"]))][r["impl"]] = r
+        by_case[_series(r) + (int(r["N"]), int(r["M"]))][r["impl"]] = r
     order = {op: i for i, op in enumerate(OPS)}
-    largest = {}  # (op, B, D) -> (has the POT baseline, N * M, N, M), the best shape to show
-    for (op, B, D, N, M), impls in by_case.items():
+    largest = {}  # series -> (has the POT baseline, N * M, N, M), the best shape to show
+    for (*series, N, M), impls in by_case.items():
+        op = series[0]
         if any(name in impls for name in ours):
             rank = (POT_BASELINE.get(op) in impls, N * M, N, M)
-            key = (op, B, D)
+            key = tuple(series)
             largest[key] = max(largest.get(key, rank), rank)
     largest = {key: rank[2:] for key, rank in largest.items()}
-    for (op, B, D), (N, M) in sorted(largest.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1:])):
-        impls = by_case[(op, B, D, N, M)]
+    for series, (N, M) in sorted(largest.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1:])):
+        op = series[0]
+        impls = by_case[series + (N, M)]
         pot = impls.get(POT_BASELINE.get(op, ""))
         others = [r for name, r in impls.items() if not name.startswith("ours-") and r is not pot]
         fastest_other = min(others, key=lambda r: float(r["median_ms"]), default=None)
@@ -78,7 +114,13 @@ def main(argv=None) -> int:
     parser.add_argument("csv", help="a results.csv written by python -m bench")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
-    print(headline(read_rows(args.csv), args.dtype))
+    rows = read_rows(args.csv)
+    print(headline(rows, args.dtype))
+    if any(r["device"] == "cpu" for r in rows):
+        from .cases import CPU_TARGETS
+
+        print("\nNative CPU targets (same run):\n")
+        print(targets(rows, CPU_TARGETS))
     return 0
 
 
