@@ -121,6 +121,14 @@ CPU_TARGETS = [
 ]
 
 
+def is_cpu_target(case: "Case") -> bool:
+    return any(
+        (case.op, case.B, case.N, case.M, case.D) == (op, B, N, M, D)
+        and case.eps_override == o.get("eps_override") and case.iters_override == o.get("iters_override")
+        for op, B, N, M, D, o in CPU_TARGETS
+    )
+
+
 def shape_matrix(device: str, quick: bool) -> List[Tuple[str, int, int, int, int]]:
     """``(op, B, N, M, D)`` for every op, smallest first within each op.
 

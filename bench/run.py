@@ -66,6 +66,7 @@ def _parse(argv) -> argparse.Namespace:
     parser.add_argument("--impls", default="", help="comma-separated implementation names (e.g. ours-torch,pot-batch-torch)")
     parser.add_argument("--dtypes", default="", help="comma-separated: float32,bfloat16,float16 (default: float32 on CPU, all three on CUDA)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
+    parser.add_argument("--targets", action="store_true", help="only the native CPU target shapes (bench.cases.CPU_TARGETS)")
     parser.add_argument("--append", action="store_true", help="append to an existing results.csv instead of starting a new one")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = parser.parse_args(argv)
@@ -239,6 +240,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.append and os.path.exists(csv_path):
         os.remove(csv_path)
     todo = C_.cases(args.device, args.quick, args.ops, args.dtypes)
+    if args.targets:
+        todo = [c for c in todo if C_.is_cpu_target(c)]
     runner = Runner(SETTINGS[(args.device, args.quick)], args.impls)
     meta = machine.columns(args.device)
     print(f"bench: {len(todo)} cases on {meta['device_name']} ({meta['machine']}); "
