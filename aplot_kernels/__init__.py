@@ -5,9 +5,11 @@ Public API (see SPEC in the README):
 * :func:`cosine_cost`, :func:`aplot_cost` (module :mod:`aplot_kernels.cost`)
 * :func:`sinkhorn` -> :class:`SinkhornResult` (module :mod:`aplot_kernels.sinkhorn`, itself callable)
 * :func:`bt_loss`, :func:`aplot_margin`, :func:`aplot_loss`, :class:`APLOTLoss` (module :mod:`aplot_kernels.loss`)
+* trainer integration: :mod:`aplot_kernels.pooling`, :mod:`aplot_kernels.distributed`,
+  :mod:`aplot_kernels.trl` (``APLOTRewardTrainer``, imports TRL)
 """
 
-from . import backends, cost, loss, sinkhorn
+from . import backends, cost, distributed, loss, pooling, sinkhorn
 from ._checks import ArgumentTypeError
 from .backends import BackendUnavailableError, available_backends
 from .cost import aplot_cost, cosine_cost
