@@ -18,8 +18,9 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 
-from . import _checks
+from . import _checks, backends
 from .backends import BACKENDS
+from .cost import _compute_dtype as cost_compute_dtype
 from .cost import aplot_cost
 from .distributed import PairBank, Responses, concat_responses, gather_rows, is_distributed
 from .sinkhorn import sinkhorn
@@ -114,9 +115,31 @@ def _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_
     _checks.rewards_for("rejected_rewards", rejected_rewards, "rejected_emb", rejected_emb)
 
 
-def _margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, *, alpha, temperature, eps, n_iters, scale, detach, backend):
-    """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked."""
+def _margin_and_plan(
+    chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, *, alpha, temperature, eps, n_iters, scale, detach, backend,
+    need_plan=True,
+):
+    """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked.
+
+    With ``need_plan=False`` the plan may come back as ``None``: a detached
+    margin on the Triton backend then reduces each plan row against the cost
+    inside the Sinkhorn kernel, and the ``[n, m]`` plan is never written.
+    """
     n = chosen_rewards.shape[0]
+    dtype = cost_compute_dtype(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
+    if detach and not need_plan and backends.resolve(backend, chosen_emb.device, dtype) == "triton":
+        from .sinkhorn import triton_kernels  # only importable where Triton is installed
+
+        with torch.no_grad():
+            cost = aplot_cost(
+                chosen_emb, rejected_emb, chosen_rewards, rejected_rewards,
+                alpha=alpha, temperature=temperature, backend="triton",
+            )
+            m = cost.shape[1]
+            a = torch.full((1, n), 1.0 / n, dtype=torch.float32, device=cost.device)
+            b = torch.full((1, m), 1.0 / m, dtype=torch.float32, device=cost.device)
+            row_costs = triton_kernels.row_transport_costs(cost.unsqueeze(0), a, b, eps, n_iters)[0]
+        return scale * n * row_costs, None, cost
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
         cost = aplot_cost(
             chosen_emb, rejected_emb, chosen_rewards, rejected_rewards,
@@ -162,7 +185,7 @@ def aplot_margin(
     options = _check_margin_options(dict(
         alpha=alpha, temperature=temperature, eps=eps, n_iters=n_iters, scale=scale, detach=detach, backend=backend,
     ))
-    return _margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, **options)[0]
+    return _margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, **options, need_plan=False)[0]
 
 
 _warned_single_pair = False

@@ -262,6 +262,53 @@ def test_margin_through_triton_matches_torch():
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
 
+ROW_COST_CASES = [
+    # batch, n, m, C dtype, pad, tol
+    (2, 7, 11, torch.float32, True, None),
+    (1, 20, 24, torch.bfloat16, False, None),
+    (3, 16, 16, torch.float32, False, 1e-4),
+]
+
+
+@pytest.mark.parametrize("case", ROW_COST_CASES, ids=lambda c: f"B{c[0]}-{c[1]}x{c[2]}-{str(c[3])[6:]}{'-pad' if c[4] else ''}-tol{c[5]}")
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_row_transport_costs_match_reference(strategy, case, tiny_tiles):
+    batch, n, m, dtype, pad, tol = case
+    C, a, b = _problem(batch, n, m, dtype, seed=n + m, pad=pad)
+    got = sinkhorn_kernels.row_transport_costs(C, a, b, 0.05, 14, tol, 7, strategy=strategy)
+    ref = sinkhorn_reference.solve(C.double(), a.double(), b.double(), 0.05, 14, tol, 7)
+    want = (ref.plan * C.double()).sum(-1)
+    assert got.shape == (batch, n) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-9)
+    assert bool((got[a == 0] == 0).all()), "padded rows transport nothing"
+    # The same numbers as the full solve's plan, reduced in torch.
+    full = sinkhorn_kernels.solve(C, a, b, 0.05, 14, tol, 7, strategy=strategy)
+    torch.testing.assert_close(got, (full.plan * C.float()).sum(-1), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("emb_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n, m", [(7, 7), (16, 16), (20, 20), (7, 12), (16, 24)])
+def test_detached_triton_margin_writes_no_plan(n, m, emb_dtype, monkeypatch):
+    import aplot_kernels
+
+    def no_full_solve(*args, **kwargs):
+        raise AssertionError("the detached Triton margin should not run the plan-writing solve")
+
+    x, y, rx, ry = (t[0] for t in _embeddings(1, n, m, 32, emb_dtype, seed=n * m))
+    options = dict(alpha=0.8, temperature=0.7, eps=0.05, n_iters=20, scale=1.3)
+    with monkeypatch.context() as patch:
+        patch.setattr(sinkhorn_kernels, "solve", no_full_solve)
+        got = aplot_kernels.aplot_margin(rx, ry, x, y, backend="triton", **options)
+    # The reference on the same (rounded) inputs, widened to float64.
+    want = aplot_kernels.aplot_margin(*(t.double() for t in (rx, ry, x, y)), backend="torch", **options)
+    assert got.shape == (n,) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    # The plan-writing path (what APLOTLoss logs) gives the same margins.
+    out = aplot_kernels.APLOTLoss(backend="triton", **options)(rx, ry, x, y, return_outputs=True)
+    assert out.plan is not None and out.plan.shape == (n, m)
+    torch.testing.assert_close(out.margins, got, rtol=1e-6, atol=1e-8)
+
+
 # ---------------------------------------------------------------------------
 # Ahead-of-time compilation for the H100 (sm_90), without a GPU: catches what
 # the interpreter accepts but the compiler rejects. Runs in a subprocess
@@ -295,17 +342,21 @@ def _compile_all_for_sm90() -> None:
     f32 = "fp32"
     scaled = ("neg_inv_hi", "neg_inv_lo")
     for c_type in ("fp32", "bf16"):
-        fused = dict(c_ptr=c_type, a_ptr=f32, b_ptr=f32, plan_ptr=f32, f_ptr=f32, g_ptr=f32, cost_ptr=f32, reg_ptr=f32, iters_ptr="i64", err_ptr=f32)
-        build(sink_mod._solve_fused_kernel, fused, ("eps", "tol") + scaled, dict(HAS_TOL=c_type == "fp32", BLOCK_N=64, BLOCK_M=128), 16)
+        fused = dict(c_ptr=c_type, a_ptr=f32, b_ptr=f32, plan_ptr=f32, row_cost_ptr=f32, f_ptr=f32, g_ptr=f32, cost_ptr=f32,
+                     reg_ptr=f32, iters_ptr="i64", err_ptr=f32)
+        for write_plan in (True, False):
+            build(sink_mod._solve_fused_kernel, fused, ("eps", "tol") + scaled,
+                  dict(HAS_TOL=c_type == "fp32", WRITE_PLAN=write_plan, BLOCK_N=64, BLOCK_M=128), 16)
         build(sink_mod._column_pass_kernel, dict(c_ptr=c_type, log_u_ptr=f32, b_ptr=f32, out_ptr=f32, active_ptr="i32"), scaled,
               dict(WRITE_V=True, BLOCK_N=128, BLOCK_M=32), 8)
         build(sink_mod._row_pass_kernel, dict(c_ptr=c_type, log_v_ptr=f32, a_ptr=f32, log_u_ptr=f32, active_ptr="i32"), scaled,
               dict(BLOCK_N=32, BLOCK_M=128), 8)
-    build(sink_mod._solve_streamed_kernel, dict(c_ptr="bf16", a_ptr=f32, b_ptr=f32, log_u_ptr=f32, log_v_ptr=f32, plan_ptr=f32,
-          row_cost_ptr=f32, iters_ptr="i64", err_ptr=f32), ("tol",) + scaled,
-          dict(HAS_TOL=True, ROW_BLOCK_N=32, ROW_BLOCK_M=128, COL_BLOCK_N=128, COL_BLOCK_M=32), 8)
-    build(sink_mod._plan_kernel, dict(c_ptr="fp16", log_u_ptr=f32, log_v_ptr=f32, plan_ptr=f32, row_cost_ptr=f32), scaled,
-          dict(BLOCK_N=32, BLOCK_M=128), 8)
+    for write_plan in (True, False):  # the solve, and the row transport costs alone
+        build(sink_mod._solve_streamed_kernel, dict(c_ptr="bf16", a_ptr=f32, b_ptr=f32, log_u_ptr=f32, log_v_ptr=f32, plan_ptr=f32,
+              row_cost_ptr=f32, iters_ptr="i64", err_ptr=f32), ("tol",) + scaled,
+              dict(HAS_TOL=True, WRITE_PLAN=write_plan, ROW_BLOCK_N=32, ROW_BLOCK_M=128, COL_BLOCK_N=128, COL_BLOCK_M=32), 8)
+        build(sink_mod._plan_kernel, dict(c_ptr="fp16", log_u_ptr=f32, log_v_ptr=f32, plan_ptr=f32, row_cost_ptr=f32), scaled,
+              dict(WRITE_PLAN=write_plan, BLOCK_N=32, BLOCK_M=128), 8)
     # k == 1 and flags of 0/1 may arrive as compile-time constants.
     build(sink_mod._check_kernel, dict(col_lse_ptr=f32, log_v_ptr=f32, b_ptr=f32, active_ptr="i32", err_ptr=f32, iters_ptr="i64"),
           ("tol",), dict(BLOCK=1024, k=1, apply_next_v=1), 4)

@@ -30,6 +30,11 @@ Three strategies (``solve(..., strategy="auto")`` picks one by size):
   check kernel also applies that update and the next iteration skips its
   column pass: tolerance checks cost no extra pass over ``C``.
 
+``row_transport_costs`` runs the same iterations with any strategy but
+replaces the plan store by a per-row reduction ``sum_j P_ij C_ij`` (the
+APLOT margin before scaling): the plan is formed tile by tile and never
+written to memory.
+
 Zero weights (padding) give ``-inf`` potentials, hence exact zero plan rows
 and columns; ``f`` and ``g`` are reported as 0 there. Block padding beyond
 ``N``/``M`` is masked the same way.
@@ -114,12 +119,12 @@ def _log_weight(w):
 
 @triton.jit
 def _solve_fused_kernel(
-    c_ptr, a_ptr, b_ptr, plan_ptr, f_ptr, g_ptr, cost_ptr, reg_ptr, iters_ptr, err_ptr,
+    c_ptr, a_ptr, b_ptr, plan_ptr, row_cost_ptr, f_ptr, g_ptr, cost_ptr, reg_ptr, iters_ptr, err_ptr,
     N, M,
     stride_cb, stride_cn, stride_cm, stride_ab, stride_an, stride_bb, stride_bm,
     stride_pb, stride_pn, stride_pm,
     eps, neg_inv_hi, neg_inv_lo, n_iters, check_every, tol,
-    HAS_TOL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_TOL: tl.constexpr, WRITE_PLAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
@@ -157,14 +162,17 @@ def _solve_fused_kernel(
                     active = (err > tol).to(tl.int32)
 
     plan = tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
-    tl.store(plan_ptr + pid * stride_pb + rows[:, None] * stride_pn + cols[None, :] * stride_pm, plan, mask=inside)
+    if WRITE_PLAN:
+        tl.store(plan_ptr + pid * stride_pb + rows[:, None] * stride_pn + cols[None, :] * stride_pm, plan, mask=inside)
     f = tl.where(wa > 0, eps * log_u, 0.0)
     g = tl.where(wb > 0, eps * log_v, 0.0)
     tl.store(f_ptr + pid * N + rows, f, mask=row_ok)
     tl.store(g_ptr + pid * M + cols, g, mask=col_ok)
     # C is read again rather than kept live through the loop: registers hold one tile, -C / eps.
     c = tl.load(c_tile, mask=inside, other=0.0).to(tl.float32)
-    tl.store(cost_ptr + pid, tl.sum(tl.sum(plan * c, axis=1), axis=0))
+    row_cost = tl.sum(plan * c, axis=1)
+    tl.store(row_cost_ptr + pid * N + rows, row_cost, mask=row_ok)
+    tl.store(cost_ptr + pid, tl.sum(row_cost, axis=0))
     tl.store(reg_ptr + pid, tl.sum(wa * f) + tl.sum(wb * g))
     tl.store(iters_ptr + pid, iters.to(tl.int64))
     if err < 0:
@@ -172,24 +180,34 @@ def _solve_fused_kernel(
     tl.store(err_ptr + pid, err)
 
 
-def _solve_fused(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
+def _solve_fused(C, a, b, eps, n_iters, tol, check_every, write_plan):
     batch, n, m = C.shape
     block_n, block_m = block_size(n, hi=1 << 30), block_size(m, hi=1 << 30)
     dev = C.device
-    plan = torch.empty(batch, n, m, dtype=torch.float32, device=dev)
+    plan = _plan_buffer(batch, n, m, dev, write_plan)
+    row_cost = torch.empty(batch, n, dtype=torch.float32, device=dev)
     f = torch.empty(batch, n, dtype=torch.float32, device=dev)
     g = torch.empty(batch, m, dtype=torch.float32, device=dev)
     cost, reg_cost, err = (torch.empty(batch, dtype=torch.float32, device=dev) for _ in range(3))
     iters = torch.empty(batch, dtype=torch.int64, device=dev)
     hi, lo = _split_reciprocal(eps)
     _solve_fused_kernel[(batch,)](
-        C, a, b, plan, f, g, cost, reg_cost, iters, err, n, m,
+        C, a, b, plan, row_cost, f, g, cost, reg_cost, iters, err, n, m,
         *C.stride(), *a.stride(), *b.stride(), *plan.stride(),
         float(eps), hi, lo, int(n_iters), int(check_every), float(tol if tol is not None else 0.0),
-        HAS_TOL=tol is not None, BLOCK_N=block_n, BLOCK_M=block_m,
+        HAS_TOL=tol is not None, WRITE_PLAN=write_plan, BLOCK_N=block_n, BLOCK_M=block_m,
         num_warps=num_warps_for(block_n * block_m, per_thread=FUSED_ENTRIES_PER_THREAD),
     )
+    if not write_plan:
+        return row_cost
     return SolveOutput(plan, f, g, cost, reg_cost, iters, err)
+
+
+def _plan_buffer(batch, n, m, device, write_plan):
+    """The ``[B, N, M]`` float32 plan, or a one-element stand-in (never written) when only row costs are wanted."""
+    if write_plan:
+        return torch.empty(batch, n, m, dtype=torch.float32, device=device)
+    return torch.empty(1, 1, 1, dtype=torch.float32, device=device).expand(batch, n, m)
 
 
 # ---------------------------------------------------------------------------
@@ -328,9 +346,12 @@ def _check_kernel(
 @triton.jit
 def _plan_rows(
     c_ptr, log_u_ptr, log_v_ptr, plan_ptr, rows, N, M, stride_cn, stride_cm, stride_pn, stride_pm,
-    neg_inv_hi, neg_inv_lo, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    neg_inv_hi, neg_inv_lo, WRITE_PLAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """Write one problem's plan rows ``P_ij = exp(log_u_i + log_v_j - C_ij / eps)``; return ``sum_j P_ij C_ij``."""
+    """``sum_j P_ij C_ij`` of one problem's rows, with ``P_ij = exp(log_u_i + log_v_j - C_ij / eps)``.
+
+    The plan rows are written too when ``WRITE_PLAN``.
+    """
     row_ok = rows < N
     log_u = tl.load(log_u_ptr + rows, mask=row_ok, other=float("-inf"))
     row_cost = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -342,7 +363,8 @@ def _plan_rows(
         log_v = tl.load(log_v_ptr + cols, mask=col_ok, other=float("-inf"))
         neg_c = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
         plan = tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
-        tl.store(plan_ptr + rows[:, None] * stride_pn + cols[None, :] * stride_pm, plan, mask=inside)
+        if WRITE_PLAN:
+            tl.store(plan_ptr + rows[:, None] * stride_pn + cols[None, :] * stride_pm, plan, mask=inside)
         row_cost += tl.sum(plan * c, axis=1)
     return row_cost
 
@@ -352,19 +374,19 @@ def _plan_kernel(
     c_ptr, log_u_ptr, log_v_ptr, plan_ptr, row_cost_ptr,
     N, M, stride_cb, stride_cn, stride_cm, stride_pb, stride_pn, stride_pm,
     neg_inv_hi, neg_inv_lo,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    WRITE_PLAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """The plan and the row sums of ``P * C``, one block of rows per program."""
+    """The row sums of ``P * C`` and, when ``WRITE_PLAN``, the plan; one block of rows per program."""
     pid_b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_cost = _plan_rows(
         c_ptr + pid_b * stride_cb, log_u_ptr + pid_b * N, log_v_ptr + pid_b * M, plan_ptr + pid_b * stride_pb,
-        rows, N, M, stride_cn, stride_cm, stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M,
+        rows, N, M, stride_cn, stride_cm, stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, WRITE_PLAN, BLOCK_N, BLOCK_M,
     )
     tl.store(row_cost_ptr + pid_b * N + rows, row_cost, mask=rows < N)
 
 
-def _solve_tiled(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
+def _solve_tiled(C, a, b, eps, n_iters, tol, check_every, write_plan):
     batch, n, m = C.shape
     dev = C.device
     blocks = TILED_BLOCKS
@@ -402,13 +424,13 @@ def _solve_tiled(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
                 BLOCK=min(blocks["check_block"], block_size(m, hi=1 << 30)), num_warps=4,
             )
 
-    plan = torch.empty(batch, n, m, dtype=torch.float32, device=dev)
+    plan = _plan_buffer(batch, n, m, dev, write_plan)
     row_cost = torch.empty(batch, n, dtype=torch.float32, device=dev)
     _plan_kernel[row_grid](
         C, log_u, log_v, plan, row_cost, n, m, *C.stride(), *plan.stride(), hi, lo,
-        BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"], num_warps=row_warps,
+        WRITE_PLAN=write_plan, BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"], num_warps=row_warps,
     )
-    return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err)
+    return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost
 
 
 def _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) -> SolveOutput:
@@ -449,7 +471,7 @@ def _solve_streamed_kernel(
     N, M, stride_cb, stride_cn, stride_cm, stride_ab, stride_an, stride_bb, stride_bm,
     stride_pb, stride_pn, stride_pm,
     neg_inv_hi, neg_inv_lo, n_iters, check_every, tol,
-    HAS_TOL: tl.constexpr, ROW_BLOCK_N: tl.constexpr, ROW_BLOCK_M: tl.constexpr,
+    HAS_TOL: tl.constexpr, WRITE_PLAN: tl.constexpr, ROW_BLOCK_N: tl.constexpr, ROW_BLOCK_M: tl.constexpr,
     COL_BLOCK_N: tl.constexpr, COL_BLOCK_M: tl.constexpr,
 ):
     """All iterations of one problem; ``log_u``/``log_v`` (initialised by the host) live in global scratch.
@@ -498,21 +520,21 @@ def _solve_streamed_kernel(
         rows = n0 + tl.arange(0, ROW_BLOCK_N)
         row_cost = _plan_rows(
             c_ptr, log_u_ptr, log_v_ptr, plan_ptr + pid * stride_pb, rows, N, M, stride_cn, stride_cm,
-            stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, ROW_BLOCK_N, ROW_BLOCK_M,
+            stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, WRITE_PLAN, ROW_BLOCK_N, ROW_BLOCK_M,
         )
         tl.store(row_cost_ptr + pid * N + rows, row_cost, mask=rows < N)
     tl.store(iters_ptr + pid, iters.to(tl.int64))
     tl.store(err_ptr + pid, err)
 
 
-def _solve_streamed(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
+def _solve_streamed(C, a, b, eps, n_iters, tol, check_every, write_plan):
     batch, n, m = C.shape
     dev = C.device
     blocks = TILED_BLOCKS
     hi, lo = _split_reciprocal(eps)
     log_u = torch.where(a > 0, 0.0, NEG_INF).contiguous()  # padded rows never enter a column update
     log_v = torch.zeros(batch, m, dtype=torch.float32, device=dev)
-    plan = torch.empty(batch, n, m, dtype=torch.float32, device=dev)
+    plan = _plan_buffer(batch, n, m, dev, write_plan)
     row_cost = torch.empty(batch, n, dtype=torch.float32, device=dev)
     iters = torch.empty(batch, dtype=torch.int64, device=dev)
     err = torch.empty(batch, dtype=torch.float32, device=dev)
@@ -521,11 +543,12 @@ def _solve_streamed(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput:
         C, a, b, log_u, log_v, plan, row_cost, iters, err, n, m,
         *C.stride(), *a.stride(), *b.stride(), *plan.stride(),
         hi, lo, int(n_iters), int(check_every), float(tol if tol is not None else 0.0),
-        HAS_TOL=tol is not None, ROW_BLOCK_N=blocks["row_block_n"], ROW_BLOCK_M=blocks["row_block_m"],
+        HAS_TOL=tol is not None, WRITE_PLAN=write_plan,
+        ROW_BLOCK_N=blocks["row_block_n"], ROW_BLOCK_M=blocks["row_block_m"],
         COL_BLOCK_N=blocks["col_block_n"], COL_BLOCK_M=blocks["col_block_m"],
         num_warps=num_warps_for(tile, per_thread=TILED_ENTRIES_PER_THREAD),
     )
-    return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err)
+    return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost
 
 
 STRATEGIES = ("auto", "fused", "streamed", "tiled")
@@ -538,6 +561,20 @@ def _auto_strategy(C: torch.Tensor) -> str:
     if batch >= STREAMED_MIN_BATCH and C.numel() * C.element_size() <= STREAMED_MAX_BYTES:
         return "streamed"
     return "tiled"
+
+
+def _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan):
+    """Check the inputs, pick the strategy and run it (see :func:`solve` and :func:`row_transport_costs`)."""
+    if C.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton Sinkhorn reads float16, bfloat16 or float32 `C`, got {C.dtype}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
+    a = a.to(torch.float32)
+    b = b.to(torch.float32)
+    if strategy == "auto":
+        strategy = _auto_strategy(C)
+    run = {"fused": _solve_fused, "streamed": _solve_streamed, "tiled": _solve_tiled}[strategy]
+    return run(C, a, b, float(eps), int(n_iters), tol, int(check_every), write_plan)
 
 
 def solve(
@@ -567,14 +604,28 @@ def solve(
     Returns:
         :class:`SolveOutput` in float32 (``n_iters`` int64).
     """
-    if C.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"the Triton Sinkhorn reads float16, bfloat16 or float32 `C`, got {C.dtype}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}")
-    a = a.to(torch.float32)
-    b = b.to(torch.float32)
-    _, n, m = C.shape
-    if strategy == "auto":
-        strategy = _auto_strategy(C)
-    run = {"fused": _solve_fused, "streamed": _solve_streamed, "tiled": _solve_tiled}[strategy]
-    return run(C, a, b, float(eps), int(n_iters), tol, int(check_every))
+    return _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan=True)
+
+
+def row_transport_costs(
+    C: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    eps: float,
+    n_iters: int,
+    tol: Optional[float] = None,
+    check_every: int = 10,
+    *,
+    strategy: str = "auto",
+) -> torch.Tensor:
+    """``sum_j P_ij C_ij`` per row of the Sinkhorn plan, without writing the plan.
+
+    The same iterations as :func:`solve` (same arguments); only the epilogue
+    differs: it forms each plan tile from the potentials and reduces it
+    against ``C`` on chip, so no ``[B, N, M]`` plan is allocated or stored.
+    This is what the APLOT margin needs (``scale * n * row cost``).
+
+    Returns:
+        ``[B, N]`` float32; 0 on zero-weight (padded) rows.
+    """
+    return _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan=False)
