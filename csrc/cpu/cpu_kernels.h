@@ -15,6 +15,10 @@ struct Kernels {
                    int64_t col_end);
   // out[r] = sum_c mat[r, c] * vec[c].
   void (*dot_rows)(const T* mat, int64_t stride, const T* vec, T* out, int64_t row_begin, int64_t row_end);
+  // row_scale[r] = weights[r] / sum_c mat[r, c] * vec[c] (0 where weights[r] <= 0), and
+  // col_sums[c] += row_scale[r] * mat[r, c] for c < stride, rows in order: one pass over the rows.
+  void (*scale_rows_col_sums)(const T* mat, int64_t stride, const T* vec, const T* weights, T* row_scale, T* col_sums,
+                              int64_t row_begin, int64_t row_end);
   // out[l] = sum_k weights[k] * mat[k, l].
   void (*weighted_col_sums)(const T* mat, int64_t stride, int64_t rows, const T* weights, T* out, int64_t col_begin,
                             int64_t col_end);

@@ -230,22 +230,62 @@ void lse_cols(const T* mat, int64_t stride, int64_t rows, const T* vec, const T*
   }
 }
 
-// out[r] = sum_c mat[r, c] * vec[c] for rows r in [row_begin, row_end).
+// sum_c row[c] * vec[c], in the same order wherever it is used.
 template <typename T>
-void dot_rows(const T* mat, int64_t stride, const T* vec, T* out, int64_t row_begin, int64_t row_end) {
+inline T row_dot(const T* row, const T* vec, int64_t stride) {
   typedef typename Vec<T>::type V;
   constexpr int W = Vec<T>::width;
   const int64_t paired = stride - stride % (2 * W);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    const T* row = mat + r * stride;
-    V s0 = splat<V>(T(0)), s1 = s0;
-    int64_t c = 0;
-    for (; c < paired; c += 2 * W) {
-      s0 += load<V>(row + c) * load<V>(vec + c);
-      s1 += load<V>(row + c + W) * load<V>(vec + c + W);
+  V s0 = splat<V>(T(0)), s1 = s0;
+  int64_t c = 0;
+  for (; c < paired; c += 2 * W) {
+    s0 += load<V>(row + c) * load<V>(vec + c);
+    s1 += load<V>(row + c + W) * load<V>(vec + c + W);
+  }
+  for (; c < stride; c += W) s0 += load<V>(row + c) * load<V>(vec + c);
+  return horizontal_sum<T>(s0 + s1);
+}
+
+// out[r] = sum_c mat[r, c] * vec[c] for rows r in [row_begin, row_end).
+template <typename T>
+void dot_rows(const T* mat, int64_t stride, const T* vec, T* out, int64_t row_begin, int64_t row_end) {
+  for (int64_t r = row_begin; r < row_end; ++r) out[r] = row_dot(mat + r * stride, vec, stride);
+}
+
+// For rows r in [row_begin, row_end), in order:
+//   row_scale[r] = weights[r] / sum_c mat[r, c] * vec[c]   (0 where weights[r] <= 0)
+//   col_sums[c] += row_scale[r] * mat[r, c]                 for c < stride (rows with scale 0 skipped)
+// Each row is read from memory once for both (the second read hits the cache).
+template <typename T>
+void scale_rows_col_sums(const T* mat, int64_t stride, const T* vec, const T* weights, T* row_scale, T* col_sums,
+                         int64_t row_begin, int64_t row_end) {
+  typedef typename Vec<T>::type V;
+  constexpr int W = Vec<T>::width;
+  constexpr int kRows = 4;  // rows added per read-modify-write of col_sums
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kRows) {
+    const T* rows[kRows];
+    T scales[kRows];
+    int count = 0;
+    for (int64_t r = r0; r < std::min(row_end, r0 + kRows); ++r) {
+      const T* row = mat + r * stride;
+      const T scale = weights[r] > 0 ? weights[r] / row_dot(row, vec, stride) : T(0);
+      row_scale[r] = scale;
+      if (scale != T(0)) rows[count] = row, scales[count++] = scale;
     }
-    for (; c < stride; c += W) s0 += load<V>(row + c) * load<V>(vec + c);
-    out[r] = horizontal_sum<T>(s0 + s1);
+    if (count == kRows) {
+      for (int64_t c = 0; c < stride; c += W) {
+        V acc = load<V>(col_sums + c);
+        acc += load<V>(rows[0] + c) * scales[0];
+        acc += load<V>(rows[1] + c) * scales[1];
+        acc += load<V>(rows[2] + c) * scales[2];
+        acc += load<V>(rows[3] + c) * scales[3];
+        store(col_sums + c, acc);
+      }
+    } else {
+      for (int q = 0; q < count; ++q)
+        for (int64_t c = 0; c < stride; c += W)
+          store(col_sums + c, load<V>(col_sums + c) + load<V>(rows[q] + c) * scales[q]);
+    }
   }
 }
 
@@ -311,6 +351,10 @@ template void lse_cols<float>(const float*, int64_t, int64_t, const float*, cons
 template void lse_cols<double>(const double*, int64_t, int64_t, const double*, const double*, double*, int64_t, int64_t);
 template void dot_rows<float>(const float*, int64_t, const float*, float*, int64_t, int64_t);
 template void dot_rows<double>(const double*, int64_t, const double*, double*, int64_t, int64_t);
+template void scale_rows_col_sums<float>(const float*, int64_t, const float*, const float*, float*, float*, int64_t,
+                                         int64_t);
+template void scale_rows_col_sums<double>(const double*, int64_t, const double*, const double*, double*, double*,
+                                          int64_t, int64_t);
 template void weighted_col_sums<float>(const float*, int64_t, int64_t, const float*, float*, int64_t, int64_t);
 template void weighted_col_sums<double>(const double*, int64_t, int64_t, const double*, double*, int64_t, int64_t);
 template void exp_row<float>(const float*, float, const float*, float*, int64_t);

@@ -11,7 +11,8 @@
 // lanes along the output index for short rows and along each row for long
 // ones). From the second iteration on it runs in the scaling domain: the
 // kernel is the plan at the last absorption, exp(-C/eps + alpha_i + beta_j),
-// each half-iteration is a matrix-vector product, and the scalings are
+// each half-iteration is a matrix-vector product (a row update and the next
+// column update's sums share one pass over the kernel), and the scalings are
 // absorbed back into the log potentials whenever one leaves [1e-4, 1e4], so no
 // kernel entry that matters can underflow. The plan, potentials and err are
 // always formed in the log domain exactly as the reference forms them.
@@ -47,6 +48,10 @@ struct Options {
   int64_t check_every;
 };
 
+// Rows per block of the fused scaling pass. Fixed, so that its column sums
+// (block partials added in block order) do not depend on the thread count.
+constexpr int64_t kRowBlock = 64;
+
 // Scratch memory for one problem of size n x m, reused across problems.
 template <typename T>
 struct Workspace {
@@ -68,11 +73,13 @@ struct Workspace {
   std::vector<T> scale_u;   // [n]
   std::vector<T> scale_v;   // [m_pad], padding 0
   std::vector<T> sums;      // [max(n, m)] row or column sums of the scaled kernel
+  std::vector<T> block_sums;  // [ceil(n / kRowBlock), m_pad] column sums of each block of kernel rows
 
   Workspace(int64_t n_, int64_t m_)
       : n(n_), m(m_), n_pad(round_up(n_, vector_width<T>())), m_pad(round_up(m_, vector_width<T>())),
         neg_c(n * m_pad), neg_c_t(m * n_pad), log_u(n_pad), log_v(m_pad), log_a(n), log_b(m), col_sum(m), plan_row(m_pad),
-        row_cost(n), kernel(n * m_pad), alpha(n), beta(m_pad), scale_u(n), scale_v(m_pad), sums(std::max(n, m)) {}
+        row_cost(n), kernel(n * m_pad), alpha(n), beta(m_pad), scale_u(n), scale_v(m_pad), sums(std::max(n, m)),
+        block_sums((n + kRowBlock - 1) / kRowBlock * m_pad) {}
 };
 
 // Pointers to one problem's inputs and outputs.
@@ -173,6 +180,8 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
     return total;
   };
   bool scaled = false, absorb = true;
+  bool col_sums_ready = false;  // ws.sums[0, m) already holds the column sums for the current scale_u
+  const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
   auto sync_potentials = [&] {  // log_u, log_v from the scalings
     for (int64_t i = 0; i < n; ++i) ws.log_u[i] = p.a[i] > 0 ? ws.alpha[i] + std::log(ws.scale_u[i]) : neg_inf;
     for (int64_t j = 0; j < m; ++j) ws.log_v[j] = p.b[j] > 0 ? ws.beta[j] + std::log(ws.scale_v[j]) : neg_inf;
@@ -203,15 +212,37 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
         for (int64_t j = 0; j < m; ++j) ws.scale_v[j] = p.b[j] > 0 ? T(1) : T(0);
         scaled = true;
         absorb = false;
+        col_sums_ready = false;
       }
-      for_columns(m, n, [&](int64_t begin, int64_t end) {
-        k.weighted_col_sums(ws.kernel.data(), m_pad, n, ws.scale_u.data(), ws.sums.data(), begin, end);
-      });
+      if (!col_sums_ready) {
+        for_columns(m, n, [&](int64_t begin, int64_t end) {
+          k.weighted_col_sums(ws.kernel.data(), m_pad, n, ws.scale_u.data(), ws.sums.data(), begin, end);
+        });
+      }
       for (int64_t j = 0; j < m; ++j) ws.scale_v[j] = p.b[j] > 0 ? p.b[j] / ws.sums[j] : T(0);
-      for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
-        k.dot_rows(ws.kernel.data(), m_pad, ws.scale_v.data(), ws.sums.data(), begin, end);
-      });
-      for (int64_t i = 0; i < n; ++i) ws.scale_u[i] = p.a[i] > 0 ? p.a[i] / ws.sums[i] : T(0);
+      if (it < opt.n_iters) {
+        // The kernel is memory-bound: one pass over its rows gives the row
+        // update and the column sums the next column update needs.
+        for_rows(row_blocks, kRowBlock * m_pad, [&](int64_t begin, int64_t end) {
+          for (int64_t block = begin; block < end; ++block) {
+            T* partial = ws.block_sums.data() + block * m_pad;
+            std::fill(partial, partial + m_pad, T(0));
+            k.scale_rows_col_sums(ws.kernel.data(), m_pad, ws.scale_v.data(), p.a, ws.scale_u.data(), partial,
+                                  block * kRowBlock, std::min(n, (block + 1) * kRowBlock));
+          }
+        });
+        std::fill(ws.sums.begin(), ws.sums.begin() + m, T(0));
+        for (int64_t block = 0; block < row_blocks; ++block) {
+          const T* partial = ws.block_sums.data() + block * m_pad;
+          for (int64_t j = 0; j < m; ++j) ws.sums[j] += partial[j];
+        }
+        col_sums_ready = true;
+      } else {
+        for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
+          k.dot_rows(ws.kernel.data(), m_pad, ws.scale_v.data(), ws.sums.data(), begin, end);
+        });
+        for (int64_t i = 0; i < n; ++i) ws.scale_u[i] = p.a[i] > 0 ? p.a[i] / ws.sums[i] : T(0);
+      }
       absorb = out_of_range(ws.scale_u, p.a, n) || out_of_range(ws.scale_v, p.b, m);
       if (with_tol && it % opt.check_every == 0) {
         sync_potentials();
