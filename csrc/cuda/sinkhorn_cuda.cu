@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "../sinkhorn_args.h"
 
 namespace aplot_kernels {
 namespace cuda {
@@ -348,12 +349,8 @@ void run_tiled(const at::Tensor& C, const at::Tensor& a, const at::Tensor& b, co
 
 SolveResult sinkhorn_solve_cuda(const at::Tensor& C_in, const at::Tensor& a_in, const at::Tensor& b_in, double eps,
                                 int64_t n_iters, double tol, int64_t check_every) {
-  TORCH_CHECK(C_in.dim() == 3, "sinkhorn_solve: C must be [B, N, M], got ", C_in.sizes());
-  TORCH_CHECK(eps > 0, "sinkhorn_solve: eps must be > 0");
-  TORCH_CHECK(n_iters >= 1 && check_every >= 1, "sinkhorn_solve: n_iters and check_every must be >= 1");
+  check_sinkhorn_solve_args(C_in, a_in, b_in, eps, n_iters, check_every);
   const int64_t batch = C_in.size(0), n = C_in.size(1), m = C_in.size(2);
-  TORCH_CHECK(a_in.dim() == 2 && a_in.size(0) == batch && a_in.size(1) == n, "sinkhorn_solve: a must be [B, N]");
-  TORCH_CHECK(b_in.dim() == 2 && b_in.size(0) == batch && b_in.size(1) == m, "sinkhorn_solve: b must be [B, M]");
   TORCH_CHECK(n * m < (int64_t(1) << 31), "sinkhorn_solve: problems over 2^31 entries are not supported");
   const c10::cuda::CUDAGuard guard(C_in.device());
   const at::ScalarType compute = C_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
