@@ -95,8 +95,10 @@ def main(argv=None) -> int:
     # POT warns on every fixed-iteration run that it did not converge; that is the point here.
     warnings.filterwarnings("ignore", module=r"ot(\.|$)")
     runner = Runner(torch.device("cpu" if args.dry_run else "cuda"), args)
-    runner.run_all()
-    path = runner.write()
+    try:
+        runner.run_all()
+    finally:
+        path = runner.write()
     print(f"gpu_check: wrote {path}")
     return 0
 
@@ -117,6 +119,13 @@ class Runner:
         except Exception as exc:  # POT is optional on the GPU machine
             self.ot, self.pot_version, self.pot_note = None, "", f"POT unavailable ({type(exc).__name__}: {exc})"
         import triton
+
+        from aplot_kernels import backends
+
+        # The CUDA kernels of the compiled extension (csrc/cuda) are timed beside Triton when they load.
+        self.native_ok, self.native_why = backends.native_status(device)
+        if device.type != "cuda":
+            self.native_ok, self.native_why = False, "the dry run times the Triton kernels only"
 
         self.meta = dict(
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)",
@@ -165,6 +174,7 @@ class Runner:
             case=case, impl=impl, shape=shape, dtype=str(dtype).replace("torch.", ""), n_iters=n_iters,
             median_ms=f"{median:.4f}", min_ms=f"{best:.4f}", repeats=n, plan_rel_err_vs_torch64=err, note=note, **self.meta,
         ))
+        self.write()  # after every row: a run stopped by its time limit keeps what it measured
 
     def skip(self, case, impl, shape, dtype, n_iters, note):
         print(f"  {case:15s} {impl:28s} skipped: {note}")
@@ -172,6 +182,7 @@ class Runner:
             case=case, impl=impl, shape=shape, dtype=str(dtype).replace("torch.", ""), n_iters=n_iters,
             median_ms="", min_ms="", repeats=0, plan_rel_err_vs_torch64="", note=note, **self.meta,
         ))
+        self.write()
 
     # -- cases ----------------------------------------------------------------
 
@@ -185,6 +196,73 @@ class Runner:
             self.sinkhorn_case("sinkhorn_small", batch=64, n=128, m=128, n_iters=50, strategies=("fused", "streamed", "tiled", "auto"))
             self.margin_case(n=512, d=4096, n_iters=50)
             self.sinkhorn_case("sinkhorn_large", batch=4, n=4096, m=4096, n_iters=50, strategies=("tiled",), repeats=5)
+            self.strategy_sweep()
+        try:
+            self.summary()
+        except Exception as exc:  # the rows are what counts; the summary only reads them
+            print(f"gpu_check: no summary ({type(exc).__name__}: {exc})")
+
+    def strategy_sweep(self):
+        """Every Triton strategy (and native) over sizes, to place the thresholds of ``strategy="auto"``.
+
+        ``triton-tiled`` replays its loop as a CUDA graph up to ``GRAPH_MAX_ENTRIES``;
+        ``triton-tiled no graph`` launches every pass from Python. The fused kernel
+        is also timed at several warp counts at B=64, 128 x 128.
+        """
+        torch = self.torch
+        from aplot_kernels.sinkhorn import triton_kernels as tk
+
+        def problem(batch, n):
+            gen = torch.Generator(device=self.device).manual_seed(2)
+            C = torch.rand(batch, n, n, device=self.device, generator=gen) * 2
+            return C, torch.full((batch, n), 1.0 / n, device=self.device)
+
+        C, a = problem(64, 128)
+        for warps in (4, 8, 16, 32):
+            self.add("fused_warps", f"triton-fused num_warps={warps}", "B=64 N=128 M=128", torch.float32, 50,
+                     lambda w=warps: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True, num_warps=w), repeats=5)
+        for batch, n in ((64, 64), (64, 256), (16, 512), (1, 512), (8, 1024), (1, 1024), (1, 2048)):
+            C, a = problem(batch, n)
+            shape = f"B={batch} N={n} M={n}"
+            runs = {
+                "triton-streamed": lambda: tk._solve_streamed(C, a, a, 0.1, 50, None, 10, True),
+                "triton-tiled": lambda: tk.solve(C, a, a, 0.1, 50, None, 10, strategy="tiled"),
+                "triton-tiled no graph": lambda: tk._solve_tiled(C, a, a, 0.1, 50, None, 10, True),
+                "triton-auto": lambda: tk.solve(C, a, a, 0.1, 50, None, 10),
+            }
+            if n * n <= 128 * 256:  # larger fused programs take minutes to compile and spill heavily
+                runs["triton-fused"] = lambda: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True)
+            if self.native_ok:
+                from aplot_kernels.sinkhorn import native
+
+                runs["native (CUDA)"] = lambda: native.solve(C, a, a, 0.1, 50, None, 10)
+            for impl, run in runs.items():
+                self.add("strategy_sweep", impl, shape, torch.float32, 50, run, repeats=5)
+
+    def summary(self):
+        """The issue's three GPU targets, read off the rows above (printed last)."""
+        def median(case, impl):
+            for row in self.rows:
+                if row["case"] == case and row["impl"] == impl and row["median_ms"] not in ("", "nan"):
+                    return float(row["median_ms"])
+            return math.nan
+
+        lines = ["", "== targets (medians of this run)"]
+        pot = median("sinkhorn_small", "POT solve_batch log_sinkhorn")
+        ref = median("sinkhorn_small", "torch reference (fp32)")
+        for impl in ("triton-auto", "triton-fused", "triton-streamed", "native (CUDA)"):
+            ours = median("sinkhorn_small", impl)
+            lines.append(f"B=64 N=M=128 K=50 {impl:16s} {ours * 1e3:9.1f} us: {pot / ours:7.1f}x POT solve_batch "
+                         f"(target 100x), {ref / ours:6.1f}x torch reference (target 20x)")
+        for impl in ("triton aplot_margin", "native aplot_margin"):
+            lines.append(f"aplot_margin n=512 D=4096 bf16 {impl:20s} {median('aplot_margin', impl) * 1e3:9.1f} us (target <= 150 us)")
+        large = median("sinkhorn_large", "triton-tiled")
+        streamed_floor, exp_floor = _large_floors(self.torch, 4, 4096, 4096, 50)
+        lines.append(f"B=4 N=M=4096 K=50 triton-tiled {large:.2f} ms: {large / streamed_floor:.2f}x the streaming floor "
+                     f"({streamed_floor:.2f} ms, C read twice per iteration), {large / exp_floor:.2f}x the exp floor "
+                     f"({exp_floor:.2f} ms) (target 2x)")
+        lines.append(f"B=4 N=M=4096 K=50 native (CUDA) {median('sinkhorn_large', 'native (CUDA)'):.2f} ms")
+        print("\n".join(lines))
 
     def sinkhorn_case(self, case, *, batch, n, m, n_iters, strategies, pot_loop=True, repeats=None, eps=0.1):
         torch = self.torch
@@ -202,10 +280,21 @@ class Runner:
             run = lambda s=strategy: triton_kernels.solve(C, a, b, eps, n_iters, None, 10, strategy=s)
             self.add(case, f"triton-{strategy}", shape, dtype, n_iters, run, reference_plan=ref64,
                      plan_of=lambda r=run: r().plan, repeats=repeats)
+        if self.native_ok:
+            from aplot_kernels.sinkhorn import native
+
+            run_native = lambda: native.solve(C, a, b, eps, n_iters, None, 10)
+            self.add(case, "native (CUDA)", shape, dtype, n_iters, run_native, reference_plan=ref64,
+                     plan_of=lambda: run_native().plan, repeats=repeats)
+        else:
+            self.skip(case, "native (CUDA)", shape, dtype, n_iters, self.native_why)
         # Tolerance mode: device-side stop flags, no host sync in the loop (tol reached well before the cap).
         tol_run = lambda: triton_kernels.solve(C, a, b, eps, n_iters, 1e-6, 10)
-        self.add(case, "triton-auto tol=1e-6 every 10", shape, dtype, n_iters, tol_run, repeats=repeats,
-                 note="n_iters per problem: " + _summary(tol_run().n_iters))
+        try:
+            tol_note = "n_iters per problem: " + _summary(tol_run().n_iters)
+        except Exception as exc:  # recorded by add() as a failed row
+            tol_note = f"({type(exc).__name__})"
+        self.add(case, "triton-auto tol=1e-6 every 10", shape, dtype, n_iters, tol_run, repeats=repeats, note=tol_note)
         self.add(case, "torch reference (fp32)", shape, dtype, n_iters,
                  lambda: reference.solve(C, a, b, eps, n_iters, None, 10), reference_plan=ref64,
                  plan_of=lambda: reference.solve(C, a, b, eps, n_iters, None, 10).plan, repeats=repeats)
@@ -237,12 +326,26 @@ class Runner:
         shape, case = f"n={n} D={d}", "aplot_margin"
         kwargs = dict(eps=eps, n_iters=n_iters, detach=True)
         want = aplot_margin(r_c.double(), r_r.double(), emb_c.double(), emb_r.double(), backend="torch", **kwargs)
-        for backend in ("triton", "torch"):
+        for backend in ("triton", "native", "torch"):
+            if backend == "native" and not self.native_ok:
+                self.skip(case, "native aplot_margin", shape, dtype, n_iters, self.native_why)
+                continue
             run = lambda be=backend: aplot_margin(r_c, r_r, emb_c, emb_r, backend=be, **kwargs)
-            err = ((run().double() - want).abs().max() / want.abs().max()).item()
-            self.add(case, f"{backend} aplot_margin", shape, dtype, n_iters, run, note=f"margin rel err vs float64 torch {err:.2e}")
-        self.add(case, "triton aplot_cost only", shape, dtype, 0,
-                 lambda: aplot_cost(emb_c, emb_r, r_c, r_r, backend="triton"))
+            try:
+                note = f"margin rel err vs float64 torch {((run().double() - want).abs().max() / want.abs().max()).item():.2e}"
+            except Exception as exc:  # recorded by add() as a failed row
+                note = f"no error measured ({type(exc).__name__})"
+            self.add(case, f"{backend} aplot_margin", shape, dtype, n_iters, run, note=note)
+        cost_want = aplot_cost(emb_c.double(), emb_r.double(), r_c.double(), r_r.double(), backend="torch")
+        for backend in ("triton", "native", "torch"):
+            if backend == "native" and not self.native_ok:
+                continue
+            run = lambda be=backend: aplot_cost(emb_c, emb_r, r_c, r_r, backend=be)
+            try:
+                note = f"cost max abs err vs float64 torch {(run().double() - cost_want).abs().max().item():.2e}"
+            except Exception as exc:  # recorded by add() as a failed row
+                note = f"no error measured ({type(exc).__name__})"
+            self.add(case, f"{backend} aplot_cost only", shape, dtype, 0, run, note=note)
         if self.ot is None:
             self.skip(case, "POT", shape, dtype, n_iters, self.pot_note)
             return
@@ -264,6 +367,22 @@ class Runner:
             writer.writeheader()
             writer.writerows(self.rows)
         return path
+
+
+def _large_floors(torch, batch, n, m, n_iters):
+    """``(streaming floor, exp floor)`` in ms for a float32 ``C`` on this GPU (see the module docstring)."""
+    if not torch.cuda.is_available():
+        return math.nan, math.nan
+    sys.path.insert(0, str(_ROOT))
+    from bench import floor
+
+    spec = floor.gpu_spec()
+    if spec is None:
+        return math.nan, math.nan
+    entries = batch * n * m
+    streaming = 2 * n_iters * entries * 4 / spec.bandwidth
+    exps = (2 * n_iters + 1) * entries / floor.exp_rate(spec)
+    return 1e3 * max(streaming, exps), 1e3 * exps
 
 
 def _summary(values) -> str:

@@ -151,13 +151,20 @@ def _conjugate_gradients(plan, diag_a, diag_b, rhs, max_iters: int = 1000, rtol:
     rz = (r * z).sum(-1, keepdim=True)
     stop = (rtol * rtol) * (rhs * rhs).sum(-1, keepdim=True)
     for it in range(max_iters):
+        # A problem whose residual has reached the tolerance is frozen: its later steps would divide
+        # rounding noise by rounding noise (H is singular along the gauge, so p.Hp can reach 0 or
+        # turn negative), which overflowed to NaN on CUDA. No host synchronisation here.
+        active = (r * r).sum(-1, keepdim=True) > stop
         hp = apply(p)
-        alpha = rz / (p * hp).sum(-1, keepdim=True).clamp_min(torch.finfo(rhs.dtype).tiny)
+        curvature = (p * hp).sum(-1, keepdim=True)
+        step = active & (curvature > 0)
+        alpha = torch.where(step, rz / torch.where(step, curvature, 1), 0)
         x = x + alpha * p
         r = r - alpha * hp
         z = inv_diag * r
         rz_new = (r * z).sum(-1, keepdim=True)
-        p = z + (rz_new / rz.clamp_min(torch.finfo(rhs.dtype).tiny)) * p
+        keep = step & (rz > 0)
+        p = z + torch.where(keep, rz_new / torch.where(keep, rz, 1), 0) * p
         rz = rz_new
         if it % 20 == 19 and bool(((r * r).sum(-1, keepdim=True) <= stop).all()):
             break
