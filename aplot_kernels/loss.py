@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from . import _checks, backends
 from .backends import BACKENDS
 from .cost import _compute_dtype as cost_compute_dtype
-from .cost import aplot_cost
+from .cost import NORM_EPS, aplot_cost_checked
 from .distributed import PairBank, Responses, concat_responses, gather_rows, is_distributed
-from .sinkhorn import sinkhorn
+from .sinkhorn import sinkhorn_checked
 
 __all__ = ["bt_loss", "aplot_margin", "aplot_loss", "APLOTLoss", "APLOTOutput"]
 
@@ -83,9 +83,15 @@ def bt_loss(
         margin: ``[n]``, a scalar, or ``None`` (zero).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (returns ``[n]``).
     """
-    _check_rewards(chosen_rewards, rejected_rewards, same_length=True)
-    margin = _check_margin(margin, chosen_rewards.shape[0], chosen_rewards)
-    _checks.choice("reduction", reduction, REDUCTIONS)
+    with _checks.one_sync():
+        _check_rewards(chosen_rewards, rejected_rewards, same_length=True)
+        margin = _check_margin(margin, chosen_rewards.shape[0], chosen_rewards)
+        _checks.choice("reduction", reduction, REDUCTIONS)
+    return _bt_loss(chosen_rewards, rejected_rewards, margin, reduction)
+
+
+def _bt_loss(chosen_rewards, rejected_rewards, margin, reduction: str) -> torch.Tensor:
+    """:func:`bt_loss` on checked arguments."""
     logits = chosen_rewards - rejected_rewards
     if margin is not None:
         logits = logits - margin
@@ -107,6 +113,7 @@ def _check_margin_options(options: dict) -> dict:
 
 
 def _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb):
+    """Shapes now; values (NaN/inf) at the end of the caller's ``one_sync`` block."""
     _check_rewards(chosen_rewards, rejected_rewards, same_length=False)
     _checks.tensor("chosen_emb", chosen_emb, ndims=(2,))
     _checks.tensor("rejected_emb", rejected_emb, ndims=(2,))
@@ -119,7 +126,7 @@ def _margin_and_plan(
     chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, *, alpha, temperature, eps, n_iters, scale, detach, backend,
     need_plan=True,
 ):
-    """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked.
+    """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked (no check, no host sync here).
 
     With ``need_plan=False`` the plan may come back as ``None``: a detached
     margin on the Triton backend then reduces each plan row against the cost
@@ -131,9 +138,8 @@ def _margin_and_plan(
         from .sinkhorn import triton_kernels  # only importable where Triton is installed
 
         with torch.no_grad():
-            cost = aplot_cost(
-                chosen_emb, rejected_emb, chosen_rewards, rejected_rewards,
-                alpha=alpha, temperature=temperature, backend="triton",
+            cost = aplot_cost_checked(
+                chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, NORM_EPS, "triton"
             )
             m = cost.shape[1]
             a = torch.full((1, n), 1.0 / n, dtype=torch.float32, device=cost.device)
@@ -141,11 +147,10 @@ def _margin_and_plan(
             row_costs = triton_kernels.row_transport_costs(cost.unsqueeze(0), a, b, eps, n_iters)[0]
         return scale * n * row_costs, None, cost
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
-        cost = aplot_cost(
-            chosen_emb, rejected_emb, chosen_rewards, rejected_rewards,
-            alpha=alpha, temperature=temperature, backend=backend,
+        cost = aplot_cost_checked(
+            chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, NORM_EPS, backend
         )
-        result = sinkhorn(cost, eps=eps, n_iters=n_iters, grad="none" if detach else "implicit", backend=backend)
+        result = sinkhorn_checked(cost, eps=eps, n_iters=n_iters, grad="none" if detach else "implicit", backend=backend)
         margins = scale * n * (result.plan * cost).sum(-1)
     return margins, result.plan, cost
 
@@ -181,7 +186,8 @@ def aplot_margin(
     Returns:
         ``[n]`` margins ``scale * n * sum_j P_ij C_ij``.
     """
-    _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
+    with _checks.one_sync():
+        _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
     options = _check_margin_options(dict(
         alpha=alpha, temperature=temperature, eps=eps, n_iters=n_iters, scale=scale, detach=detach, backend=backend,
     ))
@@ -204,9 +210,10 @@ def _warn_single_pair() -> None:
 
 
 def _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, reduction, margin_kwargs) -> APLOTOutput:
-    _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
-    n = chosen_rewards.shape[0]
-    margin = _check_margin(margin, n, chosen_rewards)
+    with _checks.one_sync():
+        _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
+        n = chosen_rewards.shape[0]
+        margin = _check_margin(margin, n, chosen_rewards)
     _checks.choice("reduction", reduction, REDUCTIONS)
     options = dict(alpha=0.9, temperature=1.0, eps=0.1, n_iters=50, scale=1.0, detach=True, backend="auto")
     unknown = set(margin_kwargs) - set(options)
@@ -218,10 +225,10 @@ def _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, marg
     if options["scale"] == 0 or (n == 1 and rejected_rewards.shape[0] == 1):
         if options["scale"] != 0:
             _warn_single_pair()
-        return APLOTOutput(bt_loss(chosen_rewards, pair_rejected, margin, reduction=reduction), None, None, None)
+        return APLOTOutput(_bt_loss(chosen_rewards, pair_rejected, margin, reduction), None, None, None)
     ot_margin, plan, cost = _margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, **options)
     total = ot_margin if margin is None else ot_margin + margin
-    return APLOTOutput(bt_loss(chosen_rewards, pair_rejected, total, reduction=reduction), ot_margin, plan, cost)
+    return APLOTOutput(_bt_loss(chosen_rewards, pair_rejected, total, reduction), ot_margin, plan, cost)
 
 
 def aplot_loss(
@@ -335,13 +342,14 @@ def _widened_aplot_loss(module: APLOTLoss, chosen_rewards, rejected_rewards, cho
     :func:`aplot_kernels.distributed.concat_responses`); this call's pairs sit
     at rows ``local_offset .. local_offset + n`` of the chosen side.
     """
-    _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
-    n = chosen_rewards.shape[0]
-    margin = _check_margin(margin, n, chosen_rewards)
+    with _checks.one_sync():
+        _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
+        n = chosen_rewards.shape[0]
+        margin = _check_margin(margin, n, chosen_rewards)
     options = _check_margin_options(module.margin_options())
     if options["scale"] == 0:
         module.local_offset = 0
-        return APLOTOutput(bt_loss(chosen_rewards, rejected_rewards[:n], margin, reduction=module.reduction), None, None, None)
+        return APLOTOutput(_bt_loss(chosen_rewards, rejected_rewards[:n], margin, module.reduction), None, None, None)
     current = Responses(chosen_rewards, chosen_emb, rejected_rewards, rejected_emb)
     offset = 0
     if module.gather_across_devices and is_distributed(module.process_group):
@@ -353,13 +361,13 @@ def _widened_aplot_loss(module: APLOTLoss, chosen_rewards, rejected_rewards, cho
     module.local_offset = offset
     if problem.chosen_rewards.shape[0] == 1 and problem.rejected_rewards.shape[0] == 1:
         _warn_single_pair()
-        return APLOTOutput(bt_loss(chosen_rewards, rejected_rewards[:n], margin, reduction=module.reduction), None, None, None)
+        return APLOTOutput(_bt_loss(chosen_rewards, rejected_rewards[:n], margin, module.reduction), None, None, None)
     margins, plan, cost = _margin_and_plan(
         problem.chosen_rewards, problem.rejected_rewards, problem.chosen_emb, problem.rejected_emb, **options
     )
     local = margins[offset: offset + n]
     total = local if margin is None else local + margin
-    return APLOTOutput(bt_loss(chosen_rewards, rejected_rewards[:n], total, reduction=module.reduction), local, plan, cost)
+    return APLOTOutput(_bt_loss(chosen_rewards, rejected_rewards[:n], total, module.reduction), local, plan, cost)
 
 
 def _gather_responses(local: Responses, *, differentiable: bool, group):

@@ -236,6 +236,44 @@ def test_loss_options_are_checked_before_any_kernel(monkeypatch):
     assert not calls
 
 
+def test_value_checks_of_one_call_are_read_with_one_synchronisation(monkeypatch):
+    """NaN/sign/mass checks of all of a call's tensors are read back together (one host sync)."""
+    reads = []
+    real_run = _checks._run
+    monkeypatch.setattr(_checks, "_run", lambda checks: (reads.append(len(checks)), real_run(checks))[1])
+    n, m = 3, 5
+    rc, rr = t(n), t(m) + 0.05
+    x, y = t(n, 4), t(m, 4).flip(0)
+    a, b = uniform(n), uniform(m)
+    expected = [
+        (lambda: aplot_margin(rc, rr, x, y, backend="torch"), [4]),  # the cost and Sinkhorn steps add none
+        (lambda: aplot_loss(rc, rr, x, y, margin=t(n), backend="torch"), [5]),
+        (lambda: APLOTLoss(backend="torch")(rc, rr, x, y), [4]),
+        (lambda: bt_loss(rc, rr[:n], t(n)), [3]),
+        (lambda: aplot_cost(x, y, rc, rr, backend="torch"), [4]),
+        (lambda: cosine_cost(x, y, backend="torch"), [2]),
+        (lambda: sinkhorn(t(n, m), backend="torch"), [1]),  # uniform weights: no mass check needed
+        (lambda: sinkhorn(t(n, m), a, b, backend="torch"), [8]),  # C; a, b: finite, >= 0, mass > 0; equal masses
+    ]
+    for call, want in expected:
+        reads.clear()
+        call()
+        assert reads == want
+
+
+def test_deferred_checks_report_the_first_failure_and_overflow_is_not_nan():
+    C = t(2, 3, 4)
+    C[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="`C`"):  # C is checked before `a`, which is also bad
+        sinkhorn(C, -t(2, 3), backend="torch")
+    with pytest.raises(ValueError, match="`b` must be non-negative"):
+        sinkhorn(t(2, 3, 4), None, -t(2, 4), backend="torch")
+    # Finite half-precision values whose sum overflows are not NaN/inf: the exact check overrules.
+    big = torch.full((2, 8), 60000.0, dtype=torch.float16, device=DEVICE)
+    assert not bool(torch.isfinite(big.sum()))
+    assert torch.isfinite(cosine_cost(big, backend="torch")).all()
+
+
 # ---------------------------------------------------------------------------
 # Inputs are never modified in place
 # ---------------------------------------------------------------------------

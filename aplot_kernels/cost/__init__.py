@@ -23,6 +23,8 @@ from . import reference
 
 __all__ = ["cosine_cost", "aplot_cost"]
 
+NORM_EPS = 1e-8  # the default norm clamp of both costs
+
 
 def _kernels(backend: str):
     """The module holding a backend's cost kernels."""
@@ -76,7 +78,7 @@ class _APLOTCostKernel(torch.autograd.Function):
         return tuple(g.to(t.dtype) for g, t in zip(grads, inputs)) + (None, None, None, None)
 
 
-def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float = 1e-8, backend: str = "auto") -> torch.Tensor:
+def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float = NORM_EPS, backend: str = "auto") -> torch.Tensor:
     """Cosine cost ``C[i, j] = 1 - <x_hat_i, y_hat_j>``.
 
     Args:
@@ -88,13 +90,14 @@ def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float
     Returns:
         ``[N, M]`` or ``[B, N, M]``; float32 for half-precision inputs.
     """
-    _checks.tensor("x", x, ndims=(2, 3))
-    _checks.tensor("y", y, ndims=(2, 3), allow_none=True)
-    eps = _checks.positive("eps", eps)
-    y_given = y is not None
-    if y is None:
-        y = x
-    _checks.embeddings_pair("x", x, "y", y)
+    with _checks.one_sync():
+        _checks.tensor("x", x, ndims=(2, 3))
+        _checks.tensor("y", y, ndims=(2, 3), allow_none=True)
+        eps = _checks.positive("eps", eps)
+        y_given = y is not None
+        if y is None:
+            y = x
+        _checks.embeddings_pair("x", x, "y", y)
     dtype = _compute_dtype(x, y)
     impl = backends.resolve(backend, x.device, dtype)
     unbatched = x.dim() == 2
@@ -115,7 +118,7 @@ def aplot_cost(
     *,
     alpha: float = 0.9,
     temperature: float = 1.0,
-    eps: float = 1e-8,
+    eps: float = NORM_EPS,
     backend: str = "auto",
 ) -> torch.Tensor:
     """APLOT cost between chosen and rejected responses.
@@ -137,16 +140,22 @@ def aplot_cost(
     Returns:
         ``[N, M]`` or ``[B, N, M]``; float32 for half-precision inputs.
     """
-    _checks.tensor("chosen_emb", chosen_emb, ndims=(2, 3))
-    _checks.tensor("rejected_emb", rejected_emb, ndims=(2, 3))
-    _checks.tensor("chosen_rewards", chosen_rewards, ndims=(1, 2))
-    _checks.tensor("rejected_rewards", rejected_rewards, ndims=(1, 2))
-    _checks.embeddings_pair("chosen_emb", chosen_emb, "rejected_emb", rejected_emb)
-    _checks.rewards_for("chosen_rewards", chosen_rewards, "chosen_emb", chosen_emb)
-    _checks.rewards_for("rejected_rewards", rejected_rewards, "rejected_emb", rejected_emb)
-    alpha = _checks.unit_interval("alpha", alpha)
-    temperature = _checks.positive("temperature", temperature)
-    eps = _checks.positive("eps", eps)
+    with _checks.one_sync():
+        _checks.tensor("chosen_emb", chosen_emb, ndims=(2, 3))
+        _checks.tensor("rejected_emb", rejected_emb, ndims=(2, 3))
+        _checks.tensor("chosen_rewards", chosen_rewards, ndims=(1, 2))
+        _checks.tensor("rejected_rewards", rejected_rewards, ndims=(1, 2))
+        _checks.embeddings_pair("chosen_emb", chosen_emb, "rejected_emb", rejected_emb)
+        _checks.rewards_for("chosen_rewards", chosen_rewards, "chosen_emb", chosen_emb)
+        _checks.rewards_for("rejected_rewards", rejected_rewards, "rejected_emb", rejected_emb)
+        alpha = _checks.unit_interval("alpha", alpha)
+        temperature = _checks.positive("temperature", temperature)
+        eps = _checks.positive("eps", eps)
+    return aplot_cost_checked(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, backend)
+
+
+def aplot_cost_checked(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, backend):
+    """:func:`aplot_cost` on arguments already checked (the loss checks its inputs once for all its steps)."""
     inputs = (chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
     dtype = _compute_dtype(*inputs)
     impl = backends.resolve(backend, chosen_emb.device, dtype)
