@@ -129,22 +129,28 @@ def _margin_and_plan(
     """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked (no check, no host sync here).
 
     With ``need_plan=False`` the plan may come back as ``None``: a detached
-    margin on the Triton backend then reduces each plan row against the cost
-    inside the Sinkhorn kernel, and the ``[n, m]`` plan is never written.
+    margin on a kernel backend (Triton; native on the CPU) then reduces each
+    plan row against the cost inside the Sinkhorn kernel, and the ``[n, m]``
+    plan is never written.
     """
     n = chosen_rewards.shape[0]
     dtype = cost_compute_dtype(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
-    if detach and not need_plan and backends.resolve(backend, chosen_emb.device, dtype) == "triton":
-        from .sinkhorn import triton_kernels  # only importable where Triton is installed
-
+    impl = backends.resolve(backend, chosen_emb.device, dtype)
+    if detach and not need_plan and impl in ("triton", "native"):
+        # The kernel backends reduce each plan row against the cost as they form it.
+        if impl == "triton":
+            from .sinkhorn import triton_kernels as kernels  # only importable where Triton is installed
+        else:
+            from .sinkhorn import native as kernels
         with torch.no_grad():
             cost = aplot_cost_checked(
-                chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, NORM_EPS, "triton"
+                chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, NORM_EPS, impl
             )
             m = cost.shape[1]
-            a = torch.full((1, n), 1.0 / n, dtype=torch.float32, device=cost.device)
-            b = torch.full((1, m), 1.0 / m, dtype=torch.float32, device=cost.device)
-            row_costs = triton_kernels.row_transport_costs(cost.unsqueeze(0), a, b, eps, n_iters)[0]
+            weights_dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
+            a = torch.full((1, n), 1.0 / n, dtype=weights_dtype, device=cost.device)
+            b = torch.full((1, m), 1.0 / m, dtype=weights_dtype, device=cost.device)
+            row_costs = kernels.row_transport_costs(cost.unsqueeze(0), a, b, eps, n_iters)[0]
         return scale * n * row_costs, None, cost
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
         cost = aplot_cost_checked(

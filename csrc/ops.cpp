@@ -11,6 +11,11 @@ TORCH_LIBRARY(aplot_kernels, m) {
   m.def(
       "sinkhorn_solve(Tensor C, Tensor a, Tensor b, float eps, int n_iters, float tol, int check_every) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // sum_j P_ij C_ij per row [B, N] after the same iterations, without storing the plan (CPU only;
+  // the Python wrapper reduces the plan of sinkhorn_solve on other devices).
+  m.def(
+      "sinkhorn_row_costs(Tensor C, Tensor a, Tensor b, float eps, int n_iters, float tol, int check_every) -> "
+      "Tensor");
   m.def("cosine_cost(Tensor x, Tensor y, float eps) -> Tensor");
   m.def(
       "aplot_cost(Tensor chosen_emb, Tensor rejected_emb, Tensor chosen_rewards, Tensor rejected_rewards, "

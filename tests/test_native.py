@@ -179,6 +179,41 @@ def test_public_sinkhorn_and_margin_use_it():
     assert max_abs(margin_native, margin_torch) <= 1e-5
 
 
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("tol", [None, 1e-4])
+def test_row_transport_costs_equal_the_reduced_plan(dtype, bound, tol):
+    """sum_j P_ij C_ij without storing P equals the reference plan reduced against C (0 on padding)."""
+    gen = _gen(31)
+    C = random_cost(gen, 3, 37, 29, scale=2.0, device=CPU)
+    a, b = _padded_marginals(gen, 3, 37, 29)
+    ref = reference.solve(C, a, b, 0.05, 40, tol, 10)
+    want = (ref.plan * C).sum(-1)
+    got = native.row_transport_costs(C.to(dtype), a.to(dtype), b.to(dtype), 0.05, 40, tol, 10)
+    assert got.shape == (3, 37) and got.dtype == dtype
+    assert max_abs(got, want) <= bound * float(want.abs().max())
+    assert bool((got[0, -2:] == 0).all())  # padded rows
+
+
+def test_native_margin_never_forms_the_plan(monkeypatch):
+    """A detached native margin on CPU tensors reduces plan rows in the kernel (no sinkhorn_solve call)."""
+    import aplot_kernels as ak
+
+    gen = _gen(32)
+    emb_c, emb_r = torch.randn(9, 16, generator=gen), torch.randn(13, 16, generator=gen)
+    r_c, r_r = torch.randn(9, generator=gen), torch.randn(13, generator=gen)
+    want = ak.aplot_margin(*(t.double() for t in (r_c, r_r, emb_c, emb_r)), backend="torch")
+
+    def no_plan(*args, **kwargs):
+        raise AssertionError("the margin path formed the plan")
+
+    monkeypatch.setattr(native, "solve", no_plan)
+    got = ak.aplot_margin(r_c, r_r, emb_c, emb_r, backend="native")
+    assert got.dtype == torch.float32
+    assert max_abs(got, want) <= 1e-5 * float(want.abs().max())
+    got64 = ak.aplot_margin(*(t.double() for t in (r_c, r_r, emb_c, emb_r)), backend="native")
+    assert max_abs(got64, want) <= 1e-12 * float(want.abs().max())
+
+
 # ---------------------------------------------------------------------------
 # Costs
 # ---------------------------------------------------------------------------

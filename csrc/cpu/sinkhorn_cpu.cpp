@@ -83,13 +83,15 @@ struct Workspace {
         block_sums((n + kRowBlock - 1) / kRowBlock * m_pad) {}
 };
 
-// Pointers to one problem's inputs and outputs.
+// Pointers to one problem's inputs and outputs. `plan` is null for the
+// row-costs operator, which stores sum_j P_ij C_ij into `row_costs` instead.
 template <typename T, typename scalar_t>
 struct Problem {
   const scalar_t* C;  // [n, m]
   const T* a;         // [n]
   const T* b;         // [m]
-  T* plan;            // [n, m]
+  T* plan;            // [n, m] or null
+  T* row_costs;       // [n] or null
   T* f;               // [n]
   T* g;               // [m]
   T* cost;
@@ -288,22 +290,24 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
   for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
     std::vector<T> row(m_pad);
     for (int64_t i = begin; i < end; ++i) {
-      T* plan_row = p.plan + i * m;
+      T* plan_row = p.plan ? p.plan + i * m : nullptr;
       if (ws.log_u[i] == neg_inf) {  // padded row: exactly zero
-        std::fill(plan_row, plan_row + m, T(0));
+        if (plan_row) std::fill(plan_row, plan_row + m, T(0));
         ws.row_cost[i] = 0;
         continue;
       }
       k.exp_row(ws.neg_c.data() + i * m_pad, ws.log_u[i], ws.log_v.data(), row.data(), m_pad);
       const scalar_t* c_row = p.C + i * m;
       T total = 0;
-      for (int64_t j = 0; j < m; ++j) {
-        plan_row[j] = row[j];
-        total += row[j] * static_cast<T>(c_row[j]);
-      }
+      for (int64_t j = 0; j < m; ++j) total += row[j] * static_cast<T>(c_row[j]);
+      if (plan_row) std::copy(row.begin(), row.begin() + m, plan_row);
       ws.row_cost[i] = total;
     }
   });
+  if (!p.plan) {  // the row-costs operator: nothing else is returned
+    std::copy(ws.row_cost.begin(), ws.row_cost.begin() + n, p.row_costs);
+    return;
+  }
 
   T cost = 0, reg_cost = 0;
   for (int64_t i = 0; i < n; ++i) cost += ws.row_cost[i];
@@ -332,8 +336,10 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
 
 using SolveResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-SolveResult sinkhorn_solve_cpu(const at::Tensor& C_in, const at::Tensor& a_in, const at::Tensor& b_in, double eps,
-                               int64_t n_iters, double tol, int64_t check_every) {
+// Runs every problem of the batch; with `row_costs_only` the plan is neither
+// stored nor returned (only `row_costs` [B, N] is filled).
+SolveResult run_batch(const at::Tensor& C_in, const at::Tensor& a_in, const at::Tensor& b_in, double eps, int64_t n_iters,
+                      double tol, int64_t check_every, bool row_costs_only) {
   check_sinkhorn_solve_args(C_in, a_in, b_in, eps, n_iters, check_every);
   const int64_t batch = C_in.size(0), n = C_in.size(1), m = C_in.size(2);
   const at::ScalarType compute = C_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -341,7 +347,8 @@ SolveResult sinkhorn_solve_cpu(const at::Tensor& C_in, const at::Tensor& a_in, c
   const at::Tensor a = a_in.to(compute).contiguous();
   const at::Tensor b = b_in.to(compute).contiguous();
   const auto options = C.options().dtype(compute);
-  at::Tensor plan = at::empty({batch, n, m}, options);
+  at::Tensor plan = row_costs_only ? at::Tensor() : at::empty({batch, n, m}, options);
+  at::Tensor row_costs = row_costs_only ? at::empty({batch, n}, options) : at::Tensor();
   at::Tensor f = at::empty({batch, n}, options);
   at::Tensor g = at::empty({batch, m}, options);
   at::Tensor cost = at::empty({batch}, options);
@@ -356,7 +363,8 @@ SolveResult sinkhorn_solve_cpu(const at::Tensor& C_in, const at::Tensor& a_in, c
       return Problem<T, scalar_t>{C.const_data_ptr<scalar_t>() + index * n * m,
                                   a.const_data_ptr<T>() + index * n,
                                   b.const_data_ptr<T>() + index * m,
-                                  plan.mutable_data_ptr<T>() + index * n * m,
+                                  row_costs_only ? nullptr : plan.mutable_data_ptr<T>() + index * n * m,
+                                  row_costs_only ? row_costs.mutable_data_ptr<T>() + index * n : nullptr,
                                   f.mutable_data_ptr<T>() + index * n,
                                   g.mutable_data_ptr<T>() + index * m,
                                   cost.mutable_data_ptr<T>() + index,
@@ -377,7 +385,18 @@ SolveResult sinkhorn_solve_cpu(const at::Tensor& C_in, const at::Tensor& a_in, c
       for (int64_t index = 0; index < batch; ++index) solve_problem(problem(index), ws, opt, true);
     }
   });
+  if (row_costs_only) return {row_costs, f, g, cost, reg_cost, iters, err};
   return {plan, f, g, cost, reg_cost, iters, err};
+}
+
+SolveResult sinkhorn_solve_cpu(const at::Tensor& C, const at::Tensor& a, const at::Tensor& b, double eps, int64_t n_iters,
+                               double tol, int64_t check_every) {
+  return run_batch(C, a, b, eps, n_iters, tol, check_every, false);
+}
+
+at::Tensor sinkhorn_row_costs_cpu(const at::Tensor& C, const at::Tensor& a, const at::Tensor& b, double eps,
+                                  int64_t n_iters, double tol, int64_t check_every) {
+  return std::get<0>(run_batch(C, a, b, eps, n_iters, tol, check_every, true));
 }
 
 }  // namespace
@@ -386,4 +405,5 @@ SolveResult sinkhorn_solve_cpu(const at::Tensor& C_in, const at::Tensor& a_in, c
 
 TORCH_LIBRARY_IMPL(aplot_kernels, CPU, m) {
   m.impl("sinkhorn_solve", &aplot_kernels::cpu::sinkhorn_solve_cpu);
+  m.impl("sinkhorn_row_costs", &aplot_kernels::cpu::sinkhorn_row_costs_cpu);
 }
