@@ -2,7 +2,8 @@
 
 Runs on a GPU, or on the CPU under the Triton interpreter (``TRITON_INTERPRET=1``,
 set by conftest.py when there is no GPU); shapes stay small (N, M <= 24,
-D <= 33) because the interpreter runs every program in Python. Covers the three
+D <= 40) because the interpreter runs every program in Python. Covers the cost
+kernels and their backward kernels (against the reference's closed forms), the three
 Sinkhorn strategies (fused: one program per problem with C in registers;
 streamed: one program per problem streaming C; tiled: passes launched per
 iteration), the streaming ones with tiny tiles so that every loop runs over
@@ -104,7 +105,155 @@ def test_public_cost_dispatches_to_triton_and_differentiates():
     grads = torch.autograd.grad(got.square().sum(), (x, y, rx, ry))
     grads_ref = torch.autograd.grad(want.square().sum(), (x, y, rx, ry))
     for g, r in zip(grads, grads_ref):
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+        # Both float32: the zero row's gradient (of x / eps, ~1e6) cancels, so its error scales with the row.
+        scale = r.abs().amax(-1, keepdim=True)
+        torch.testing.assert_close(g / scale, r / scale, rtol=1e-4, atol=1e-5)
+
+
+# Backward kernels: cosine_cost_backward / aplot_cost_backward against the reference's closed forms
+# in float64 on the same (rounded) inputs.
+
+BACKWARD_SHAPES = [(1, 7, 13, 33), (2, 24, 5, 40), (3, 16, 16, 16), (1, 1, 1, 1)]
+ALPHA, TEMPERATURE = 0.7, 0.5
+
+
+@pytest.fixture(params=["default", "tiny"])
+def backward_tiles(request, monkeypatch):
+    """The shipped tiles, and tiles smaller than the test problems so every loop runs over several."""
+    if request.param == "tiny":
+        monkeypatch.setattr(cost_kernels, "BACKWARD_TILE", (16, 16, 16, 4))
+        monkeypatch.setattr(cost_kernels, "JACOBIAN_TILE", (4, 16, 4))
+    return request.param
+
+
+def _backward_inputs(batch, n, m, d, dtype, seed):
+    """Embeddings with a zero row and a row below the norm clamp, rewards with a tie, and a non-contiguous
+    float32 ``grad_cost [B, N, M]`` (a transposed ``[B, M, N]``)."""
+    x, y, rx, ry = _embeddings(batch, n, m, d, dtype, seed)  # x[0, 0] = 0
+    if m > 1:
+        # Norm 0.9 eps, below the clamp (0 in float16): the gradient of y / eps, with no radial projection.
+        y[-1, 1] = 0.9e-8 / d**0.5
+    ry[0, m // 2] = rx[0, n // 2]  # r_c == r_r: torch.sign gives 0
+    grad_cost = torch.randn(batch, m, n, generator=_generator(seed + 1)).to(DEVICE).transpose(1, 2)
+    assert not grad_cost.is_contiguous() or min(n, m) == 1
+    return grad_cost, x, y, rx, ry
+
+
+def _assert_grad_close(got, want, rtol=1e-5):
+    """Elementwise ``rtol`` of ``want``, plus ``rtol / 10`` of the largest entry in the same row (the
+    projection ``p - x_hat <x_hat, p>`` cancels, so tiny entries carry absolute, not relative, error),
+    plus float32's smallest normal number (float64 values below it are 0 in float32)."""
+    assert got.shape == want.shape
+    assert bool(torch.isfinite(got).all())
+    row_scale = want.abs().amax(dim=-1, keepdim=True) if want.dim() == 3 else want.abs().amax()
+    err = (got.double() - want).abs()
+    bound = rtol * want.abs() + 0.1 * rtol * row_scale + torch.finfo(torch.float32).tiny
+    assert bool((err <= bound).all()), f"max excess {(err - bound).max().item():.3e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cost_backward_kernels_match_reference(shape, dtype, backward_tiles):
+    grad_cost, x, y, rx, ry = _backward_inputs(*shape, dtype, seed=sum(shape))
+    x64, y64, rx64, ry64, g64 = (t.double() for t in (x, y, rx, ry, grad_cost))
+
+    got = cost_kernels.cosine_cost_backward(grad_cost, x, y, 1e-8)
+    want = cost_reference.cosine_cost_backward(g64, x64, y64, 1e-8)
+    assert len(got) == 2
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        _assert_grad_close(g, w)
+
+    got = cost_kernels.aplot_cost_backward(grad_cost, x, y, rx, ry, ALPHA, TEMPERATURE, 1e-8)
+    want = cost_reference.aplot_cost_backward(g64, x64, y64, rx64, ry64, ALPHA, TEMPERATURE, 1e-8)
+    assert len(got) == 4
+    for g, w, t in zip(got, want, (x, y, rx, ry)):
+        assert g.dtype == torch.float32 and g.shape == t.shape
+        _assert_grad_close(g, w)
+
+
+def test_aplot_backward_reward_ties_and_extreme_gaps():
+    x, y, _, _ = _embeddings(1, 16, 9, 8, torch.float32, seed=31)
+    rx = torch.tensor([[1e4, -1e4, 0.5, 0.5] + [0.0] * 12], device=DEVICE)
+    ry = torch.tensor([[0.0, 0.5, 2.0, 0.0, 0.5, 3.0, -1.0, 0.0, 0.25]], device=DEVICE)
+    grad_cost = torch.randn(1, 16, 9, generator=_generator(32)).to(DEVICE)
+    for temperature in (1e-3, 1.0):
+        got = cost_kernels.aplot_cost_backward(grad_cost, x, y, rx, ry, 0.9, temperature, 1e-8)
+        want = cost_reference.aplot_cost_backward(
+            grad_cost.double(), x.double(), y.double(), rx.double(), ry.double(), 0.9, temperature, 1e-8
+        )
+        for g, w in zip(got, want):
+            _assert_grad_close(g, w)
+    # Only ties with every rejected reward: no reward gradient at all (sign(0) = 0).
+    tied = torch.zeros(1, 16, device=DEVICE)
+    _, _, grad_rx, grad_ry = cost_kernels.aplot_cost_backward(grad_cost, x, y, tied, tied[:, :9], 0.9, 1.0, 1e-8)
+    assert bool((grad_rx == 0).all()) and bool((grad_ry == 0).all())
+    # alpha = 1: the similarity does not enter the cost.
+    grad_x, grad_y, _, _ = cost_kernels.aplot_cost_backward(grad_cost, x, y, rx, ry, 1.0, 1.0, 1e-8)
+    assert bool((grad_x == 0).all()) and bool((grad_y == 0).all())
+
+
+def _no_reference_backward(monkeypatch):
+    """Make the torch fallback fail, so the public functions must use the Triton backward."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the torch closed-form backward ran instead of the Triton kernels")
+
+    monkeypatch.setattr(cost_reference, "cosine_cost_backward", fail)
+    monkeypatch.setattr(cost_reference, "aplot_cost_backward", fail)
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["3d", "2d"])
+def test_public_cost_gradients_use_triton_backward(batched, monkeypatch):
+    import aplot_kernels
+
+    _no_reference_backward(monkeypatch)
+    grad_cost, x, y, rx, ry = _backward_inputs(2, 7, 13, 33, torch.float32, seed=41)
+    if not batched:
+        grad_cost, x, y, rx, ry = (t[0] for t in (grad_cost, x, y, rx, ry))
+    inputs = [t.clone().requires_grad_() for t in (x, y, rx, ry)]
+    inputs64 = [t.double().requires_grad_() for t in (x, y, rx, ry)]
+    options = dict(alpha=ALPHA, temperature=TEMPERATURE)
+
+    got = torch.autograd.grad(aplot_kernels.aplot_cost(*inputs, backend="triton", **options), inputs, grad_cost)
+    want = torch.autograd.grad(aplot_kernels.aplot_cost(*inputs64, backend="torch", **options), inputs64, grad_cost.double())
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32
+        _assert_grad_close(g, w)
+
+    got = torch.autograd.grad(aplot_kernels.cosine_cost(*inputs[:2], backend="triton"), inputs[:2], grad_cost)
+    want = torch.autograd.grad(aplot_kernels.cosine_cost(*inputs64[:2], backend="torch"), inputs64[:2], grad_cost.double())
+    for g, w in zip(got, want):
+        _assert_grad_close(g, w)
+
+    # y = None: the self cost, whose gradient sums both sides' contributions.
+    square = torch.randn(*x.shape[:-1], x.shape[-2], generator=_generator(42)).to(DEVICE)
+    (got,) = torch.autograd.grad(aplot_kernels.cosine_cost(inputs[0], backend="triton"), inputs[0], square)
+    (want,) = torch.autograd.grad(aplot_kernels.cosine_cost(inputs64[0], backend="torch"), inputs64[0], square.double())
+    _assert_grad_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_public_half_precision_gradients_use_triton_backward(dtype, monkeypatch):
+    import aplot_kernels
+
+    _no_reference_backward(monkeypatch)
+    grad_cost, x, y, rx, ry = _backward_inputs(1, 9, 11, 24, dtype, seed=43)
+    x[0, 0], y[0, 1] = 1.0, 1.0  # no rows at the clamp: their gradients (of x / eps) overflow float16
+    inputs = [t.clone().requires_grad_() for t in (x, y, rx, ry)]
+    # The reference on the same (rounded) inputs widened to float64; the results are rounded to dtype.
+    inputs64 = [t.double().requires_grad_() for t in (x, y, rx, ry)]
+    got = torch.autograd.grad(aplot_kernels.aplot_cost(*inputs, backend="triton"), inputs, grad_cost)
+    want = torch.autograd.grad(aplot_kernels.aplot_cost(*inputs64, backend="torch"), inputs64, grad_cost.double())
+    ulp = torch.finfo(dtype).eps
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        _assert_grad_close(g.double(), w, rtol=ulp)
+    got = torch.autograd.grad(aplot_kernels.cosine_cost(*inputs[:2], backend="triton"), inputs[:2], grad_cost)
+    want = torch.autograd.grad(aplot_kernels.cosine_cost(*inputs64[:2], backend="torch"), inputs64[:2], grad_cost.double())
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        _assert_grad_close(g.double(), w, rtol=ulp)
 
 
 # ---------------------------------------------------------------------------
@@ -398,6 +547,16 @@ def _compile_all_for_sm90() -> None:
     build(cost_mod._cosine_cost_kernel, dict(x_ptr="fp16", y_ptr="fp16", x_norm_ptr=f32, y_norm_ptr=f32, out_ptr=f32), (),
           dict(IEEE_FP32=False, BLOCK_N=128, BLOCK_M=128, BLOCK_D=64), 8)
     build(cost_mod._row_norms_kernel, dict(x_ptr="bf16", out_ptr=f32), ("eps",), dict(BLOCK_R=16, BLOCK_D=256), 4)
+    # Backward: the product with and without the reward reduction, and the row pass.
+    block_n, block_m, block_d, warps = cost_mod.BACKWARD_TILE
+    for emb_type, rewards in (("bf16", True), ("fp32", True), ("fp16", False)):
+        build(cost_mod._grad_product_kernel, dict(g_ptr=f32, y_ptr=emb_type, y_norm_ptr=f32, rx_ptr=emb_type, ry_ptr=f32,
+              p_ptr=f32, grad_rx_ptr=f32), ("reward_scale", "inv_temperature"),
+              dict(REWARDS=rewards, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d), warps)
+    block_r, block_d, warps = cost_mod.JACOBIAN_TILE
+    for emb_type in ("bf16", "fp32"):
+        build(cost_mod._normalize_backward_kernel, dict(x_ptr=emb_type, x_norm_ptr=f32, p_ptr=f32), ("scale", "eps"),
+              dict(BLOCK_R=block_r, BLOCK_D=block_d), warps)
 
 
 def test_kernels_compile_for_sm90():
