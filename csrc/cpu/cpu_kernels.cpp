@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -25,9 +26,17 @@ namespace aplot_kernels {
 namespace cpu {
 namespace {
 
+// APLOT_KERNELS_CPU_ISA=generic (read once) selects the portable loops on any CPU, so that
+// they are tested on machines that would pick AVX2.
+bool generic_forced() {
+  const char* isa = std::getenv("APLOT_KERNELS_CPU_ISA");
+  return isa != nullptr && std::strcmp(isa, "generic") == 0;
+}
+
 bool use_avx2() {
 #ifdef APLOT_HAVE_AVX2_BUILD
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool supported =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && !generic_forced();
   return supported;
 #else
   return false;
