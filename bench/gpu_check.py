@@ -280,6 +280,12 @@ class Runner:
             run = lambda s=strategy: triton_kernels.solve(C, a, b, eps, n_iters, None, 10, strategy=s)
             self.add(case, f"triton-{strategy}", shape, dtype, n_iters, run, reference_plan=ref64,
                      plan_of=lambda r=run: r().plan, repeats=repeats)
+        # The public entry point: the same kernels plus argument checks (one host synchronisation).
+        import aplot_kernels
+
+        self.add(case, "sinkhorn(backend='triton')", shape, dtype, n_iters,
+                 lambda: aplot_kernels.sinkhorn(C, eps=eps, n_iters=n_iters, grad="none", backend="triton"),
+                 repeats=repeats, note="public API: checks included")
         if self.native_ok:
             from aplot_kernels.sinkhorn import native
 
