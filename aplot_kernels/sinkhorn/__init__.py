@@ -128,7 +128,7 @@ def sinkhorn(
         if tol is not None:
             tol = _checks.positive("tol", tol, allow_zero=True)
         _checks.choice("grad", grad, GRAD_MODES)
-        compute_dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
+        compute_dtype = _compute_dtype(C)
         impl = backends.resolve(backend, C.device, C.dtype, needs_reference=grad == "unrolled")
 
         unbatched = C.dim() == 2
@@ -147,22 +147,32 @@ def sinkhorn(
                 ((mass_a - mass_b).abs() > mass_rtol * torch.maximum(mass_a, mass_b)).any(),
                 f"`a` and `b` must have the same total mass in every problem (within {mass_rtol:g} relative)",
             )
-    return _solve(C3, a_full, b_full, unbatched, _Solver(impl, compute_dtype, eps, n_iters, tol, check_every), grad)
+    return _solve(C, a_full, b_full, impl, eps, n_iters, tol, check_every, grad)
 
 
 def sinkhorn_checked(C: torch.Tensor, *, eps: float, n_iters: int, grad: str, backend: str) -> SinkhornResult:
     """:func:`sinkhorn` with uniform marginals on a cost already known to be valid (one the library
     computed from checked inputs): no argument checks, hence no host synchronisation."""
-    compute_dtype = torch.float64 if C.dtype == torch.float64 else torch.float32
     impl = backends.resolve(backend, C.device, C.dtype, needs_reference=grad == "unrolled")
+    return _solve(C, None, None, impl, eps, n_iters, None, 1, grad)
+
+
+def _compute_dtype(C: torch.Tensor) -> torch.dtype:
+    return torch.float64 if C.dtype == torch.float64 else torch.float32
+
+
+def _solve(C, a_full, b_full, impl, eps, n_iters, tol, check_every, grad) -> SinkhornResult:
+    """Run checked arguments: ``C`` ``[N, M]`` or ``[B, N, M]``; ``a_full [B, N]``, ``b_full [B, M]``
+    in the compute dtype, or ``None`` for uniform weights."""
+    compute_dtype = _compute_dtype(C)
     unbatched = C.dim() == 2
-    C3 = C.unsqueeze(0) if unbatched else C
-    a_full = _marginal("a", None, C3, 1, compute_dtype)
-    b_full = _marginal("b", None, C3, 2, compute_dtype)
-    return _solve(C3, a_full, b_full, unbatched, _Solver(impl, compute_dtype, eps, n_iters, None, 1), grad)
-
-
-def _solve(C, a_full, b_full, unbatched: bool, solve: "_Solver", grad: str) -> SinkhornResult:
+    if unbatched:
+        C = C.unsqueeze(0)
+    if a_full is None:
+        a_full = _marginal("a", None, C, 1, compute_dtype)
+    if b_full is None:
+        b_full = _marginal("b", None, C, 2, compute_dtype)
+    solve = _Solver(impl, compute_dtype, eps, n_iters, tol, check_every)
     if grad == "none":
         with torch.no_grad():
             out = tuple(solve(C, a_full, b_full))
