@@ -128,14 +128,24 @@ def _margin_and_plan(
 ):
     """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked (no check, no host sync here).
 
-    With ``need_plan=False`` the plan may come back as ``None``: a detached
-    margin on a kernel backend (Triton; native on the CPU) then reduces each
-    plan row against the cost inside the Sinkhorn kernel, and the ``[n, m]``
-    plan is never written.
+    With ``need_plan=False`` the plan and the cost may come back as ``None``:
+    a detached margin on a kernel backend (Triton; native on the CPU) then
+    reduces each plan row against the cost inside the Sinkhorn kernel, and the
+    ``[n, m]`` plan is never written. On Triton a small problem runs as one
+    kernel (:mod:`aplot_kernels.loss_triton`) that writes neither the plan
+    nor the cost.
     """
     n = chosen_rewards.shape[0]
     dtype = cost_compute_dtype(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
     impl = backends.resolve(backend, chosen_emb.device, dtype)
+    if detach and not need_plan and impl == "triton":
+        from . import loss_triton  # only importable where Triton is installed
+
+        if loss_triton.fits(n, rejected_rewards.shape[0]):
+            margins = loss_triton.aplot_margin(
+                chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, NORM_EPS, eps, n_iters, scale
+            )
+            return margins, None, None
     if detach and not need_plan and impl in ("triton", "native"):
         # The kernel backends reduce each plan row against the cost as they form it.
         if impl == "triton":
@@ -215,7 +225,10 @@ def _warn_single_pair() -> None:
         )
 
 
-def _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, reduction, margin_kwargs) -> APLOTOutput:
+def _aplot_loss(
+    chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, reduction, margin_kwargs, need_plan=True,
+) -> APLOTOutput:
+    """The loss and, with ``need_plan``, the margins, plan and cost for logging (else plan and cost may be ``None``)."""
     with _checks.one_sync():
         _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
         n = chosen_rewards.shape[0]
@@ -232,7 +245,9 @@ def _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, marg
         if options["scale"] != 0:
             _warn_single_pair()
         return APLOTOutput(_bt_loss(chosen_rewards, pair_rejected, margin, reduction), None, None, None)
-    ot_margin, plan, cost = _margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, **options)
+    ot_margin, plan, cost = _margin_and_plan(
+        chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, **options, need_plan=need_plan
+    )
     total = ot_margin if margin is None else ot_margin + margin
     return APLOTOutput(_bt_loss(chosen_rewards, pair_rejected, total, reduction), ot_margin, plan, cost)
 
@@ -259,14 +274,17 @@ def aplot_loss(
     With ``scale=0`` this is exactly ``bt_loss``; with a single pair it falls
     back to ``bt_loss`` with a one-time warning.
     """
-    return _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, reduction, margin_kwargs).loss
+    return _aplot_loss(
+        chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, reduction, margin_kwargs, need_plan=False
+    ).loss
 
 
 class APLOTLoss(torch.nn.Module):
     """The APLOT loss as a module, holding its options.
 
-    ``forward(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin=None, return_outputs=False)``
-    returns the loss, or an :class:`APLOTOutput` (loss, margins, plan, cost) for logging.
+    ``forward(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin=None, return_outputs=False,
+    with_plan=True)`` returns the loss, or an :class:`APLOTOutput` (loss, margins, plan, cost) for logging
+    (plan and cost ``None`` with ``with_plan=False``).
 
     Two options widen the transport problem (design in :mod:`aplot_kernels.distributed`):
 
@@ -327,13 +345,31 @@ class APLOTLoss(torch.nn.Module):
             scale=self.scale, detach=self.detach, backend=self.backend,
         )
 
-    def forward(self, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin=None, return_outputs: bool = False):
+    def forward(
+        self, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin=None, return_outputs: bool = False,
+        with_plan: bool = True,
+    ):
+        """The loss; with ``return_outputs``, an :class:`APLOTOutput`.
+
+        ``with_plan=False`` (with ``return_outputs``) returns the margins but
+        ``None`` for plan and cost, which lets the detached margin run as
+        kernels that never form them (what a trainer logging margin
+        statistics needs).
+        """
+        need_plan = return_outputs and with_plan
         widen = self.gather_across_devices or (self.bank.size > 0 and self.training)
         if widen:
-            out = _widened_aplot_loss(self, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin)
+            out = _widened_aplot_loss(
+                self, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, need_plan=need_plan
+            )
         else:
             self.local_offset = 0
-            out = _aplot_loss(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, self.reduction, self.margin_options())
+            out = _aplot_loss(
+                chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, self.reduction, self.margin_options(),
+                need_plan=need_plan,
+            )
+        if return_outputs and not with_plan:
+            out = out._replace(plan=None, cost=None)
         return out if return_outputs else out.loss
 
     def extra_repr(self) -> str:
@@ -341,7 +377,9 @@ class APLOTLoss(torch.nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in self.margin_options().items()) + f", reduction={self.reduction!r}" + extras
 
 
-def _widened_aplot_loss(module: APLOTLoss, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin) -> APLOTOutput:
+def _widened_aplot_loss(
+    module: APLOTLoss, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, need_plan=True,
+) -> APLOTOutput:
     """:class:`APLOTLoss` with responses of other ranks and/or earlier micro-steps in the OT problem.
 
     The problem is ``[gathered current responses, banked responses]`` (see
@@ -369,7 +407,8 @@ def _widened_aplot_loss(module: APLOTLoss, chosen_rewards, rejected_rewards, cho
         _warn_single_pair()
         return APLOTOutput(_bt_loss(chosen_rewards, rejected_rewards[:n], margin, module.reduction), None, None, None)
     margins, plan, cost = _margin_and_plan(
-        problem.chosen_rewards, problem.rejected_rewards, problem.chosen_emb, problem.rejected_emb, **options
+        problem.chosen_rewards, problem.rejected_rewards, problem.chosen_emb, problem.rejected_emb, **options,
+        need_plan=need_plan,
     )
     local = margins[offset: offset + n]
     total = local if margin is None else local + margin

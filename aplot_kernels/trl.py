@@ -95,7 +95,7 @@ class APLOTRewardTrainer(_trl.RewardTrainer):
         self.aplot_loss.train(mode == "train")
         result = self.aplot_loss(
             rewards_chosen, rewards_rejected, emb_chosen, emb_rejected,
-            margin=None if margin is None else margin.to(rewards_chosen.dtype), return_outputs=True,
+            margin=None if margin is None else margin.to(rewards_chosen.dtype), return_outputs=True, with_plan=False,
         )
         loss = result.loss
 

@@ -195,6 +195,8 @@ class Runner:
         else:
             self.sinkhorn_case("sinkhorn_small", batch=64, n=128, m=128, n_iters=50, strategies=("fused", "streamed", "tiled", "auto"))
             self.margin_case(n=512, d=4096, n_iters=50)
+            self.margin_case(n=128, d=4096, n_iters=50)  # fused into one kernel
+            self.margin_case(n=32, d=4096, n_iters=50)
             self.sinkhorn_case("sinkhorn_large", batch=4, n=4096, m=4096, n_iters=50, strategies=("tiled",), repeats=5)
             self.strategy_sweep()
         try:
@@ -241,9 +243,10 @@ class Runner:
 
     def summary(self):
         """The issue's three GPU targets, read off the rows above (printed last)."""
-        def median(case, impl):
+        def median(case, impl, shape=None):
             for row in self.rows:
-                if row["case"] == case and row["impl"] == impl and row["median_ms"] not in ("", "nan"):
+                if row["case"] == case and row["impl"] == impl and row["median_ms"] not in ("", "nan") \
+                        and shape in (None, row["shape"]):
                     return float(row["median_ms"])
             return math.nan
 
@@ -255,7 +258,13 @@ class Runner:
             lines.append(f"B=64 N=M=128 K=50 {impl:16s} {ours * 1e3:9.1f} us: {pot / ours:7.1f}x POT solve_batch "
                          f"(target 100x), {ref / ours:6.1f}x torch reference (target 20x)")
         for impl in ("triton aplot_margin", "native aplot_margin"):
-            lines.append(f"aplot_margin n=512 D=4096 bf16 {impl:20s} {median('aplot_margin', impl) * 1e3:9.1f} us (target <= 150 us)")
+            lines.append(f"aplot_margin n=512 D=4096 bf16 {impl:20s} "
+                         f"{median('aplot_margin', impl, 'n=512 D=4096') * 1e3:9.1f} us (target <= 150 us)")
+        for n in (128, 32):
+            fused = median("aplot_margin", "triton aplot_margin", f"n={n} D=4096")
+            unfused = median("aplot_margin", "triton cost + row-cost solve (unfused)", f"n={n} D=4096")
+            lines.append(f"aplot_margin n={n} D=4096 bf16 fused kernel {fused * 1e3:9.1f} us, cost kernel + solve "
+                         f"{unfused * 1e3:9.1f} us")
         large = median("sinkhorn_large", "triton-tiled")
         streamed_floor, exp_floor = _large_floors(self.torch, 4, 4096, 4096, 50)
         lines.append(f"B=4 N=M=4096 K=50 triton-tiled {large:.2f} ms: {large / streamed_floor:.2f}x the streaming floor "
@@ -342,6 +351,20 @@ class Runner:
             except Exception as exc:  # recorded by add() as a failed row
                 note = f"no error measured ({type(exc).__name__})"
             self.add(case, f"{backend} aplot_margin", shape, dtype, n_iters, run, note=note)
+        from aplot_kernels import loss_triton
+        from aplot_kernels.cost import triton_kernels as cost_kernels
+        from aplot_kernels.sinkhorn import triton_kernels as sinkhorn_kernels
+
+        if loss_triton.fits(n, n):
+            # What the fused margin kernel replaces: the cost kernel, then the row-cost Sinkhorn.
+            uniform = torch.full((1, n), 1.0 / n, device=self.device)
+
+            def unfused():
+                cost = cost_kernels.aplot_cost(emb_c[None], emb_r[None], r_c[None], r_r[None], 0.9, 1.0, 1e-8)
+                return n * sinkhorn_kernels.row_transport_costs(cost, uniform, uniform, eps, n_iters)[0]
+
+            note = f"margin rel err vs float64 torch {((unfused().double() - want).abs().max() / want.abs().max()).item():.2e}"
+            self.add(case, "triton cost + row-cost solve (unfused)", shape, dtype, n_iters, unfused, note=note)
         cost_want = aplot_cost(emb_c.double(), emb_r.double(), r_c.double(), r_r.double(), backend="torch")
         for backend in ("triton", "native", "torch"):
             if backend == "native" and not self.native_ok:

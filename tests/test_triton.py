@@ -464,6 +464,90 @@ def test_detached_triton_margin_writes_no_plan(n, m, emb_dtype, monkeypatch):
     torch.testing.assert_close(out.margins, got, rtol=1e-6, atol=1e-8)
 
 
+MARGIN_CASES = [
+    # n, m, D, embedding dtype
+    (1, 3, 8, torch.float32),
+    (7, 7, 33, torch.float32),
+    (12, 20, 40, torch.bfloat16),
+    (16, 16, 16, torch.float16),
+    (5, 17, 24, torch.bfloat16),
+]
+
+
+def _forbid(patch, module, name):
+    def forbidden(*args, **kwargs):
+        raise AssertionError(f"the fused margin should not call {module.__name__}.{name}")
+
+    patch.setattr(module, name, forbidden)
+
+
+@pytest.mark.parametrize("case", MARGIN_CASES, ids=lambda c: f"{c[0]}x{c[1]}-D{c[2]}-{str(c[3])[6:]}")
+def test_fused_margin_kernel_matches_reference(case, monkeypatch):
+    """Cost, Sinkhorn and row costs in one kernel: no cost kernel, no solve, no C or P written."""
+    import aplot_kernels
+
+    n, m, d, dtype = case
+    x, y, rx, ry = (t[0] for t in _embeddings(1, n, m, d, dtype, seed=7 * n + m + d))
+    x = x.t().contiguous().t()  # column-major: the kernel takes any strides
+    options = dict(alpha=0.8, temperature=0.7, eps=0.05, n_iters=20, scale=1.3)
+    inputs = [t.clone() for t in (rx, ry, x, y)]
+    with monkeypatch.context() as patch:
+        _forbid(patch, cost_kernels, "aplot_cost")
+        _forbid(patch, sinkhorn_kernels, "row_transport_costs")
+        _forbid(patch, sinkhorn_kernels, "solve")
+        got = aplot_kernels.aplot_margin(rx, ry, x, y, backend="triton", **options)
+        loss = aplot_kernels.aplot_loss(rx, ry, x, y, backend="triton", reduction="none", **options)
+    for before, after in zip(inputs, (rx, ry, x, y)):
+        assert torch.equal(before, after), "inputs are left untouched"
+    # The reference on the same (rounded) inputs, widened to float64.
+    want = aplot_kernels.aplot_margin(*(t.double() for t in (rx, ry, x, y)), backend="torch", **options)
+    assert got.shape == (n,) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
+    # The loss subtracts the float32 margin from the reward gap taken in the rewards' dtype.
+    want_loss = aplot_kernels.bt_loss(rx, ry[:n], want.float(), reduction="none")
+    torch.testing.assert_close(loss, want_loss, rtol=2e-6, atol=1e-7)
+
+
+def test_fused_margin_only_where_it_fits(monkeypatch):
+    """Past the fused size the margin takes the cost kernel and the row-cost Sinkhorn, with the same numbers."""
+    import aplot_kernels
+    from aplot_kernels import loss_triton
+
+    x, y, rx, ry = (t[0] for t in _embeddings(1, 20, 24, 16, torch.float32, seed=41))
+    options = dict(eps=0.08, n_iters=15, backend="triton")
+    fused = aplot_kernels.aplot_margin(rx, ry, x, y, **options)
+    assert loss_triton.fits(20, 24) and loss_triton.fits(128, 128) and not loss_triton.fits(129, 128)
+    monkeypatch.setattr(sinkhorn_kernels, "FUSED_MAX_ELEMENTS", 16 * 16)
+    assert not loss_triton.fits(20, 24)
+    calls = []
+    real = sinkhorn_kernels.row_transport_costs
+    monkeypatch.setattr(sinkhorn_kernels, "row_transport_costs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    unfused = aplot_kernels.aplot_margin(rx, ry, x, y, **options)
+    assert calls, "the large-problem path reduces rows in the Sinkhorn kernel"
+    torch.testing.assert_close(fused, unfused, rtol=2e-6, atol=1e-8)
+    with pytest.raises(ValueError, match="fused margin"):
+        loss_triton.aplot_margin(rx, ry, x, y, 0.9, 1.0, 1e-8, 0.1, 5, 1.0)
+
+
+def test_loss_forms_plan_only_when_returned(monkeypatch):
+    """The loss alone (and margins for logging) never run the plan-writing solve; the outputs do."""
+    import aplot_kernels
+
+    x, y, rx, ry = (t[0] for t in _embeddings(1, 9, 9, 16, torch.float32, seed=43))
+    module = aplot_kernels.APLOTLoss(backend="triton", eps=0.07, n_iters=12)
+    with_plan = module(rx, ry, x, y, return_outputs=True)
+    assert with_plan.plan is not None and with_plan.cost is not None
+    with monkeypatch.context() as patch:
+        _forbid(patch, sinkhorn_kernels, "solve")
+        loss = module(rx, ry, x, y)
+        margins_only = module(rx, ry, x, y, return_outputs=True, with_plan=False)
+        functional = aplot_kernels.aplot_loss(rx, ry, x, y, backend="triton", eps=0.07, n_iters=12)
+    assert margins_only.plan is None and margins_only.cost is None
+    torch.testing.assert_close(margins_only.margins, with_plan.margins, rtol=2e-6, atol=1e-8)
+    for value in (loss, margins_only.loss, functional):
+        torch.testing.assert_close(value, with_plan.loss, rtol=2e-6, atol=1e-8)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("tol", [None, 1e-4])
 def test_tiled_cuda_graph_replays_equal_plain_launches(tol):
@@ -499,6 +583,7 @@ def _compile_all_for_sm90() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from aplot_kernels import loss_triton as loss_mod
     from aplot_kernels.cost import triton_kernels as cost_mod
     from aplot_kernels.sinkhorn import triton_kernels as sink_mod
 
@@ -535,6 +620,11 @@ def _compile_all_for_sm90() -> None:
               dict(HAS_TOL=True, WRITE_PLAN=write_plan, ROW_BLOCK_N=32, ROW_BLOCK_M=128, COL_BLOCK_N=128, COL_BLOCK_M=32), 8)
         build(sink_mod._plan_kernel, dict(c_ptr="fp16", log_u_ptr=f32, log_v_ptr=f32, plan_ptr=f32, row_cost_ptr=f32), scaled,
               dict(WRITE_PLAN=write_plan, BLOCK_N=32, BLOCK_M=128), 8)
+    # The fused margin at its largest size: wgmma for half inputs, exact FMA for float32.
+    for emb_type, ieee, block_d in (("bf16", False, loss_mod.HALF_BLOCK_D), ("fp32", True, loss_mod.FP32_BLOCK_D)):
+        build(loss_mod._aplot_margin_kernel, dict(x_ptr=emb_type, y_ptr=emb_type, rx_ptr=emb_type, ry_ptr=f32, out_ptr=f32),
+              ("alpha", "inv_temperature", "norm_eps", "eps", "row_weight", "col_weight", "margin_scale") + scaled,
+              dict(IEEE_FP32=ieee, BLOCK_N=128, BLOCK_M=128, BLOCK_D=block_d), 16)
     # k == 1 and flags of 0/1 may arrive as compile-time constants.
     build(sink_mod._check_kernel, dict(col_lse_ptr=f32, log_v_ptr=f32, b_ptr=f32, active_ptr="i32", err_ptr=f32, iters_ptr="i64"),
           ("tol",), dict(BLOCK=1024, k=1, apply_next_v=1), 4)

@@ -53,6 +53,47 @@ JACOBIAN_TILE = (16, 256, 4)
 
 
 @triton.jit
+def _product_tile(
+    x_base, y_base, row_ok, col_ok, D, stride_xd, stride_yd,
+    IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``x y^T`` for one tile, ``[BLOCK_N, BLOCK_M]`` fp32.
+
+    ``x_base [BLOCK_N, 1]``, ``y_base [BLOCK_M, 1]``: pointers to the first
+    element of each row; rows outside ``row_ok``/``col_ok`` read as zeros.
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        x = tl.load(x_base + ds[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        y = tl.load(y_base + ds[None, :] * stride_yd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE_FP32:
+            acc = tl.dot(x.to(tl.float32), tl.trans(y.to(tl.float32)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(y), acc)
+    return acc
+
+
+@triton.jit
+def _normalized(product, x_norm, y_norm):
+    """``S_ij = <x_i, y_j> / (|x_i|_eps |y_j|_eps)`` from the product tile and the clamped norms."""
+    # Divide twice (not by the product) so that tiny norms cannot underflow the denominator.
+    return (product / x_norm[:, None]) / y_norm[None, :]
+
+
+@triton.jit
+def _aplot_combine(s, rx, ry, alpha, inv_temperature):
+    """The APLOT cost from the similarity tile ``s`` and the rewards ``rx [BLOCK_N]``, ``ry [BLOCK_M]`` (fp32)."""
+    gap = tl.abs(rx[:, None] - ry[None, :]) * inv_temperature
+    # 1 - sigmoid(|delta| / T) = sigmoid(-|delta| / T) = e / (1 + e) with e = exp(-|delta| / T) in (0, 1]:
+    # no overflow, and a huge gap underflows to exactly 0.
+    e = tl.math.exp2(-gap * LOG2E_K)
+    reward_term = e / (1.0 + e)
+    return alpha * reward_term + (1.0 - alpha) * 0.5 * (1.0 + s)
+
+
+@triton.jit
 def _similarity_tile(
     x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, pid_b, rows, cols, N, M, D,
     stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
@@ -66,20 +107,22 @@ def _similarity_tile(
     col_ok = cols < M
     x_base = x_ptr + pid_b * stride_xb + rows[:, None] * stride_xn
     y_base = y_ptr + pid_b * stride_yb + cols[:, None] * stride_ym
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        d_ok = ds < D
-        x = tl.load(x_base + ds[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        y = tl.load(y_base + ds[None, :] * stride_yd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE_FP32:
-            acc = tl.dot(x.to(tl.float32), tl.trans(y.to(tl.float32)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(y), acc)
+    acc = _product_tile(x_base, y_base, row_ok, col_ok, D, stride_xd, stride_yd, IEEE_FP32, BLOCK_N, BLOCK_M, BLOCK_D)
     x_norm = tl.load(x_norm_ptr + pid_b * N + rows, mask=row_ok, other=1.0)
     y_norm = tl.load(y_norm_ptr + pid_b * M + cols, mask=col_ok, other=1.0)
-    # Divide twice (not by the product) so that tiny norms cannot underflow the denominator.
-    return (acc / x_norm[:, None]) / y_norm[None, :]
+    return _normalized(acc, x_norm, y_norm)
+
+
+@triton.jit
+def _clamped_row_norms(base, row_ok, D, stride_d, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``max(|x_r|, eps)`` of ``BLOCK_R`` rows (``base [BLOCK_R]``: their first elements), accumulated in fp32."""
+    sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(base[:, None] + ds[None, :] * stride_d, mask=row_ok[:, None] & (ds < D)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        sq += tl.sum(x * x, axis=1)
+    return tl.maximum(tl.sqrt_rn(sq), eps)
 
 
 @triton.jit
@@ -91,13 +134,7 @@ def _row_norms_kernel(
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     base = x_ptr + (rows // N) * stride_xb + (rows % N) * stride_xn
-    sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(base[:, None] + ds[None, :] * stride_xd, mask=row_ok[:, None] & (ds < D)[None, :], other=0.0)
-        x = x.to(tl.float32)
-        sq += tl.sum(x * x, axis=1)
-    tl.store(out_ptr + rows, tl.maximum(tl.sqrt_rn(sq), eps), mask=row_ok)
+    tl.store(out_ptr + rows, _clamped_row_norms(base, row_ok, D, stride_xd, eps, BLOCK_R, BLOCK_D), mask=row_ok)
 
 
 def _row_norms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -151,12 +188,7 @@ def _aplot_cost_kernel(
     )
     rx = tl.load(rx_ptr + pid_b * stride_rxb + rows * stride_rxn, mask=row_ok, other=0.0).to(tl.float32)
     ry = tl.load(ry_ptr + pid_b * stride_ryb + cols * stride_rym, mask=col_ok, other=0.0).to(tl.float32)
-    gap = tl.abs(rx[:, None] - ry[None, :]) * inv_temperature
-    # 1 - sigmoid(|delta| / T) = sigmoid(-|delta| / T) = e / (1 + e) with e = exp(-|delta| / T) in (0, 1]:
-    # no overflow, and a huge gap underflows to exactly 0.
-    e = tl.math.exp2(-gap * LOG2E_K)
-    reward_term = e / (1.0 + e)
-    cost = alpha * reward_term + (1.0 - alpha) * 0.5 * (1.0 + s)
+    cost = _aplot_combine(s, rx, ry, alpha, inv_temperature)
     out = out_ptr + pid_b * stride_ob + rows[:, None] * stride_on + cols[None, :] * stride_om
     tl.store(out, cost, mask=row_ok[:, None] & col_ok[None, :])
 

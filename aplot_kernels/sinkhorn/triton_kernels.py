@@ -137,6 +137,40 @@ def _log_weight(w):
 
 
 @triton.jit
+def _fused_iterations(neg_c, wa, wb, n_iters, check_every, tol, HAS_TOL: tl.constexpr):
+    """Every Sinkhorn iteration of one problem held on chip.
+
+    ``neg_c [BLOCK_N, BLOCK_M]``: ``-C / eps``, ``-inf`` outside the problem;
+    ``wa [BLOCK_N]``, ``wb [BLOCK_M]``: the weights, 0 for padding. Returns
+    ``(log_u, log_v, iters, err)``; ``err < 0`` when it was never measured.
+    """
+    log_a = _log_weight(wa)
+    log_b = _log_weight(wb)
+
+    # Zero potentials, except -inf on zero-weight rows: as in the reference, a padded row never
+    # enters a column update, so a ragged problem equals itself alone.
+    log_u = tl.where(wa > 0, 0.0, float("-inf"))
+    log_v = tl.zeros_like(wb)
+    # Column log-sum-exp of the current log_u: the next v-update and the marginal check both use it.
+    col_lse = _lse(neg_c + log_u[:, None], 0)
+    active = tl.full((), 1, tl.int32)
+    iters = tl.full((), 0, tl.int32)
+    err = tl.full((), -1.0, tl.float32)  # < 0: never measured
+    for k in range(1, n_iters + 1):
+        if active != 0:
+            log_v = tl.where(wb > 0, log_b - col_lse, float("-inf"))
+            log_u = tl.where(wa > 0, log_a - _lse(neg_c + log_v[None, :], 1), float("-inf"))
+            col_lse = _lse(neg_c + log_u[:, None], 0)
+            iters += 1
+            if HAS_TOL:
+                if k % check_every == 0:
+                    # (P^T 1)_j = exp(log_v_j + col_lse_j)
+                    err = tl.sum(tl.abs(tl.math.exp2((log_v + col_lse) * LOG2E_K) - wb))
+                    active = (err > tol).to(tl.int32)
+    return log_u, log_v, iters, err
+
+
+@triton.jit
 def _solve_fused_kernel(
     c_ptr, a_ptr, b_ptr, plan_ptr, row_cost_ptr, f_ptr, g_ptr, cost_ptr, reg_ptr, iters_ptr, err_ptr,
     N, M,
@@ -156,30 +190,7 @@ def _solve_fused_kernel(
     neg_c = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
     wa = tl.load(a_ptr + pid * stride_ab + rows * stride_an, mask=row_ok, other=0.0).to(tl.float32)
     wb = tl.load(b_ptr + pid * stride_bb + cols * stride_bm, mask=col_ok, other=0.0).to(tl.float32)
-    log_a = _log_weight(wa)
-    log_b = _log_weight(wb)
-
-    # Zero potentials, except -inf on zero-weight rows: as in the reference, a padded row never
-    # enters a column update, so a ragged problem equals itself alone.
-    log_u = tl.where(wa > 0, 0.0, float("-inf"))
-    log_v = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    # Column log-sum-exp of the current log_u: the next v-update and the marginal check both use it.
-    col_lse = _lse(neg_c + log_u[:, None], 0)
-    active = tl.full((), 1, tl.int32)
-    iters = tl.full((), 0, tl.int32)
-    err = tl.full((), -1.0, tl.float32)  # < 0: never measured
-    for k in range(1, n_iters + 1):
-        if active != 0:
-            log_v = tl.where(wb > 0, log_b - col_lse, float("-inf"))
-            log_u = tl.where(wa > 0, log_a - _lse(neg_c + log_v[None, :], 1), float("-inf"))
-            col_lse = _lse(neg_c + log_u[:, None], 0)
-            iters += 1
-            if HAS_TOL:
-                if k % check_every == 0:
-                    # (P^T 1)_j = exp(log_v_j + col_lse_j)
-                    err = tl.sum(tl.abs(tl.math.exp2((log_v + col_lse) * LOG2E_K) - wb))
-                    active = (err > tol).to(tl.int32)
-
+    log_u, log_v, iters, err = _fused_iterations(neg_c, wa, wb, n_iters, check_every, tol, HAS_TOL)
     plan = tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
     if WRITE_PLAN:
         tl.store(plan_ptr + pid * stride_pb + rows[:, None] * stride_pn + cols[None, :] * stride_pm, plan, mask=inside)

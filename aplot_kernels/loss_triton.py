@@ -1,0 +1,117 @@
+"""Triton kernel of the detached APLOT margin: cost, Sinkhorn and row costs in one program.
+
+``aplot_margin(..., detach=True)`` on a small problem (``next_pow2(n) *
+next_pow2(m) <= FUSED_MAX_ELEMENTS`` of the Sinkhorn kernels, e.g. up to
+128 x 128 pairs) runs as this single kernel: one program computes the row
+norms and the product ``chosen_emb @ rejected_emb^T`` (tensor cores for
+half inputs, exact fp32 FMA for float32), forms the APLOT cost tile in
+registers (the epilogue of :mod:`aplot_kernels.cost.triton_kernels`), runs
+every Sinkhorn iteration on it (the fused strategy's loop, uniform weights)
+and writes only the ``[n]`` margins. Neither the ``[n, m]`` cost nor the
+plan touches memory, and the step is one launch instead of four (two norm
+passes, the cost, the solve). Larger problems take the cost kernel and the
+row-cost Sinkhorn (:func:`aplot_kernels.sinkhorn.triton_kernels.row_transport_costs`).
+
+The math is that of the separate kernels, whose jit helpers it calls; the
+only difference is the last reduction, ``sum_j P_ij C_ij``, which takes
+``C_ij`` back from the ``-C / eps`` tile the loop held (``-eps`` times it,
+within two ulps) rather than keeping a second tile live through the loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, num_warps_for
+from .cost import triton_kernels as cost_kernels
+from .sinkhorn import triton_kernels as sinkhorn_kernels
+
+# The product's step along D: as the cost kernels' tiles (tensor cores for half, FMA for float32).
+HALF_BLOCK_D = cost_kernels.HALF_TILES["large"][2]
+FP32_BLOCK_D = cost_kernels.FP32_TILE[2]
+
+
+@triton.jit
+def _aplot_margin_kernel(
+    x_ptr, y_ptr, rx_ptr, ry_ptr, out_ptr, N, M, D,
+    stride_xn, stride_xd, stride_ym, stride_yd, stride_rx, stride_ry,
+    alpha, inv_temperature, norm_eps, eps, neg_inv_hi, neg_inv_lo, n_iters, row_weight, col_weight, margin_scale,
+    IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    col_ok = cols < M
+    inside = row_ok[:, None] & col_ok[None, :]
+    x_rows = x_ptr + rows * stride_xn
+    y_rows = y_ptr + cols * stride_ym
+    x_norm = cost_kernels._clamped_row_norms(x_rows, row_ok, D, stride_xd, norm_eps, BLOCK_N, BLOCK_D)
+    y_norm = cost_kernels._clamped_row_norms(y_rows, col_ok, D, stride_yd, norm_eps, BLOCK_M, BLOCK_D)
+    product = cost_kernels._product_tile(
+        x_rows[:, None], y_rows[:, None], row_ok, col_ok, D, stride_xd, stride_yd, IEEE_FP32, BLOCK_N, BLOCK_M, BLOCK_D,
+    )
+    rx = tl.load(rx_ptr + rows * stride_rx, mask=row_ok, other=0.0).to(tl.float32)
+    ry = tl.load(ry_ptr + cols * stride_ry, mask=col_ok, other=0.0).to(tl.float32)
+    c = cost_kernels._aplot_combine(cost_kernels._normalized(product, x_norm, y_norm), rx, ry, alpha, inv_temperature)
+    neg_c = tl.where(inside, sinkhorn_kernels._scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
+    wa = tl.where(row_ok, row_weight, 0.0)
+    wb = tl.where(col_ok, col_weight, 0.0)
+    log_u, log_v, iters, err = sinkhorn_kernels._fused_iterations(neg_c, wa, wb, n_iters, 1, 0.0, False)
+    plan = tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
+    row_cost = tl.sum(plan * tl.where(inside, neg_c * -eps, 0.0), axis=1)
+    tl.store(out_ptr + rows, margin_scale * row_cost, mask=row_ok)
+
+
+def fits(n: int, m: int) -> bool:
+    """Whether an ``n x m`` margin problem runs as the single fused kernel."""
+    padded = block_size(n, lo=MIN_DOT_BLOCK, hi=1 << 30) * block_size(m, lo=MIN_DOT_BLOCK, hi=1 << 30)
+    return padded <= sinkhorn_kernels.FUSED_MAX_ELEMENTS
+
+
+def aplot_margin(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_emb: torch.Tensor,
+    rejected_emb: torch.Tensor,
+    alpha: float,
+    temperature: float,
+    norm_eps: float,
+    eps: float,
+    n_iters: int,
+    scale: float,
+) -> torch.Tensor:
+    """Detached APLOT margins ``scale * n * sum_j P_ij C_ij`` in one kernel (arguments already checked).
+
+    Args:
+        chosen_rewards: ``[n]``; rejected_rewards: ``[m]``.
+        chosen_emb: ``[n, D]``; rejected_emb: ``[m, D]`` (float32, float16 or bfloat16; any strides).
+        alpha, temperature, norm_eps: the APLOT cost's options.
+        eps, n_iters: Sinkhorn's (fixed iterations, uniform weights).
+        scale: the margin scale.
+
+    Returns:
+        ``[n]`` float32 margins. Requires ``fits(n, m)``.
+    """
+    n, d = chosen_emb.shape
+    m = rejected_emb.shape[0]
+    if not fits(n, m):
+        raise ValueError(f"the fused margin kernel takes problems of up to {sinkhorn_kernels.FUSED_MAX_ELEMENTS} "
+                         f"padded entries, got {n} x {m}")
+    x, y = cost_kernels._dot_operands(chosen_emb, rejected_emb)
+    ieee = cost_kernels._dot_in_float32(x)
+    block_n = block_size(n, lo=MIN_DOT_BLOCK, hi=1 << 30)
+    block_m = block_size(m, lo=MIN_DOT_BLOCK, hi=1 << 30)
+    block_d = block_size(d, lo=MIN_DOT_BLOCK, hi=FP32_BLOCK_D if ieee else HALF_BLOCK_D)
+    out = torch.empty(n, dtype=torch.float32, device=x.device)
+    hi, lo = sinkhorn_kernels._split_reciprocal(eps)
+    _aplot_margin_kernel[(1,)](
+        x, y, chosen_rewards, rejected_rewards, out, n, m, d,
+        *x.stride(), *y.stride(), chosen_rewards.stride(0), rejected_rewards.stride(0),
+        float(alpha), 1.0 / float(temperature), float(norm_eps), float(eps), hi, lo, int(n_iters), 1.0 / n, 1.0 / m, float(scale) * n,
+        IEEE_FP32=ieee, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+        num_warps=num_warps_for(block_n * block_m, per_thread=sinkhorn_kernels.FUSED_ENTRIES_PER_THREAD),
+        num_stages=cost_kernels.NUM_STAGES,
+    )
+    return out
