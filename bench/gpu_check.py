@@ -189,11 +189,12 @@ class Runner:
     def run_all(self):
         print(f"gpu_check on {self.meta['device']}: torch {self.meta['torch']}, triton {self.meta['triton']}, POT {self.pot_version or '-'}")
         if self.dry:
-            self.sinkhorn_case("sinkhorn_small", batch=2, n=16, m=16, n_iters=5, strategies=("fused", "streamed", "tiled"))
+            self.sinkhorn_case("sinkhorn_small", batch=2, n=16, m=16, n_iters=5, strategies=("fused", "fused-scaling", "streamed", "tiled"))
             self.margin_case(n=16, d=32, n_iters=5)
             self.sinkhorn_case("sinkhorn_large", batch=1, n=40, m=24, n_iters=3, strategies=("tiled",), pot_loop=False)
         else:
-            self.sinkhorn_case("sinkhorn_small", batch=64, n=128, m=128, n_iters=50, strategies=("fused", "streamed", "tiled", "auto"))
+            self.sinkhorn_case("sinkhorn_small", batch=64, n=128, m=128, n_iters=50,
+                              strategies=("fused", "fused-scaling", "streamed", "tiled", "auto"))
             self.margin_case(n=512, d=4096, n_iters=50)
             self.margin_case(n=128, d=4096, n_iters=50)  # fused into one kernel
             self.margin_case(n=32, d=4096, n_iters=50)
@@ -221,8 +222,15 @@ class Runner:
 
         C, a = problem(64, 128)
         for warps in (4, 8, 16, 32):
-            self.add("fused_warps", f"triton-fused num_warps={warps}", "B=64 N=128 M=128", torch.float32, 50,
-                     lambda w=warps: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True, num_warps=w), repeats=5)
+            for scaling, name in ((False, "triton-fused"), (True, "triton-fused-scaling")):
+                self.add("fused_warps", f"{name} num_warps={warps}", "B=64 N=128 M=128", torch.float32, 50,
+                         lambda w=warps, sc=scaling: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True, num_warps=w, scaling=sc),
+                         repeats=5)
+        # Per-iteration cost: K=1 and K=101 at the default warps (the difference / 100 is one iteration).
+        for n_iters in (1, 101):
+            for scaling, name in ((False, "triton-fused"), (True, "triton-fused-scaling")):
+                self.add("fused_iteration", name, "B=64 N=128 M=128", torch.float32, n_iters,
+                         lambda k=n_iters, sc=scaling: tk._solve_fused(C, a, a, 0.1, k, None, 10, True, scaling=sc), repeats=5)
         for batch, n in ((64, 64), (64, 256), (16, 512), (1, 512), (8, 1024), (1, 1024), (1, 2048)):
             C, a = problem(batch, n)
             shape = f"B={batch} N={n} M={n}"
@@ -234,6 +242,7 @@ class Runner:
             }
             if n * n <= 128 * 256:  # larger fused programs take minutes to compile and spill heavily
                 runs["triton-fused"] = lambda: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True)
+                runs["triton-fused-scaling"] = lambda: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True, scaling=True)
             if self.native_ok:
                 from aplot_kernels.sinkhorn import native
 
@@ -253,7 +262,7 @@ class Runner:
         lines = ["", "== targets (medians of this run)"]
         pot = median("sinkhorn_small", "POT solve_batch log_sinkhorn")
         ref = median("sinkhorn_small", "torch reference (fp32)")
-        for impl in ("triton-auto", "triton-fused", "triton-streamed", "native (CUDA)"):
+        for impl in ("triton-auto", "triton-fused", "triton-fused-scaling", "triton-streamed", "native (CUDA)"):
             ours = median("sinkhorn_small", impl)
             lines.append(f"B=64 N=M=128 K=50 {impl:16s} {ours * 1e3:9.1f} us: {pot / ours:7.1f}x POT solve_batch "
                          f"(target 100x), {ref / ours:6.1f}x torch reference (target 20x)")

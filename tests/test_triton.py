@@ -33,7 +33,7 @@ if _ok:
     from aplot_kernels.sinkhorn import triton_kernels as sinkhorn_kernels
 
 HALF = (torch.float16, torch.bfloat16)
-STRATEGIES = ["fused", "streamed", "tiled"]
+STRATEGIES = ["fused", "fused-scaling", "streamed", "tiled"]
 PLAN_BOUND = 1e-5  # SPEC section 5: max |plan diff| <= 1e-5 * max plan entry (float32 vs float64 torch)
 
 
@@ -327,6 +327,28 @@ def test_sinkhorn_fixed_iterations(strategy, case, tiny_tiles):
     _assert_matches_reference(out, C, a, b, eps, n_iters, None, 10)
 
 
+@pytest.mark.parametrize("eps", [0.01, 0.03])
+@pytest.mark.parametrize("shift", ["columns", "rows"])
+def test_scaling_domain_falls_back_to_log_domain(shift, eps):
+    """Costs that make exp(-C / eps) underflow whole columns (or rows): the scaling-domain loop must
+    discard those iterations and run them in the log domain (SPEC: conformance down to eps = 0.01)."""
+    gen = _generator(53)
+    n, m = 21, 18
+    C = torch.rand(1, n, m, generator=gen) * 0.2
+    ramp = torch.linspace(0.0, 1.8, m if shift == "columns" else n)
+    C = C + (ramp[None, None, :] if shift == "columns" else ramp[None, :, None])
+    last = C[0, :, -1] if shift == "columns" else C[0, -1]
+    if eps == 0.01:  # exp(-C / eps) of the last column (row) is below 2**-126 = exp(-87.3)
+        assert last.min().item() / eps > 87.4
+    a = torch.rand(1, n, generator=gen) + 0.1
+    b = torch.rand(1, m, generator=gen) + 0.1
+    a, b = (w / w.sum() for w in (a, b))
+    C, a, b = C.to(DEVICE), a.to(DEVICE), b.to(DEVICE)
+    for tol in (None, 1e-6):
+        out = sinkhorn_kernels.solve(C, a, b, eps, 40, tol, 10, strategy="fused-scaling")
+        _assert_matches_reference(out, C, a, b, eps, 40, tol, 10)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_sinkhorn_reads_half_cost(strategy, dtype, tiny_tiles):
@@ -608,8 +630,9 @@ def _compile_all_for_sm90() -> None:
         fused = dict(c_ptr=c_type, a_ptr=f32, b_ptr=f32, plan_ptr=f32, row_cost_ptr=f32, f_ptr=f32, g_ptr=f32, cost_ptr=f32,
                      reg_ptr=f32, iters_ptr="i64", err_ptr=f32)
         for write_plan in (True, False):
-            build(sink_mod._solve_fused_kernel, fused, ("eps", "tol") + scaled,
-                  dict(HAS_TOL=c_type == "fp32", WRITE_PLAN=write_plan, BLOCK_N=64, BLOCK_M=128), 16)
+            for scaling in (False, True):
+                build(sink_mod._solve_fused_kernel, fused, ("eps", "tol") + scaled,
+                      dict(HAS_TOL=c_type == "fp32", WRITE_PLAN=write_plan, SCALING=scaling, BLOCK_N=64, BLOCK_M=128), 16)
         build(sink_mod._column_pass_kernel, dict(c_ptr=c_type, log_u_ptr=f32, b_ptr=f32, out_ptr=f32, active_ptr="i32"), scaled,
               dict(WRITE_V=True, BLOCK_N=128, BLOCK_M=32), 8)
         build(sink_mod._row_pass_kernel, dict(c_ptr=c_type, log_v_ptr=f32, a_ptr=f32, log_u_ptr=f32, active_ptr="i32"), scaled,

@@ -9,13 +9,23 @@ instruction; ``tl.exp`` would lower to the same) and ``-C / eps`` is formed
 with a split reciprocal (``c * hi + c * lo`` in one FMA) so that it is
 within about half an ulp of the true quotient without a division.
 
-Three strategies (``solve(..., strategy="auto")`` picks one by size):
+Four strategies (``solve(..., strategy="auto")`` picks one by size):
 
 * ``"fused"`` (small problems, ``next_pow2(N) * next_pow2(M) <=
   FUSED_MAX_ELEMENTS``): one program per problem holds ``-C / eps`` in
   registers and runs every iteration in the kernel. The tolerance check and
   the early exit happen on chip; the epilogue writes plan, potentials, cost,
   dual value, iteration count and error.
+* ``"fused-scaling"`` (opt-in, same sizes): the fused kernel iterating in
+  the scaling domain. It holds the Gibbs kernel ``exp(-C / eps + lu + lv)``
+  for absorbed log potentials and updates the scalings ``v = b / K^T u``,
+  ``u = a / K v``: two matrix-vector products per iteration and no ``exp``.
+  An iteration whose scalings leave ``[2**-32, 2**32]`` (or overflow) runs
+  again in the log domain and is absorbed into a new kernel, which is how
+  small ``eps`` stays exact (see ``_scaling_iterations``). Compiled for
+  sm_90 its loop issues about 440 instructions per thread per iteration at
+  128 x 128 (16 warps) against 1044 for ``"fused"``, 12 MUFU (reciprocals)
+  against 64 ``ex2``. ``"auto"`` does not pick it until a GPU run has timed it.
 * ``"streamed"`` (many mid-sized problems): one program per problem runs every
   iteration in the kernel, streaming ``C`` tile by tile in each pass (online
   log-sum-exp) with the potentials in global scratch; no per-iteration
@@ -48,6 +58,7 @@ and columns; ``f`` and ``g`` are reported as 0 there. Block padding beyond
 from __future__ import annotations
 
 import collections
+import functools
 import os
 from typing import Optional
 
@@ -91,6 +102,12 @@ STREAMED_MAX_BYTES = 32 << 20
 # longer than the launches, which then overlap them.
 GRAPH_MAX_ENTRIES = 1 << 23
 GRAPH_CACHE_SIZE = 8
+
+# The scaling-domain fused loop (strategy "fused-scaling") keeps its scalings u, v within
+# [2**-32, 2**32]; an iteration that leaves the range runs again in the log domain (see
+# _scaling_iterations).
+SCALING_LO_K = tl.constexpr(2.0 ** -32)
+SCALING_HI_K = tl.constexpr(2.0 ** 32)
 
 NEG_INF = float("-inf")
 
@@ -171,13 +188,105 @@ def _fused_iterations(neg_c, wa, wb, n_iters, check_every, tol, HAS_TOL: tl.cons
 
 
 @triton.jit
+def _load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo):
+    """``-C / eps`` of one problem's tile in float32, ``-inf`` outside the problem."""
+    c = tl.load(c_tile, mask=inside, other=0.0).to(tl.float32)
+    return tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
+
+
+@triton.jit
+def _absorbed_kernel(neg_c, log_u, log_v):
+    """``exp(-C / eps + log_u_i + log_v_j)``: the Gibbs kernel with the potentials absorbed (0 on padding)."""
+    return tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
+
+
+@triton.jit
+def _scaling_update(weight, total):
+    """``weight / total``, 0 on zero weights (padding).
+
+    A sum that underflowed (below ``2**-100``, possibly 0) gives a huge but
+    finite ratio, which fails the range check: no inf or NaN is ever formed.
+    """
+    return tl.where(weight > 0, weight / tl.maximum(total, 7.888609052210118e-31), 0.0)
+
+
+@triton.jit
+def _all_in_range(scaling, weight):
+    """Whether every scaling of a non-zero weight lies in ``[SCALING_LO, SCALING_HI]`` (NaN does not)."""
+    ok = ((scaling >= SCALING_LO_K) & (scaling <= SCALING_HI_K)) | (weight == 0)
+    return tl.min(ok.to(tl.int32), axis=0) != 0
+
+
+@triton.jit
+def _scaling_iterations(
+    c_tile, inside, wa, wb, neg_inv_hi, neg_inv_lo, n_iters, check_every, tol, HAS_TOL: tl.constexpr,
+):
+    """:func:`_fused_iterations` in the scaling domain: the same iterates without an ``exp`` per iteration.
+
+    Holds ``K = exp(-C / eps + lu_i + lv_j)`` for absorbed log potentials
+    ``(lu, lv)`` and iterates the scalings ``v = b / (K^T u)``, ``u = a / (K v)``,
+    so ``log_u = lu + log(u)``: an iteration is two matrix-vector products.
+    An iteration whose scalings leave ``[SCALING_LO, SCALING_HI]`` (or
+    overflow, or divide by an underflowed sum) is discarded: the state before
+    it is absorbed into ``(lu, lv)``, ``-C / eps`` is read again from
+    ``c_tile``, the iteration runs in the log domain as in
+    :func:`_fused_iterations`, and its result is absorbed into a new ``K``.
+    Entries of ``K`` that underflow are below ``2**-126``; times scalings of at
+    most ``SCALING_HI`` each they stay below ``2**-62`` of the plan.
+
+    Returns ``(log_u, log_v, iters, err, plan)`` as :func:`_fused_iterations` plus the plan tile.
+    """
+    log_a = _log_weight(wa)
+    log_b = _log_weight(wb)
+    real_row = wa > 0
+    real_col = wb > 0
+    lu = tl.where(real_row, 0.0, float("-inf"))
+    lv = tl.zeros_like(wb)
+    kernel = _absorbed_kernel(_load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo), lu, lv)
+    u = tl.where(real_row, 1.0, 0.0)
+    v = tl.where(real_col, 1.0, 0.0)
+    col_sum = tl.sum(kernel * u[:, None], axis=0)  # (K^T u)_j: the next v-update and the marginal check
+    active = tl.full((), 1, tl.int32)
+    iters = tl.full((), 0, tl.int32)
+    err = tl.full((), -1.0, tl.float32)  # < 0: never measured
+    for k in range(1, n_iters + 1):
+        if active != 0:
+            next_v = _scaling_update(wb, col_sum)
+            next_u = _scaling_update(wa, tl.sum(kernel * next_v[None, :], axis=1))
+            if _all_in_range(next_u, wa) & _all_in_range(next_v, wb):
+                u = next_u
+                v = next_v
+            else:
+                lu = tl.where(real_row, lu + tl.log(tl.where(real_row, u, 1.0)), float("-inf"))
+                lv = tl.where(real_col, lv + tl.log(tl.where(real_col, v, 1.0)), float("-inf"))
+                neg_c = _load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo)
+                lv = tl.where(real_col, log_b - _lse(neg_c + lu[:, None], 0), float("-inf"))
+                lu = tl.where(real_row, log_a - _lse(neg_c + lv[None, :], 1), float("-inf"))
+                kernel = _absorbed_kernel(neg_c, lu, lv)
+                u = tl.where(real_row, 1.0, 0.0)
+                v = tl.where(real_col, 1.0, 0.0)
+            col_sum = tl.sum(kernel * u[:, None], axis=0)
+            iters += 1
+            if HAS_TOL:
+                if k % check_every == 0:
+                    # (P^T 1)_j = v_j (K^T u)_j
+                    err = tl.sum(tl.abs(v * col_sum - wb))
+                    active = (err > tol).to(tl.int32)
+    log_u = tl.where(real_row, lu + tl.log(tl.where(real_row, u, 1.0)), float("-inf"))
+    log_v = tl.where(real_col, lv + tl.log(tl.where(real_col, v, 1.0)), float("-inf"))
+    plan = (kernel * u[:, None]) * v[None, :]
+    return log_u, log_v, iters, err, plan
+
+
+@triton.jit
 def _solve_fused_kernel(
     c_ptr, a_ptr, b_ptr, plan_ptr, row_cost_ptr, f_ptr, g_ptr, cost_ptr, reg_ptr, iters_ptr, err_ptr,
     N, M,
     stride_cb, stride_cn, stride_cm, stride_ab, stride_an, stride_bb, stride_bm,
     stride_pb, stride_pn, stride_pm,
     eps, neg_inv_hi, neg_inv_lo, n_iters, check_every, tol,
-    HAS_TOL: tl.constexpr, WRITE_PLAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_TOL: tl.constexpr, WRITE_PLAN: tl.constexpr, SCALING: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)
@@ -186,12 +295,16 @@ def _solve_fused_kernel(
     col_ok = cols < M
     inside = row_ok[:, None] & col_ok[None, :]
     c_tile = c_ptr + pid * stride_cb + rows[:, None] * stride_cn + cols[None, :] * stride_cm
-    c = tl.load(c_tile, mask=inside, other=0.0).to(tl.float32)
-    neg_c = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
     wa = tl.load(a_ptr + pid * stride_ab + rows * stride_an, mask=row_ok, other=0.0).to(tl.float32)
     wb = tl.load(b_ptr + pid * stride_bb + cols * stride_bm, mask=col_ok, other=0.0).to(tl.float32)
-    log_u, log_v, iters, err = _fused_iterations(neg_c, wa, wb, n_iters, check_every, tol, HAS_TOL)
-    plan = tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
+    if SCALING:
+        log_u, log_v, iters, err, plan = _scaling_iterations(
+            c_tile, inside, wa, wb, neg_inv_hi, neg_inv_lo, n_iters, check_every, tol, HAS_TOL,
+        )
+    else:
+        neg_c = _load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo)
+        log_u, log_v, iters, err = _fused_iterations(neg_c, wa, wb, n_iters, check_every, tol, HAS_TOL)
+        plan = _absorbed_kernel(neg_c, log_u, log_v)
     if WRITE_PLAN:
         tl.store(plan_ptr + pid * stride_pb + rows[:, None] * stride_pn + cols[None, :] * stride_pm, plan, mask=inside)
     f = tl.where(wa > 0, eps * log_u, 0.0)
@@ -210,7 +323,7 @@ def _solve_fused_kernel(
     tl.store(err_ptr + pid, err)
 
 
-def _solve_fused(C, a, b, eps, n_iters, tol, check_every, write_plan, num_warps=None):
+def _solve_fused(C, a, b, eps, n_iters, tol, check_every, write_plan, num_warps=None, scaling=False):
     batch, n, m = C.shape
     block_n, block_m = block_size(n, hi=1 << 30), block_size(m, hi=1 << 30)
     dev = C.device
@@ -225,7 +338,7 @@ def _solve_fused(C, a, b, eps, n_iters, tol, check_every, write_plan, num_warps=
         C, a, b, plan, row_cost, f, g, cost, reg_cost, iters, err, n, m,
         *C.stride(), *a.stride(), *b.stride(), *plan.stride(),
         float(eps), hi, lo, int(n_iters), int(check_every), float(tol if tol is not None else 0.0),
-        HAS_TOL=tol is not None, WRITE_PLAN=write_plan, BLOCK_N=block_n, BLOCK_M=block_m,
+        HAS_TOL=tol is not None, WRITE_PLAN=write_plan, SCALING=scaling, BLOCK_N=block_n, BLOCK_M=block_m,
         num_warps=num_warps or num_warps_for(block_n * block_m, per_thread=FUSED_ENTRIES_PER_THREAD),
     )
     if not write_plan:
@@ -639,7 +752,7 @@ def _solve_streamed(C, a, b, eps, n_iters, tol, check_every, write_plan):
     return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost
 
 
-STRATEGIES = ("auto", "fused", "streamed", "tiled")
+STRATEGIES = ("auto", "fused", "fused-scaling", "streamed", "tiled")
 
 
 def _auto_strategy(C: torch.Tensor) -> str:
@@ -663,7 +776,10 @@ def _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan):
     b = b.to(torch.float32)
     if strategy == "auto":
         strategy = _auto_strategy(C)
-    run = {"fused": _solve_fused, "streamed": _solve_streamed, "tiled": _solve_tiled}[strategy]
+    run = {
+        "fused": _solve_fused, "fused-scaling": functools.partial(_solve_fused, scaling=True),
+        "streamed": _solve_streamed, "tiled": _solve_tiled,
+    }[strategy]
     if strategy == "tiled" and _use_graph(C):
         run = _solve_tiled_graphed
     return run(C, a, b, float(eps), int(n_iters), tol, int(check_every), write_plan)
@@ -687,6 +803,7 @@ def solve(
         a: ``[B, N]``, b: ``[B, M]`` float32 weights (stride-0 views are fine), zero for padding.
         eps, n_iters, tol, check_every: as :func:`aplot_kernels.sinkhorn.reference.solve`.
         strategy: ``"fused"`` (one program per problem, C in registers),
+            ``"fused-scaling"`` (the same in the scaling domain),
             ``"streamed"`` (one program per problem, C streamed), ``"tiled"``
             (streaming passes launched per iteration) or ``"auto"``: fused when
             the padded problem has at most ``FUSED_MAX_ELEMENTS`` entries,
