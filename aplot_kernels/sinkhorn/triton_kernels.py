@@ -60,6 +60,7 @@ from __future__ import annotations
 import collections
 import functools
 import os
+import threading
 from typing import Optional
 
 import torch
@@ -613,25 +614,31 @@ class _GraphedTiledSolve:
 
 _graphs: "collections.OrderedDict[tuple, _GraphedTiledSolve]" = collections.OrderedDict()
 _ungraphable: set = set()
+# A cached graph owns fixed input and output buffers. Graphs are kept per stream, so that a replay
+# on one stream never overwrites the buffers of a replay still running on another; the lock keeps
+# two threads on one stream from interleaving their copy-in, replay and copy-out.
+_graphs_lock = threading.Lock()
 
 
 def _solve_tiled_graphed(C, a, b, eps, n_iters, tol, check_every, write_plan):
     options = (eps, n_iters, tol, check_every, write_plan)
-    key = (C.device, tuple(C.shape), C.dtype, options)
-    if key in _ungraphable:
-        return _solve_tiled(C, a, b, *options)
-    graphed = _graphs.get(key)
-    if graphed is None:
-        try:
-            graphed = _GraphedTiledSolve(C, a, b, options)
-        except RuntimeError:  # capture refused (e.g. by another capture on this device): plain launches
-            _ungraphable.add(key)
+    stream = torch.cuda.current_stream(C.device)
+    key = (C.device, stream.cuda_stream, tuple(C.shape), C.dtype, options)
+    with _graphs_lock:
+        if key in _ungraphable:
             return _solve_tiled(C, a, b, *options)
-        _graphs[key] = graphed
-        while len(_graphs) > GRAPH_CACHE_SIZE:
-            _graphs.popitem(last=False)
-    _graphs.move_to_end(key)
-    return graphed(C, a, b)
+        graphed = _graphs.get(key)
+        if graphed is None:
+            try:
+                graphed = _GraphedTiledSolve(C, a, b, options)
+            except RuntimeError:  # capture refused (e.g. by another capture on this device): plain launches
+                _ungraphable.add(key)
+                return _solve_tiled(C, a, b, *options)
+            _graphs[key] = graphed
+            while len(_graphs) > GRAPH_CACHE_SIZE:
+                _graphs.popitem(last=False)
+        _graphs.move_to_end(key)
+        return graphed(C, a, b)
 
 
 def _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) -> SolveOutput:
