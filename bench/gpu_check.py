@@ -126,6 +126,8 @@ class Runner:
         self.native_ok, self.native_why = backends.native_status(device)
         if device.type != "cuda":
             self.native_ok, self.native_why = False, "the dry run times the Triton kernels only"
+        # gpu_check.sh sets this when the cooperative smoke run failed or hung on this GPU.
+        self.cooperative_ok = os.environ.get("APLOT_TEST_SKIP_COOPERATIVE") != "1"
 
         self.meta = dict(
             device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)",
@@ -189,16 +191,18 @@ class Runner:
     def run_all(self):
         print(f"gpu_check on {self.meta['device']}: torch {self.meta['torch']}, triton {self.meta['triton']}, POT {self.pot_version or '-'}")
         if self.dry:
-            self.sinkhorn_case("sinkhorn_small", batch=2, n=16, m=16, n_iters=5, strategies=("fused", "fused-scaling", "streamed", "tiled"))
+            self.sinkhorn_case("sinkhorn_small", batch=2, n=16, m=16, n_iters=5, strategies=("fused", "fused-scaling", "streamed", "tiled", "cooperative"))
             self.margin_case(n=16, d=32, n_iters=5)
             self.sinkhorn_case("sinkhorn_large", batch=1, n=40, m=24, n_iters=3, strategies=("tiled",), pot_loop=False)
         else:
             self.sinkhorn_case("sinkhorn_small", batch=64, n=128, m=128, n_iters=50,
-                              strategies=("fused", "fused-scaling", "streamed", "tiled", "auto"))
+                              strategies=("fused", "fused-scaling", "streamed", "tiled", "auto")
+                              + (("cooperative",) if self.cooperative_ok else ()))
             self.margin_case(n=512, d=4096, n_iters=50)
             self.margin_case(n=128, d=4096, n_iters=50)  # fused into one kernel
             self.margin_case(n=32, d=4096, n_iters=50)
-            self.sinkhorn_case("sinkhorn_large", batch=4, n=4096, m=4096, n_iters=50, strategies=("tiled",), repeats=5)
+            self.sinkhorn_case("sinkhorn_large", batch=4, n=4096, m=4096, n_iters=50, repeats=5,
+                               strategies=("tiled",) + (("cooperative",) if self.cooperative_ok else ()))
             self.strategy_sweep()
         try:
             self.summary()
@@ -243,6 +247,8 @@ class Runner:
             if n * n <= 128 * 256:  # larger fused programs take minutes to compile and spill heavily
                 runs["triton-fused"] = lambda: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True)
                 runs["triton-fused-scaling"] = lambda: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True, scaling=True)
+            if self.cooperative_ok:
+                runs["triton-cooperative"] = lambda: tk._solve_cooperative(C, a, a, 0.1, 50, None, 10, True)
             if self.native_ok:
                 from aplot_kernels.sinkhorn import native
 
@@ -262,11 +268,12 @@ class Runner:
         lines = ["", "== targets (medians of this run)"]
         pot = median("sinkhorn_small", "POT solve_batch log_sinkhorn")
         ref = median("sinkhorn_small", "torch reference (fp32)")
-        for impl in ("triton-auto", "triton-fused", "triton-fused-scaling", "triton-streamed", "native (CUDA)"):
+        for impl in ("triton-auto", "triton-fused", "triton-fused-scaling", "triton-streamed", "triton-cooperative",
+                     "native (CUDA)"):
             ours = median("sinkhorn_small", impl)
             lines.append(f"B=64 N=M=128 K=50 {impl:16s} {ours * 1e3:9.1f} us: {pot / ours:7.1f}x POT solve_batch "
                          f"(target 100x), {ref / ours:6.1f}x torch reference (target 20x)")
-        for impl in ("triton aplot_margin", "native aplot_margin"):
+        for impl in ("triton aplot_margin", "native aplot_margin", "triton cost + cooperative row-cost solve"):
             lines.append(f"aplot_margin n=512 D=4096 bf16 {impl:20s} "
                          f"{median('aplot_margin', impl, 'n=512 D=4096') * 1e3:9.1f} us (target <= 150 us)")
         for n in (128, 32):
@@ -279,7 +286,8 @@ class Runner:
         lines.append(f"B=4 N=M=4096 K=50 triton-tiled {large:.2f} ms: {large / streamed_floor:.2f}x the streaming floor "
                      f"({streamed_floor:.2f} ms, C read twice per iteration), {large / exp_floor:.2f}x the exp floor "
                      f"({exp_floor:.2f} ms) (target 2x)")
-        lines.append(f"B=4 N=M=4096 K=50 native (CUDA) {median('sinkhorn_large', 'native (CUDA)'):.2f} ms")
+        lines.append(f"B=4 N=M=4096 K=50 native (CUDA) {median('sinkhorn_large', 'native (CUDA)'):.2f} ms, "
+                     f"triton-cooperative {median('sinkhorn_large', 'triton-cooperative'):.2f} ms")
         print("\n".join(lines))
 
     def sinkhorn_case(self, case, *, batch, n, m, n_iters, strategies, pot_loop=True, repeats=None, eps=0.1):
@@ -364,6 +372,15 @@ class Runner:
         from aplot_kernels.cost import triton_kernels as cost_kernels
         from aplot_kernels.sinkhorn import triton_kernels as sinkhorn_kernels
 
+        if self.cooperative_ok and not loss_triton.fits(n, n):
+            uniform = torch.full((1, n), 1.0 / n, device=self.device)
+
+            def cooperative():
+                cost = cost_kernels.aplot_cost(emb_c[None], emb_r[None], r_c[None], r_r[None], 0.9, 1.0, 1e-8)
+                return n * sinkhorn_kernels.row_transport_costs(cost, uniform, uniform, eps, n_iters, strategy="cooperative")[0]
+
+            note = f"margin rel err vs float64 torch {((cooperative().double() - want).abs().max() / want.abs().max()).item():.2e}"
+            self.add(case, "triton cost + cooperative row-cost solve", shape, dtype, n_iters, cooperative, note=note)
         if loss_triton.fits(n, n):
             # What the fused margin kernel replaces: the cost kernel, then the row-cost Sinkhorn.
             uniform = torch.full((1, n), 1.0 / n, device=self.device)

@@ -23,7 +23,9 @@
 #      CUDA kernels, the torch reference and POT -> gpu_check.csv, then a summary;
 #   5. `python -m bench --device cuda` for Sinkhorn and aplot_margin in float32
 #      (every library that is installed) with what is left of the budget.
-# Files in OUT_DIR: env.txt, build.txt, pytest_suite.txt, pytest_native.txt,
+# Before step 2, a 512 x 512 solve with the cooperative strategy runs under a timeout
+# (cooperative.txt); if it hangs or fails, the later steps leave that strategy out.
+# Files in OUT_DIR: env.txt, build.txt, cooperative.txt, pytest_suite.txt, pytest_native.txt,
 # bench.txt, gpu_check.csv, matrix.txt, matrix/results.csv (dry run:
 # pytest_triton.txt instead of the pytest files).
 set -uo pipefail
@@ -86,6 +88,25 @@ elif [[ ${GPU_CHECK_SKIP_BUILD:-0} != 1 ]]; then
 fi
 # Run from the checkout (the extension, if built, lies in aplot_kernels/).
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+
+# The cooperative strategy's programs wait for each other at barriers: if they could not all be
+# resident they would wait forever. A short smoke run under a timeout first; if it fails, the
+# suite and the timings leave that strategy out (APLOT_TEST_SKIP_COOPERATIVE=1).
+if [[ $DRY != 1 ]]; then
+  run 90 cooperative.txt "$PY" -c "
+import torch
+from aplot_kernels.sinkhorn import triton_kernels as tk
+C = torch.rand(1, 512, 512, device='cuda')
+a = torch.full((1, 512), 1 / 512, device='cuda')
+out = tk._solve_cooperative(C, a, a, 0.1, 20, 1e-9, 5, True)
+ref = tk._solve_tiled(C, a, a, 0.1, 20, 1e-9, 5, True)
+torch.cuda.synchronize()
+diff = (out.plan - ref.plan).abs().max().item() / ref.plan.max().item()
+print('cooperative smoke: parts', tk._cooperative_parts(C), 'plan vs tiled', diff)
+assert diff < 1e-5, diff
+"
+  grep -q "cooperative smoke: parts" "$OUT/cooperative.txt" || export APLOT_TEST_SKIP_COOPERATIVE=1
+fi
 
 XDIST=()
 [[ $DRY != 1 ]] && "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)

@@ -33,7 +33,7 @@ if _ok:
     from aplot_kernels.sinkhorn import triton_kernels as sinkhorn_kernels
 
 HALF = (torch.float16, torch.bfloat16)
-STRATEGIES = ["fused", "fused-scaling", "streamed", "tiled"]
+STRATEGIES = ["fused", "fused-scaling", "streamed", "tiled", "cooperative"]
 PLAN_BOUND = 1e-5  # SPEC section 5: max |plan diff| <= 1e-5 * max plan entry (float32 vs float64 torch)
 
 
@@ -615,6 +615,34 @@ def test_tiled_cuda_graphs_are_kept_per_stream():
     assert streams == {main.cuda_stream, side.cuda_stream}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programs meeting at a barrier run concurrently only on a GPU")
+@pytest.mark.skipif(os.environ.get("APLOT_TEST_SKIP_COOPERATIVE") == "1", reason="cooperative smoke check failed on this GPU")
+@pytest.mark.parametrize("parts", [2, 3, 7, None])
+@pytest.mark.parametrize("tol", [None, 1e-5])
+def test_cooperative_parts_match_reference(parts, tol):
+    """A problem split over several programs (row and column blocks strided over them) that meet at barriers."""
+    C, a, b = _problem(3, 75, 52, torch.float32, seed=61, pad=True)
+    C = C * torch.tensor([0.3, 1.0, 2.5], device=DEVICE)[:, None, None]  # checks stop the problems at different k
+    out = sinkhorn_kernels._solve_cooperative(C, a, b, 0.08, 40, tol, 5, True, parts=parts)
+    _assert_matches_reference(out, C, a, b, 0.08, 40, tol, 5)
+    rows = sinkhorn_kernels._solve_cooperative(C, a, b, 0.08, 40, tol, 5, False, parts=parts)
+    torch.testing.assert_close(rows, (out.plan * C).sum(-1), rtol=1e-6, atol=1e-9)
+
+
+def test_cooperative_parts_off_gpu():
+    """Off a GPU each problem is one program: parts > 1 could never meet at their barrier."""
+    C, a, b = _problem(2, 30, 20, torch.float32, seed=67)
+    if DEVICE.type == "cpu":
+        assert sinkhorn_kernels._cooperative_parts(C) == 1
+        with pytest.raises(ValueError, match="resident"):
+            sinkhorn_kernels._solve_cooperative(C, a, b, 0.1, 5, None, 10, True, parts=2)
+    else:
+        parts = sinkhorn_kernels._cooperative_parts(C)
+        assert 1 <= parts and 2 * parts <= torch.cuda.get_device_properties(DEVICE).multi_processor_count
+        with pytest.raises(ValueError, match="resident"):
+            sinkhorn_kernels._solve_cooperative(C, a, b, 0.1, 5, None, 10, True, parts=10_000)
+
+
 # ---------------------------------------------------------------------------
 # Ahead-of-time compilation for the H100 (sm_90), without a GPU: catches what
 # the interpreter accepts but the compiler rejects. Runs in a subprocess
@@ -665,6 +693,11 @@ def _compile_all_for_sm90() -> None:
               dict(HAS_TOL=True, WRITE_PLAN=write_plan, ROW_BLOCK_N=32, ROW_BLOCK_M=128, COL_BLOCK_N=128, COL_BLOCK_M=32), 8)
         build(sink_mod._plan_kernel, dict(c_ptr="fp16", log_u_ptr=f32, log_v_ptr=f32, plan_ptr=f32, row_cost_ptr=f32), scaled,
               dict(WRITE_PLAN=write_plan, BLOCK_N=32, BLOCK_M=128), 8)
+    for has_tol in (True, False):
+        build(sink_mod._solve_cooperative_kernel, dict(c_ptr="bf16", a_ptr=f32, b_ptr=f32, log_u_ptr=f32, log_v_ptr=f32,
+              col_lse_ptr=f32, partial_err_ptr=f32, sync_ptr="i32", plan_ptr=f32, row_cost_ptr=f32, iters_ptr="i64",
+              err_ptr=f32), ("tol",) + scaled,
+              dict(HAS_TOL=has_tol, WRITE_PLAN=True, **{k.upper(): v for k, v in sink_mod.COOPERATIVE_BLOCKS.items()}), 4)
     # The fused margin at its largest size: wgmma for half inputs, exact FMA for float32.
     for emb_type, ieee, block_d in (("bf16", False, loss_mod.HALF_BLOCK_D), ("fp32", True, loss_mod.FP32_BLOCK_D)):
         build(loss_mod._aplot_margin_kernel, dict(x_ptr=emb_type, y_ptr=emb_type, rx_ptr=emb_type, ry_ptr=f32, out_ptr=f32),

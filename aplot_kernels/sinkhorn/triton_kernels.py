@@ -9,7 +9,7 @@ instruction; ``tl.exp`` would lower to the same) and ``-C / eps`` is formed
 with a split reciprocal (``c * hi + c * lo`` in one FMA) so that it is
 within about half an ulp of the true quotient without a division.
 
-Four strategies (``solve(..., strategy="auto")`` picks one by size):
+Five strategies (``solve(..., strategy="auto")`` picks among the first, third and fourth by size):
 
 * ``"fused"`` (small problems, ``next_pow2(N) * next_pow2(M) <=
   FUSED_MAX_ELEMENTS``): one program per problem holds ``-C / eps`` in
@@ -44,6 +44,16 @@ Four strategies (``solve(..., strategy="auto")`` picks one by size):
   kept): their passes take a few microseconds, less than a launch from
   Python, so without the graph the loop measured launch-bound on an H100
   (about 4 ms for K=50 at any size up to 1024 x 1024).
+
+* ``"cooperative"`` (opt-in, few mid-sized problems): the streamed loop
+  with each problem split over several programs (at most one per SM, so
+  that all are resident), each owning every ``parts``-th block of rows and
+  of columns; the parts meet at a barrier in global memory (an atomic
+  counter per problem) after every pass. One launch for all iterations, as
+  in "streamed", but a 512 x 512 problem is spread over 64 programs instead
+  of one. Off a GPU (the interpreter runs programs one after another) each
+  problem is a single program. Not yet timed on a GPU; ``"auto"`` does not
+  pick it.
 
 ``row_transport_costs`` runs the same iterations with any strategy but
 replaces the plan store by a per-row reduction ``sum_j P_ij C_ij`` (the
@@ -101,6 +111,11 @@ STREAMED_MAX_BYTES = 32 << 20
 # H100 up to 4M entries (B=1, 2048 x 2048: 1.96 ms graphed, 3.76 ms launched); at 8M entries
 # (B=8, 1024 x 1024) the plain launches took 3.9 ms; at 67M (B=4, 4096 x 4096) the passes take
 # longer than the launches, which then overlap them.
+# Cooperative strategy (opt-in, not timed on a GPU yet): a problem's passes are split over up to
+# one program per SM, which meet at a barrier in global memory; small blocks so that a 512 x 512
+# problem spreads over 64 programs (8 rows and 8 columns each).
+COOPERATIVE_BLOCKS = dict(row_block_n=8, row_block_m=128, col_block_n=128, col_block_m=8)
+
 GRAPH_MAX_ENTRIES = 1 << 23
 GRAPH_CACHE_SIZE = 8
 
@@ -371,9 +386,19 @@ def _online_lse_step(peak, total, z, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _load_potential(ptr, mask, FROM_L2: tl.constexpr):
+    """Log potentials (``-inf`` outside ``mask``); ``FROM_L2``: written by other programs, so read past L1."""
+    if FROM_L2:
+        value = tl.load(ptr, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    else:
+        value = tl.load(ptr, mask=mask, other=float("-inf"))
+    return value
+
+
+@triton.jit
 def _column_lse(
     c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_L2: tl.constexpr,
 ):
     """``LSE_i(-C_ij / eps + log_u_i)`` for one problem's columns ``cols`` (``[BLOCK_M]``), streaming rows."""
     col_ok = cols < M
@@ -384,7 +409,7 @@ def _column_lse(
         row_ok = rows < N
         inside = row_ok[:, None] & col_ok[None, :]
         c = tl.load(c_ptr + rows[:, None] * stride_cn + cols[None, :] * stride_cm, mask=inside, other=0.0).to(tl.float32)
-        log_u = tl.load(log_u_ptr + rows, mask=row_ok, other=float("-inf"))
+        log_u = _load_potential(log_u_ptr + rows, row_ok, FROM_L2)
         z = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf")) + log_u[:, None]
         peak, total = _online_lse_step(peak, total, z, 0)
     return _lse_value(peak, total)
@@ -393,7 +418,7 @@ def _column_lse(
 @triton.jit
 def _row_lse(
     c_ptr, log_v_ptr, rows, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_L2: tl.constexpr,
 ):
     """``LSE_j(-C_ij / eps + log_v_j)`` for one problem's rows ``rows`` (``[BLOCK_N]``), streaming columns."""
     row_ok = rows < N
@@ -404,7 +429,7 @@ def _row_lse(
         col_ok = cols < M
         inside = row_ok[:, None] & col_ok[None, :]
         c = tl.load(c_ptr + rows[:, None] * stride_cn + cols[None, :] * stride_cm, mask=inside, other=0.0).to(tl.float32)
-        log_v = tl.load(log_v_ptr + cols, mask=col_ok, other=float("-inf"))
+        log_v = _load_potential(log_v_ptr + cols, col_ok, FROM_L2)
         z = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf")) + log_v[None, :]
         peak, total = _online_lse_step(peak, total, z, 1)
     return _lse_value(peak, total)
@@ -424,7 +449,7 @@ def _column_pass_kernel(
         col_ok = cols < M
         lse = _column_lse(
             c_ptr + pid_b * stride_cb, log_u_ptr + pid_b * N, cols, N, M, stride_cn, stride_cm,
-            neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M,
+            neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M, False,
         )
         if WRITE_V:
             wb = tl.load(b_ptr + pid_b * stride_bb + cols * stride_bm, mask=col_ok, other=0.0)
@@ -446,7 +471,7 @@ def _row_pass_kernel(
         row_ok = rows < N
         lse = _row_lse(
             c_ptr + pid_b * stride_cb, log_v_ptr + pid_b * M, rows, N, M, stride_cn, stride_cm,
-            neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M,
+            neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M, False,
         )
         wa = tl.load(a_ptr + pid_b * stride_ab + rows * stride_an, mask=row_ok, other=0.0)
         tl.store(log_u_ptr + pid_b * N + rows, tl.where(wa > 0, _log_weight(wa) - lse, float("-inf")), mask=row_ok)
@@ -491,6 +516,7 @@ def _check_kernel(
 def _plan_rows(
     c_ptr, log_u_ptr, log_v_ptr, plan_ptr, rows, N, M, stride_cn, stride_cm, stride_pn, stride_pm,
     neg_inv_hi, neg_inv_lo, WRITE_PLAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    FROM_L2: tl.constexpr,
 ):
     """``sum_j P_ij C_ij`` of one problem's rows, with ``P_ij = exp(log_u_i + log_v_j - C_ij / eps)``.
 
@@ -504,7 +530,7 @@ def _plan_rows(
         col_ok = cols < M
         inside = row_ok[:, None] & col_ok[None, :]
         c = tl.load(c_ptr + rows[:, None] * stride_cn + cols[None, :] * stride_cm, mask=inside, other=0.0).to(tl.float32)
-        log_v = tl.load(log_v_ptr + cols, mask=col_ok, other=float("-inf"))
+        log_v = _load_potential(log_v_ptr + cols, col_ok, FROM_L2)
         neg_c = tl.where(inside, _scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
         plan = tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
         if WRITE_PLAN:
@@ -526,6 +552,7 @@ def _plan_kernel(
     row_cost = _plan_rows(
         c_ptr + pid_b * stride_cb, log_u_ptr + pid_b * N, log_v_ptr + pid_b * M, plan_ptr + pid_b * stride_pb,
         rows, N, M, stride_cn, stride_cm, stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, WRITE_PLAN, BLOCK_N, BLOCK_M,
+        False,
     )
     tl.store(row_cost_ptr + pid_b * N + rows, row_cost, mask=rows < N)
 
@@ -666,7 +693,9 @@ def _column_violation(
     for m0 in range(0, M, BLOCK_M):
         cols = m0 + tl.arange(0, BLOCK_M)
         col_ok = cols < M
-        lse = _column_lse(c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M)
+        lse = _column_lse(
+            c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M, False
+        )
         log_v = tl.load(log_v_ptr + cols, mask=col_ok, other=float("-inf"))
         wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
         err += tl.abs(tl.math.exp2((log_v + lse) * LOG2E_K) - wb)
@@ -702,7 +731,8 @@ def _solve_streamed_kernel(
                 cols = m0 + tl.arange(0, COL_BLOCK_M)
                 col_ok = cols < M
                 lse = _column_lse(
-                    c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, COL_BLOCK_N, COL_BLOCK_M
+                    c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, COL_BLOCK_N, COL_BLOCK_M,
+                    False,
                 )
                 wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
                 tl.store(log_v_ptr + cols, tl.where(wb > 0, _log_weight(wb) - lse, float("-inf")), mask=col_ok)
@@ -711,7 +741,8 @@ def _solve_streamed_kernel(
                 rows = n0 + tl.arange(0, ROW_BLOCK_N)
                 row_ok = rows < N
                 lse = _row_lse(
-                    c_ptr, log_v_ptr, rows, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, ROW_BLOCK_N, ROW_BLOCK_M
+                    c_ptr, log_v_ptr, rows, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, ROW_BLOCK_N, ROW_BLOCK_M,
+                    False,
                 )
                 wa = tl.load(a_ptr + rows * stride_an, mask=row_ok, other=0.0)
                 tl.store(log_u_ptr + rows, tl.where(wa > 0, _log_weight(wa) - lse, float("-inf")), mask=row_ok)
@@ -728,7 +759,7 @@ def _solve_streamed_kernel(
         rows = n0 + tl.arange(0, ROW_BLOCK_N)
         row_cost = _plan_rows(
             c_ptr, log_u_ptr, log_v_ptr, plan_ptr + pid * stride_pb, rows, N, M, stride_cn, stride_cm,
-            stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, WRITE_PLAN, ROW_BLOCK_N, ROW_BLOCK_M,
+            stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, WRITE_PLAN, ROW_BLOCK_N, ROW_BLOCK_M, False,
         )
         tl.store(row_cost_ptr + pid * N + rows, row_cost, mask=rows < N)
     tl.store(iters_ptr + pid, iters.to(tl.int64))
@@ -759,7 +790,185 @@ def _solve_streamed(C, a, b, eps, n_iters, tol, check_every, write_plan):
     return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost
 
 
-STRATEGIES = ("auto", "fused", "fused-scaling", "streamed", "tiled")
+# ---------------------------------------------------------------------------
+# Cooperative strategy: the streamed loop with each problem split over several
+# programs that meet at a barrier in global memory between passes.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _problem_barrier(sync_ptr, target):
+    """Wait until ``target`` arrivals (all programs of this problem, all phases so far) are counted at ``sync_ptr``.
+
+    The CTA barrier orders this program's stores before its release; the
+    acquire on the counter orders the other programs' stores before what
+    follows (their potentials are then read past L1, ``FROM_L2``).
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu") + 1
+    while arrived < target:
+        arrived = tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _solve_cooperative_kernel(
+    c_ptr, a_ptr, b_ptr, log_u_ptr, log_v_ptr, col_lse_ptr, partial_err_ptr, sync_ptr,
+    plan_ptr, row_cost_ptr, iters_ptr, err_ptr,
+    N, M, stride_cb, stride_cn, stride_cm, stride_ab, stride_an, stride_bb, stride_bm,
+    stride_pb, stride_pn, stride_pm,
+    neg_inv_hi, neg_inv_lo, n_iters, check_every, tol,
+    HAS_TOL: tl.constexpr, WRITE_PLAN: tl.constexpr, ROW_BLOCK_N: tl.constexpr, ROW_BLOCK_M: tl.constexpr,
+    COL_BLOCK_N: tl.constexpr, COL_BLOCK_M: tl.constexpr,
+):
+    """Problem ``program_id(0)``, part ``program_id(1)`` of ``num_programs(1)``.
+
+    A part owns every ``parts``-th block of columns (column passes) and of
+    rows (row passes); the parts of a problem meet at ``_problem_barrier``
+    after each pass, with a counter per problem (``sync_ptr``, zeroed by the
+    host). A tolerance check sums the parts' column violations in a fixed
+    order (every part reads the same total and takes the same branch); its
+    column log-sum-exp is the next v-update, as in the tiled strategy.
+    Every program of the launch must be resident at once: the host launches
+    at most one program per SM.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    parts = tl.num_programs(1)
+    c_ptr += pid * stride_cb
+    a_ptr += pid * stride_ab
+    b_ptr += pid * stride_bb
+    log_u_ptr += pid * N
+    log_v_ptr += pid * M
+    col_lse_ptr += pid * M
+    partial_err_ptr += pid * parts
+    sync_ptr += pid
+    phase = 0
+    active = tl.full((), 1, tl.int32)
+    v_ready = tl.full((), 0, tl.int32)  # the last check already applied this iteration's v-update
+    iters = tl.full((), 0, tl.int32)
+    err = tl.full((), -1.0, tl.float32)  # < 0: never measured
+    for k in range(1, n_iters + 1):
+        if active != 0:
+            if v_ready == 0:
+                for m0 in range(part * COL_BLOCK_M, M, parts * COL_BLOCK_M):
+                    cols = m0 + tl.arange(0, COL_BLOCK_M)
+                    col_ok = cols < M
+                    lse = _column_lse(
+                        c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
+                        COL_BLOCK_N, COL_BLOCK_M, True,
+                    )
+                    wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
+                    tl.store(log_v_ptr + cols, tl.where(wb > 0, _log_weight(wb) - lse, float("-inf")), mask=col_ok)
+                phase += 1
+                _problem_barrier(sync_ptr, phase * parts)
+            for n0 in range(part * ROW_BLOCK_N, N, parts * ROW_BLOCK_N):
+                rows = n0 + tl.arange(0, ROW_BLOCK_N)
+                row_ok = rows < N
+                lse = _row_lse(
+                    c_ptr, log_v_ptr, rows, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
+                    ROW_BLOCK_N, ROW_BLOCK_M, True,
+                )
+                wa = tl.load(a_ptr + rows * stride_an, mask=row_ok, other=0.0)
+                tl.store(log_u_ptr + rows, tl.where(wa > 0, _log_weight(wa) - lse, float("-inf")), mask=row_ok)
+            phase += 1
+            _problem_barrier(sync_ptr, phase * parts)
+            iters += 1
+            v_ready = 0
+            if HAS_TOL:
+                if k % check_every == 0:
+                    violation = tl.zeros((COL_BLOCK_M,), dtype=tl.float32)
+                    for m0 in range(part * COL_BLOCK_M, M, parts * COL_BLOCK_M):
+                        cols = m0 + tl.arange(0, COL_BLOCK_M)
+                        col_ok = cols < M
+                        lse = _column_lse(
+                            c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
+                            COL_BLOCK_N, COL_BLOCK_M, True,
+                        )
+                        tl.store(col_lse_ptr + cols, lse, mask=col_ok)  # read back by this program only
+                        log_v = tl.load(log_v_ptr + cols, mask=col_ok, other=float("-inf"))  # this part's columns
+                        wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
+                        violation += tl.abs(tl.math.exp2((log_v + lse) * LOG2E_K) - wb)
+                    tl.store(partial_err_ptr + part, tl.sum(violation))
+                    phase += 1
+                    _problem_barrier(sync_ptr, phase * parts)
+                    err = tl.full((), 0.0, tl.float32)
+                    for q in range(0, parts):  # the same order in every part: the same total
+                        err += tl.load(partial_err_ptr + q, cache_modifier=".cg")
+                    active = (err > tol).to(tl.int32)
+                    if (active != 0) & (k < n_iters):
+                        for m0 in range(part * COL_BLOCK_M, M, parts * COL_BLOCK_M):
+                            cols = m0 + tl.arange(0, COL_BLOCK_M)
+                            col_ok = cols < M
+                            lse = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0)
+                            wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
+                            tl.store(log_v_ptr + cols, tl.where(wb > 0, _log_weight(wb) - lse, float("-inf")), mask=col_ok)
+                        v_ready = 1
+                        # The partial errors are rewritten at the next check, after this barrier and the
+                        # row pass's: every part has summed them by then.
+                        phase += 1
+                        _problem_barrier(sync_ptr, phase * parts)
+    for n0 in range(part * ROW_BLOCK_N, N, parts * ROW_BLOCK_N):
+        rows = n0 + tl.arange(0, ROW_BLOCK_N)
+        row_cost = _plan_rows(
+            c_ptr, log_u_ptr, log_v_ptr, plan_ptr + pid * stride_pb, rows, N, M, stride_cn, stride_cm,
+            stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, WRITE_PLAN, ROW_BLOCK_N, ROW_BLOCK_M, True,
+        )
+        tl.store(row_cost_ptr + pid * N + rows, row_cost, mask=rows < N)
+    if part == 0:
+        tl.store(iters_ptr + pid, iters.to(tl.int64))
+        tl.store(err_ptr + pid, err)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _cooperative_parts(C: torch.Tensor) -> int:
+    """Programs per problem: enough to cover the row and column blocks, all resident (at most one per SM).
+
+    Off a GPU (the Triton interpreter runs programs one after another, so a
+    barrier between them would never open) every problem gets one program.
+    """
+    batch, n, m = C.shape
+    if not C.is_cuda:
+        return 1
+    blocks = COOPERATIVE_BLOCKS
+    wanted = max(triton.cdiv(n, blocks["row_block_n"]), triton.cdiv(m, blocks["col_block_m"]))
+    return max(1, min(wanted, _multiprocessors(C.device) // batch))
+
+
+def _solve_cooperative(C, a, b, eps, n_iters, tol, check_every, write_plan, parts=None):
+    batch, n, m = C.shape
+    dev = C.device
+    parts = parts or _cooperative_parts(C)
+    if parts > 1 and (not C.is_cuda or batch * parts > _multiprocessors(dev)):
+        raise ValueError(f"the cooperative strategy needs all {batch * parts} programs resident on one GPU")
+    blocks = COOPERATIVE_BLOCKS
+    hi, lo = _split_reciprocal(eps)
+    log_u = torch.where(a > 0, 0.0, NEG_INF).contiguous()  # padded rows never enter a column update
+    log_v = torch.zeros(batch, m, dtype=torch.float32, device=dev)
+    col_lse = torch.empty(batch, m, dtype=torch.float32, device=dev)
+    partial_err = torch.empty(batch, parts, dtype=torch.float32, device=dev)
+    sync = torch.zeros(batch, dtype=torch.int32, device=dev)
+    plan = _plan_buffer(batch, n, m, dev, write_plan)
+    row_cost = torch.empty(batch, n, dtype=torch.float32, device=dev)
+    iters = torch.empty(batch, dtype=torch.int64, device=dev)
+    err = torch.empty(batch, dtype=torch.float32, device=dev)
+    tile = max(blocks["row_block_n"] * blocks["row_block_m"], blocks["col_block_n"] * blocks["col_block_m"])
+    _solve_cooperative_kernel[(batch, parts)](
+        C, a, b, log_u, log_v, col_lse, partial_err, sync, plan, row_cost, iters, err, n, m,
+        *C.stride(), *a.stride(), *b.stride(), *plan.stride(),
+        hi, lo, int(n_iters), int(check_every), float(tol if tol is not None else 0.0),
+        HAS_TOL=tol is not None, WRITE_PLAN=write_plan,
+        ROW_BLOCK_N=blocks["row_block_n"], ROW_BLOCK_M=blocks["row_block_m"],
+        COL_BLOCK_N=blocks["col_block_n"], COL_BLOCK_M=blocks["col_block_m"],
+        num_warps=num_warps_for(tile, per_thread=TILED_ENTRIES_PER_THREAD),
+    )
+    return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost
+
+
+STRATEGIES = ("auto", "fused", "fused-scaling", "streamed", "tiled", "cooperative")
 
 
 def _auto_strategy(C: torch.Tensor) -> str:
@@ -785,7 +994,7 @@ def _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan):
         strategy = _auto_strategy(C)
     run = {
         "fused": _solve_fused, "fused-scaling": functools.partial(_solve_fused, scaling=True),
-        "streamed": _solve_streamed, "tiled": _solve_tiled,
+        "streamed": _solve_streamed, "tiled": _solve_tiled, "cooperative": _solve_cooperative,
     }[strategy]
     if strategy == "tiled" and _use_graph(C):
         run = _solve_tiled_graphed
@@ -812,7 +1021,9 @@ def solve(
         strategy: ``"fused"`` (one program per problem, C in registers),
             ``"fused-scaling"`` (the same in the scaling domain),
             ``"streamed"`` (one program per problem, C streamed), ``"tiled"``
-            (streaming passes launched per iteration) or ``"auto"``: fused when
+            (streaming passes launched per iteration), ``"cooperative"``
+            (streamed, each problem split over programs that meet at barriers)
+            or ``"auto"``: fused when
             the padded problem has at most ``FUSED_MAX_ELEMENTS`` entries,
             tiled where its loop runs as a CUDA graph, else streamed for at
             least ``STREAMED_MIN_BATCH`` problems whose costs total at most
