@@ -14,8 +14,13 @@ tolerance mode and its early exit.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import itertools
 import os
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -627,6 +632,90 @@ def test_cooperative_parts_match_reference(parts, tol):
     _assert_matches_reference(out, C, a, b, 0.08, 40, tol, 5)
     rows = sinkhorn_kernels._solve_cooperative(C, a, b, 0.08, 40, tol, 5, False, parts=parts)
     torch.testing.assert_close(rows, (out.plan * C).sum(-1), rtol=1e-6, atol=1e-9)
+
+
+@contextlib.contextmanager
+def _interpreter_programs_in_threads(timeout_s: float = 120.0):
+    """Run each program of an interpreted launch in its own thread, all at once, as resident GPU programs run.
+
+    The Triton interpreter runs a launch's programs one after another, so
+    programs that wait for each other at a barrier would never meet. Here the
+    interpreter's grid index becomes per thread and every program gets a
+    thread; atomics are the interpreter's own (real host atomics). A launch
+    whose programs are still waiting after ``timeout_s`` raises ``TimeoutError``.
+    Relies on interpreter internals: skips the test where they differ.
+    """
+    try:
+        from triton.runtime import interpreter as interp
+
+        builder = interp.interpreter_builder
+        original_call = interp.GridExecutor.__call__
+        needed = (interp._patch_lang, interp._implicit_cvt, interp.GridExecutor._init_args_hst,
+                  interp.GridExecutor._restore_args_dev, builder.set_grid_idx, builder.set_grid_dim)
+    except AttributeError as exc:
+        pytest.skip(f"Triton interpreter internals differ: {exc}")
+    assert all(needed)
+    builder_type = type(builder)
+    per_thread = threading.local()
+
+    def call(self, *args_dev, **kwargs):
+        argspec = inspect.getfullargspec(self.fn)
+        kwargs = {k: v for k, v in kwargs.items() if k in argspec.args or k in argspec.kwonlyargs}
+        args_hst, kwargs_hst = self._init_args_hst(args_dev, kwargs)
+        patch_scope = interp._patch_lang(self.fn)
+        errors = []
+        try:
+            args = inspect.getcallargs(self.fn, *args_hst, **kwargs_hst)
+            args = {name: arg if name in self.constexprs else interp._implicit_cvt(arg) for name, arg in args.items()}
+            grid = self.grid(args) if callable(self.grid) else self.grid
+            grid = tuple(grid) + (1,) * (3 - len(grid))
+            builder.set_grid_dim(*grid)
+
+            def program(x, y, z):
+                try:
+                    builder.set_grid_idx(x, y, z)
+                    self.fn(**args)
+                except BaseException as exc:  # re-raised in the launching thread
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=program, args=idx, daemon=True) for idx in itertools.product(*map(range, grid))]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + timeout_s
+            for thread in threads:
+                thread.join(max(0.0, deadline - time.monotonic()))
+            if any(thread.is_alive() for thread in threads):
+                raise TimeoutError(f"programs still waiting after {timeout_s} s: a barrier never opened")
+        finally:
+            patch_scope.restore()
+        if errors:
+            raise errors[0]
+        self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
+
+    switch_interval = sys.getswitchinterval()
+    builder_type.grid_idx = property(lambda self: getattr(per_thread, "idx", None),
+                                     lambda self, value: setattr(per_thread, "idx", value))
+    interp.GridExecutor.__call__ = call
+    sys.setswitchinterval(1e-4)  # programs spinning at a barrier hand the interpreter over sooner
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(switch_interval)
+        interp.GridExecutor.__call__ = original_call
+        del builder_type.grid_idx
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="on a GPU the programs run concurrently anyway")
+@pytest.mark.parametrize("parts, tol", [(2, None), (3, 1e-5)])
+def test_cooperative_parts_meet_at_barriers_in_threads(parts, tol, monkeypatch):
+    """The cooperative kernel with each problem split over several programs, all running at once
+    (threads under the interpreter), against the reference; without its barriers this fails."""
+    monkeypatch.setattr(sinkhorn_kernels, "_resident_programs", lambda device: 64)
+    C, a, b = _problem(2, 21, 17, torch.float32, seed=71, pad=True)
+    C = C * torch.tensor([0.3, 2.0])[:, None, None]  # with tol: the problems stop at different checks
+    with _interpreter_programs_in_threads():
+        out = sinkhorn_kernels._solve_cooperative(C, a, b, 0.08, 15, tol, 5, True, parts=parts)
+    _assert_matches_reference(out, C, a, b, 0.08, 15, tol, 5)
 
 
 def test_cooperative_parts_off_gpu():

@@ -52,8 +52,9 @@ Five strategies (``solve(..., strategy="auto")`` picks among the first, third an
   counter per problem) after every pass. One launch for all iterations, as
   in "streamed", but a 512 x 512 problem is spread over 64 programs instead
   of one. Off a GPU (the interpreter runs programs one after another) each
-  problem is a single program. Not yet timed on a GPU; ``"auto"`` does not
-  pick it.
+  problem is a single program; the tests also run it split over several
+  programs at once, in threads under the interpreter. Not yet timed on a
+  GPU; ``"auto"`` does not pick it.
 
 ``row_transport_costs`` runs the same iterations with any strategy but
 replaces the plan store by a per-row reduction ``sum_j P_ij C_ij`` (the
@@ -920,30 +921,32 @@ def _solve_cooperative_kernel(
         tl.store(err_ptr + pid, err)
 
 
-def _multiprocessors(device: torch.device) -> int:
+def _resident_programs(device: torch.device) -> int:
+    """Programs of one launch that surely run at the same time: one per SM on a GPU.
+
+    Off a GPU, one: the Triton interpreter runs programs one after another, so
+    a barrier between two of them would never open.
+    """
+    if device.type != "cuda":
+        return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _cooperative_parts(C: torch.Tensor) -> int:
-    """Programs per problem: enough to cover the row and column blocks, all resident (at most one per SM).
-
-    Off a GPU (the Triton interpreter runs programs one after another, so a
-    barrier between them would never open) every problem gets one program.
-    """
+    """Programs per problem: enough to cover the row and column blocks, all of them resident."""
     batch, n, m = C.shape
-    if not C.is_cuda:
-        return 1
     blocks = COOPERATIVE_BLOCKS
     wanted = max(triton.cdiv(n, blocks["row_block_n"]), triton.cdiv(m, blocks["col_block_m"]))
-    return max(1, min(wanted, _multiprocessors(C.device) // batch))
+    return max(1, min(wanted, _resident_programs(C.device) // batch))
 
 
 def _solve_cooperative(C, a, b, eps, n_iters, tol, check_every, write_plan, parts=None):
     batch, n, m = C.shape
     dev = C.device
     parts = parts or _cooperative_parts(C)
-    if parts > 1 and (not C.is_cuda or batch * parts > _multiprocessors(dev)):
-        raise ValueError(f"the cooperative strategy needs all {batch * parts} programs resident on one GPU")
+    if parts > 1 and batch * parts > _resident_programs(dev):
+        raise ValueError(f"the cooperative strategy needs all {batch * parts} programs resident at once; "
+                         f"{_resident_programs(dev)} are on {dev}")
     blocks = COOPERATIVE_BLOCKS
     hi, lo = _split_reciprocal(eps)
     log_u = torch.where(a > 0, 0.0, NEG_INF).contiguous()  # padded rows never enter a column update
