@@ -126,7 +126,7 @@ if [[ -n $BUILD_PID ]]; then
   # The native backend's share of the suite (its own tests and every case parametrised with it).
   run 100 pytest_native.txt env APLOT_KERNELS_NO_JIT=1 "$PY" -m pytest -q -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} -k native tests
 fi
-run 150 bench.txt "$PY" bench/gpu_check.py --out "$OUT" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
+run 210 bench.txt "$PY" bench/gpu_check.py --out "$OUT" ${BENCH_ARGS[@]+"${BENCH_ARGS[@]}"}
 if [[ $DRY != 1 ]]; then
   run 120 matrix.txt "$PY" -m bench --device cuda --dtypes float32 --ops sinkhorn_fixed,aplot_margin --no-plots --out "$OUT/matrix"
 fi
