@@ -1,8 +1,7 @@
 """Triton kernel of the detached APLOT margin: cost, Sinkhorn and row costs in one program.
 
-``aplot_margin(..., detach=True)`` on a small problem (``next_pow2(n) *
-next_pow2(m) <= FUSED_MAX_ELEMENTS`` of the Sinkhorn kernels, e.g. up to
-128 x 128 pairs) runs as this single kernel: one program computes the row
+``aplot_margin(..., detach=True)`` on a small problem (up to 128 x 128
+pairs, see :func:`fits`) runs as this single kernel: one program computes the row
 norms and the product ``chosen_emb @ rejected_emb^T`` (tensor cores for
 half inputs, exact fp32 FMA for float32), forms the APLOT cost tile in
 registers (the epilogue of :mod:`aplot_kernels.cost.triton_kernels`), runs
@@ -64,10 +63,16 @@ def _aplot_margin_kernel(
     tl.store(out_ptr + rows, margin_scale * row_cost, mask=row_ok)
 
 
+# Longest side of the fused problem: the product streams [side, BLOCK_D] operand tiles through shared
+# memory (3 stages of 128 x 64 bf16 per side fit; 1024-row tiles would not).
+MAX_SIDE = 128
+
+
 def fits(n: int, m: int) -> bool:
     """Whether an ``n x m`` margin problem runs as the single fused kernel."""
-    padded = block_size(n, lo=MIN_DOT_BLOCK, hi=1 << 30) * block_size(m, lo=MIN_DOT_BLOCK, hi=1 << 30)
-    return padded <= sinkhorn_kernels.FUSED_MAX_ELEMENTS
+    block_n = block_size(n, lo=MIN_DOT_BLOCK, hi=1 << 30)
+    block_m = block_size(m, lo=MIN_DOT_BLOCK, hi=1 << 30)
+    return max(block_n, block_m) <= MAX_SIDE and block_n * block_m <= sinkhorn_kernels.FUSED_MAX_ELEMENTS
 
 
 def aplot_margin(
@@ -97,8 +102,7 @@ def aplot_margin(
     n, d = chosen_emb.shape
     m = rejected_emb.shape[0]
     if not fits(n, m):
-        raise ValueError(f"the fused margin kernel takes problems of up to {sinkhorn_kernels.FUSED_MAX_ELEMENTS} "
-                         f"padded entries, got {n} x {m}")
+        raise ValueError(f"the fused margin kernel takes problems of up to {MAX_SIDE} x {MAX_SIDE}, got {n} x {m}")
     x, y = cost_kernels._dot_operands(chosen_emb, rejected_emb)
     ieee = cost_kernels._dot_in_float32(x)
     block_n = block_size(n, lo=MIN_DOT_BLOCK, hi=1 << 30)

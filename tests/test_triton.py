@@ -544,6 +544,7 @@ def test_fused_margin_only_where_it_fits(monkeypatch):
     options = dict(eps=0.08, n_iters=15, backend="triton")
     fused = aplot_kernels.aplot_margin(rx, ry, x, y, **options)
     assert loss_triton.fits(20, 24) and loss_triton.fits(128, 128) and not loss_triton.fits(129, 128)
+    assert not loss_triton.fits(8, 1024), "long operand tiles would not fit in shared memory"
     monkeypatch.setattr(sinkhorn_kernels, "FUSED_MAX_ELEMENTS", 16 * 16)
     assert not loss_triton.fits(20, 24)
     calls = []
