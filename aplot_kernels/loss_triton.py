@@ -13,8 +13,14 @@ row-cost Sinkhorn (:func:`aplot_kernels.sinkhorn.triton_kernels.row_transport_co
 
 The math is that of the separate kernels, whose jit helpers it calls; the
 only difference is the last reduction, ``sum_j P_ij C_ij``, which takes
-``C_ij`` back from the ``-C / eps`` tile the loop held (``-eps`` times it,
-within two ulps) rather than keeping a second tile live through the loop.
+``C_ij`` back from the ``-C / eps`` tile (``-eps`` times it, within two
+ulps) rather than keeping a second tile live through the loop.
+
+``scaling=True`` runs the loop of the ``"fused-scaling"`` Sinkhorn strategy
+(no ``exp`` per iteration); where that loop falls back to a log-domain
+iteration it needs ``-C / eps`` again, and this kernel recomputes the tile
+from the embeddings instead of storing it. Off by default until a GPU run
+has timed it against the log-domain loop (``bench/gpu_check.py`` does).
 """
 
 from __future__ import annotations
@@ -33,11 +39,31 @@ FP32_BLOCK_D = cost_kernels.FP32_TILE[2]
 
 
 @triton.jit
+def _margin_neg_cost(source, IEEE_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``-C / eps`` of the APLOT cost tile from the embeddings (``-inf`` outside the problem).
+
+    ``source``: ``(x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_norm, y_norm, rx, ry,
+    alpha, inv_temperature, neg_inv_hi, neg_inv_lo)``; also the ``RELOAD`` of the scaling-domain
+    loop, which recomputes the tile rather than keep it.
+    """
+    (x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_norm, y_norm, rx, ry,
+     alpha, inv_temperature, neg_inv_hi, neg_inv_lo) = source
+    product = cost_kernels._product_tile(
+        x_rows[:, None], y_rows[:, None], row_ok, col_ok, D, stride_xd, stride_yd, IEEE_FP32,
+        row_ok.shape[0], col_ok.shape[0], BLOCK_D,
+    )
+    c = cost_kernels._aplot_combine(cost_kernels._normalized(product, x_norm, y_norm), rx, ry, alpha, inv_temperature)
+    inside = row_ok[:, None] & col_ok[None, :]
+    return tl.where(inside, sinkhorn_kernels._scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
+
+
+@triton.jit
 def _aplot_margin_kernel(
     x_ptr, y_ptr, rx_ptr, ry_ptr, out_ptr, N, M, D,
     stride_xn, stride_xd, stride_ym, stride_yd, stride_rx, stride_ry,
     alpha, inv_temperature, norm_eps, eps, neg_inv_hi, neg_inv_lo, n_iters, row_weight, col_weight, margin_scale,
-    IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    IEEE_FP32: tl.constexpr, SCALING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_M)
@@ -48,17 +74,21 @@ def _aplot_margin_kernel(
     y_rows = y_ptr + cols * stride_ym
     x_norm = cost_kernels._clamped_row_norms(x_rows, row_ok, D, stride_xd, norm_eps, BLOCK_N, BLOCK_D)
     y_norm = cost_kernels._clamped_row_norms(y_rows, col_ok, D, stride_yd, norm_eps, BLOCK_M, BLOCK_D)
-    product = cost_kernels._product_tile(
-        x_rows[:, None], y_rows[:, None], row_ok, col_ok, D, stride_xd, stride_yd, IEEE_FP32, BLOCK_N, BLOCK_M, BLOCK_D,
-    )
     rx = tl.load(rx_ptr + rows * stride_rx, mask=row_ok, other=0.0).to(tl.float32)
     ry = tl.load(ry_ptr + cols * stride_ry, mask=col_ok, other=0.0).to(tl.float32)
-    c = cost_kernels._aplot_combine(cost_kernels._normalized(product, x_norm, y_norm), rx, ry, alpha, inv_temperature)
-    neg_c = tl.where(inside, sinkhorn_kernels._scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
+    source = (x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_norm, y_norm, rx, ry,
+              alpha, inv_temperature, neg_inv_hi, neg_inv_lo)
+    neg_c = _margin_neg_cost(source, IEEE_FP32, BLOCK_D)
     wa = tl.where(row_ok, row_weight, 0.0)
     wb = tl.where(col_ok, col_weight, 0.0)
-    log_u, log_v, iters, err = sinkhorn_kernels._fused_iterations(neg_c, wa, wb, n_iters, 1, 0.0, False)
-    plan = tl.math.exp2(((log_u[:, None] + log_v[None, :]) + neg_c) * LOG2E_K)
+    if SCALING:
+        log_u, log_v, iters, err, plan = sinkhorn_kernels._scaling_iterations(
+            neg_c, _margin_neg_cost, source, IEEE_FP32, BLOCK_D, wa, wb, n_iters, 1, 0.0, False,
+        )
+        neg_c = _margin_neg_cost(source, IEEE_FP32, BLOCK_D)  # not kept through the loop: formed again
+    else:
+        log_u, log_v, iters, err = sinkhorn_kernels._fused_iterations(neg_c, wa, wb, n_iters, 1, 0.0, False)
+        plan = sinkhorn_kernels._absorbed_kernel(neg_c, log_u, log_v)
     row_cost = tl.sum(plan * tl.where(inside, neg_c * -eps, 0.0), axis=1)
     tl.store(out_ptr + rows, margin_scale * row_cost, mask=row_ok)
 
@@ -86,6 +116,7 @@ def aplot_margin(
     eps: float,
     n_iters: int,
     scale: float,
+    scaling: bool = False,
 ) -> torch.Tensor:
     """Detached APLOT margins ``scale * n * sum_j P_ij C_ij`` in one kernel (arguments already checked).
 
@@ -95,6 +126,8 @@ def aplot_margin(
         alpha, temperature, norm_eps: the APLOT cost's options.
         eps, n_iters: Sinkhorn's (fixed iterations, uniform weights).
         scale: the margin scale.
+        scaling: run the Sinkhorn loop in the scaling domain (the ``"fused-scaling"``
+            strategy's loop; on a fallback it recomputes the cost tile from the embeddings).
 
     Returns:
         ``[n]`` float32 margins. Requires ``fits(n, m)``.
@@ -114,7 +147,7 @@ def aplot_margin(
         x, y, chosen_rewards, rejected_rewards, out, n, m, d,
         *x.stride(), *y.stride(), chosen_rewards.stride(0), rejected_rewards.stride(0),
         float(alpha), 1.0 / float(temperature), float(norm_eps), float(eps), hi, lo, int(n_iters), 1.0 / n, 1.0 / m, float(scale) * n,
-        IEEE_FP32=ieee, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+        IEEE_FP32=ieee, SCALING=scaling, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
         num_warps=num_warps_for(block_n * block_m, per_thread=sinkhorn_kernels.FUSED_ENTRIES_PER_THREAD),
         num_stages=cost_kernels.NUM_STAGES,
     )

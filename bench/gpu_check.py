@@ -279,8 +279,9 @@ class Runner:
         for n in (128, 32):
             fused = median("aplot_margin", "triton aplot_margin", f"n={n} D=4096")
             unfused = median("aplot_margin", "triton cost + row-cost solve (unfused)", f"n={n} D=4096")
-            lines.append(f"aplot_margin n={n} D=4096 bf16 fused kernel {fused * 1e3:9.1f} us, cost kernel + solve "
-                         f"{unfused * 1e3:9.1f} us")
+            scaling = median("aplot_margin", "triton fused margin, scaling domain", f"n={n} D=4096")
+            lines.append(f"aplot_margin n={n} D=4096 bf16 fused kernel {fused * 1e3:9.1f} us, scaling domain "
+                         f"{scaling * 1e3:9.1f} us, cost kernel + solve {unfused * 1e3:9.1f} us")
         large = median("sinkhorn_large", "triton-tiled")
         streamed_floor, exp_floor = _large_floors(self.torch, 4, 4096, 4096, 50)
         lines.append(f"B=4 N=M=4096 K=50 triton-tiled {large:.2f} ms: {large / streamed_floor:.2f}x the streaming floor "
@@ -391,6 +392,12 @@ class Runner:
 
             note = f"margin rel err vs float64 torch {((unfused().double() - want).abs().max() / want.abs().max()).item():.2e}"
             self.add(case, "triton cost + row-cost solve (unfused)", shape, dtype, n_iters, unfused, note=note)
+
+            def fused_scaling():
+                return loss_triton.aplot_margin(r_c, r_r, emb_c, emb_r, 0.9, 1.0, 1e-8, eps, n_iters, 1.0, scaling=True)
+
+            note = f"margin rel err vs float64 torch {((fused_scaling().double() - want).abs().max() / want.abs().max()).item():.2e}"
+            self.add(case, "triton fused margin, scaling domain", shape, dtype, n_iters, fused_scaling, note=note)
         cost_want = aplot_cost(emb_c.double(), emb_r.double(), r_c.double(), r_r.double(), backend="torch")
         for backend in ("triton", "native", "torch"):
             if backend == "native" and not self.native_ok:

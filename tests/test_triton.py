@@ -535,6 +535,46 @@ def test_fused_margin_kernel_matches_reference(case, monkeypatch):
     torch.testing.assert_close(loss, want_loss, rtol=2e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("case", MARGIN_CASES[1:4], ids=lambda c: f"{c[0]}x{c[1]}-D{c[2]}-{str(c[3])[6:]}")
+def test_fused_margin_kernel_in_scaling_domain(case):
+    """The margin kernel with the scaling-domain loop (recomputing the cost on a fallback) matches the reference."""
+    import aplot_kernels
+    from aplot_kernels import loss_triton
+
+    n, m, d, dtype = case
+    x, y, rx, ry = (t[0] for t in _embeddings(1, n, m, d, dtype, seed=3 * n + m + d))
+    got = loss_triton.aplot_margin(rx, ry, x, y, 0.8, 0.7, 1e-8, 0.05, 20, 1.3, scaling=True)
+    want = aplot_kernels.aplot_margin(*(t.double() for t in (rx, ry, x, y)), alpha=0.8, temperature=0.7, eps=0.05,
+                                      n_iters=20, scale=1.3, backend="torch")
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("scaling", [False, True])
+def test_fused_margin_with_underflowing_column(scaling):
+    """A rejected response every chosen one nearly equals, with tied rewards: its cost column is about
+    1 - alpha / 2 = 0.95 throughout, exp(-C / eps) underflows at eps = 0.01, and the scaling-domain loop
+    must fall back to log-domain iterations (recomputing the cost tile from the embeddings)."""
+    import aplot_kernels
+    from aplot_kernels import loss_triton
+
+    gen = _generator(73)
+    n, m, d = 11, 14, 24
+    anchor = torch.randn(d, generator=gen)
+    x = anchor + 0.01 * torch.randn(n, d, generator=gen)
+    y = torch.randn(m, d, generator=gen)
+    y[-1] = anchor
+    rx = torch.zeros(n)
+    ry = torch.randn(m, generator=gen)
+    ry[-1] = 0.0
+    x, y, rx, ry = (t.to(DEVICE) for t in (x, y, rx, ry))
+    options = dict(alpha=0.1, temperature=1.0, eps=0.01, n_iters=25, scale=1.0)
+    want = aplot_kernels.aplot_margin(*(t.double() for t in (rx, ry, x, y)), backend="torch", **options)
+    cost = aplot_kernels.aplot_cost(x.double(), y.double(), rx.double(), ry.double(), alpha=0.1)
+    assert cost[:, -1].min().item() / 0.01 > 87.4, "the last column's kernel entries are below 2**-126"
+    got = loss_triton.aplot_margin(rx, ry, x, y, 0.1, 1.0, 1e-8, 0.01, 25, 1.0, scaling=scaling)
+    torch.testing.assert_close(got.double(), want, rtol=5e-6, atol=1e-7)
+
+
 def test_fused_margin_only_where_it_fits(monkeypatch):
     """Past the fused size the margin takes the cost kernel and the row-cost Sinkhorn, with the same numbers."""
     import aplot_kernels
@@ -790,9 +830,10 @@ def _compile_all_for_sm90() -> None:
               dict(HAS_TOL=has_tol, WRITE_PLAN=True, **{k.upper(): v for k, v in sink_mod.COOPERATIVE_BLOCKS.items()}), 4)
     # The fused margin at its largest size: wgmma for half inputs, exact FMA for float32.
     for emb_type, ieee, block_d in (("bf16", False, loss_mod.HALF_BLOCK_D), ("fp32", True, loss_mod.FP32_BLOCK_D)):
-        build(loss_mod._aplot_margin_kernel, dict(x_ptr=emb_type, y_ptr=emb_type, rx_ptr=emb_type, ry_ptr=f32, out_ptr=f32),
-              ("alpha", "inv_temperature", "norm_eps", "eps", "row_weight", "col_weight", "margin_scale") + scaled,
-              dict(IEEE_FP32=ieee, BLOCK_N=128, BLOCK_M=128, BLOCK_D=block_d), 16)
+        for scaling in (False, True):
+            build(loss_mod._aplot_margin_kernel, dict(x_ptr=emb_type, y_ptr=emb_type, rx_ptr=emb_type, ry_ptr=f32,
+                  out_ptr=f32), ("alpha", "inv_temperature", "norm_eps", "eps", "row_weight", "col_weight", "margin_scale")
+                  + scaled, dict(IEEE_FP32=ieee, SCALING=scaling, BLOCK_N=128, BLOCK_M=128, BLOCK_D=block_d), 16)
     # k == 1 and flags of 0/1 may arrive as compile-time constants.
     build(sink_mod._check_kernel, dict(col_lse_ptr=f32, log_v_ptr=f32, b_ptr=f32, active_ptr="i32", err_ptr=f32, iters_ptr="i64"),
           ("tol",), dict(BLOCK=1024, k=1, apply_next_v=1), 4)

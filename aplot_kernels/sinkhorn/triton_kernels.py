@@ -235,8 +235,16 @@ def _all_in_range(scaling, weight):
 
 
 @triton.jit
+def _reload_neg_cost(source, RELOAD_FLAG: tl.constexpr, RELOAD_BLOCK: tl.constexpr):
+    """``RELOAD`` of :func:`_scaling_iterations` for a cost in memory: ``source = (c_tile, inside, hi, lo)``."""
+    c_tile, inside, neg_inv_hi, neg_inv_lo = source
+    return _load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo)
+
+
+@triton.jit
 def _scaling_iterations(
-    c_tile, inside, wa, wb, neg_inv_hi, neg_inv_lo, n_iters, check_every, tol, HAS_TOL: tl.constexpr,
+    neg_c, RELOAD: tl.constexpr, source, RELOAD_FLAG: tl.constexpr, RELOAD_BLOCK: tl.constexpr,
+    wa, wb, n_iters, check_every, tol, HAS_TOL: tl.constexpr,
 ):
     """:func:`_fused_iterations` in the scaling domain: the same iterates without an ``exp`` per iteration.
 
@@ -245,9 +253,13 @@ def _scaling_iterations(
     so ``log_u = lu + log(u)``: an iteration is two matrix-vector products.
     An iteration whose scalings leave ``[SCALING_LO, SCALING_HI]`` (or
     overflow, or divide by an underflowed sum) is discarded: the state before
-    it is absorbed into ``(lu, lv)``, ``-C / eps`` is read again from
-    ``c_tile``, the iteration runs in the log domain as in
+    it is absorbed into ``(lu, lv)``, ``-C / eps`` is formed again by
+    ``RELOAD(source, RELOAD_FLAG, RELOAD_BLOCK)`` (the caller's: read from
+    memory, or recomputed from the embeddings; the two compile-time arguments
+    are passed through for it, as a tuple would not keep them constant), the iteration runs in the log domain as in
     :func:`_fused_iterations`, and its result is absorbed into a new ``K``.
+    ``neg_c``: the first ``-C / eps`` tile, ``-inf`` outside the problem; it is
+    not kept through the loop.
     Entries of ``K`` that underflow are below ``2**-126``; times scalings of at
     most ``SCALING_HI`` each they stay below ``2**-62`` of the plan.
 
@@ -259,7 +271,7 @@ def _scaling_iterations(
     real_col = wb > 0
     lu = tl.where(real_row, 0.0, float("-inf"))
     lv = tl.zeros_like(wb)
-    kernel = _absorbed_kernel(_load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo), lu, lv)
+    kernel = _absorbed_kernel(neg_c, lu, lv)
     u = tl.where(real_row, 1.0, 0.0)
     v = tl.where(real_col, 1.0, 0.0)
     col_sum = tl.sum(kernel * u[:, None], axis=0)  # (K^T u)_j: the next v-update and the marginal check
@@ -276,7 +288,7 @@ def _scaling_iterations(
             else:
                 lu = tl.where(real_row, lu + tl.log(tl.where(real_row, u, 1.0)), float("-inf"))
                 lv = tl.where(real_col, lv + tl.log(tl.where(real_col, v, 1.0)), float("-inf"))
-                neg_c = _load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo)
+                neg_c = RELOAD(source, RELOAD_FLAG, RELOAD_BLOCK)
                 lv = tl.where(real_col, log_b - _lse(neg_c + lu[:, None], 0), float("-inf"))
                 lu = tl.where(real_row, log_a - _lse(neg_c + lv[None, :], 1), float("-inf"))
                 kernel = _absorbed_kernel(neg_c, lu, lv)
@@ -314,12 +326,13 @@ def _solve_fused_kernel(
     c_tile = c_ptr + pid * stride_cb + rows[:, None] * stride_cn + cols[None, :] * stride_cm
     wa = tl.load(a_ptr + pid * stride_ab + rows * stride_an, mask=row_ok, other=0.0).to(tl.float32)
     wb = tl.load(b_ptr + pid * stride_bb + cols * stride_bm, mask=col_ok, other=0.0).to(tl.float32)
+    neg_c = _load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo)
     if SCALING:
         log_u, log_v, iters, err, plan = _scaling_iterations(
-            c_tile, inside, wa, wb, neg_inv_hi, neg_inv_lo, n_iters, check_every, tol, HAS_TOL,
+            neg_c, _reload_neg_cost, (c_tile, inside, neg_inv_hi, neg_inv_lo), False, 1, wa, wb, n_iters, check_every,
+            tol, HAS_TOL,
         )
     else:
-        neg_c = _load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo)
         log_u, log_v, iters, err = _fused_iterations(neg_c, wa, wb, n_iters, check_every, tol, HAS_TOL)
         plan = _absorbed_kernel(neg_c, log_u, log_v)
     if WRITE_PLAN:
