@@ -5,12 +5,14 @@ Public API (see SPEC in the README):
 * :func:`cosine_cost`, :func:`aplot_cost` (module :mod:`aplot_kernels.cost`)
 * :func:`sinkhorn` -> :class:`SinkhornResult` (module :mod:`aplot_kernels.sinkhorn`, itself callable)
 * :func:`bt_loss`, :func:`aplot_margin`, :func:`aplot_loss`, :class:`APLOTLoss` (module :mod:`aplot_kernels.loss`)
+* :func:`set_value_checks`, :func:`value_checks`: switch the NaN/sign/mass checks (and their
+  one host synchronisation per call) off or on
 * trainer integration: :mod:`aplot_kernels.pooling`, :mod:`aplot_kernels.distributed`,
   :mod:`aplot_kernels.trl` (``APLOTRewardTrainer``, imports TRL)
 """
 
 from . import backends, cost, distributed, loss, pooling, sinkhorn
-from ._checks import ArgumentTypeError
+from ._checks import ArgumentTypeError, set_value_checks, value_checks
 from .backends import BackendUnavailableError, available_backends
 from .cost import aplot_cost, cosine_cost
 from .loss import APLOTLoss, APLOTOutput, aplot_loss, aplot_margin, bt_loss
@@ -31,5 +33,7 @@ __all__ = [
     "available_backends",
     "BackendUnavailableError",
     "ArgumentTypeError",
+    "set_value_checks",
+    "value_checks",
     "__version__",
 ]

@@ -10,7 +10,9 @@ and each answer read on the host is a synchronisation: on an H100 a call with
 four checked tensors spent most of a millisecond waiting on them. Inside a
 ``with one_sync():`` block they are collected (:func:`require`) and read back
 together at the end of the block, which raises the first failed check's error,
-in the order the checks were made.
+in the order the checks were made. :func:`set_value_checks` (or the
+:func:`value_checks` context) switches them off, for callers who would rather
+not synchronise at all.
 """
 
 from __future__ import annotations
@@ -31,6 +33,31 @@ class ArgumentTypeError(TypeError, ValueError):
 
 _Check = Tuple[torch.Tensor, str, Optional[Callable[[], bool]]]
 _collecting = threading.local()
+_value_checks_on = True
+
+
+def set_value_checks(enabled: bool) -> bool:
+    """Switch the checks of tensor *values* (NaN/inf, signs, masses) on or off for the process; returns the old setting.
+
+    They are on by default. Off, a call makes no host synchronisation (the
+    shape, dtype, device and option checks stay), so a training step can run
+    without waiting on the device, at the price of NaN or bad marginals going
+    through unreported. While a CUDA graph is being captured the values cannot
+    be read, and their checks are skipped whatever this setting.
+    """
+    global _value_checks_on
+    previous, _value_checks_on = _value_checks_on, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool):
+    """:func:`set_value_checks` for the duration of a ``with`` block."""
+    previous = set_value_checks(enabled)
+    try:
+        yield
+    finally:
+        set_value_checks(previous)
 
 
 @contextlib.contextmanager
@@ -46,13 +73,19 @@ def one_sync():
     _run(checks)
 
 
-def require(failed: torch.Tensor, message: str, confirm: Optional[Callable[[], bool]] = None) -> None:
-    """Raise ``ValueError(message)`` if the one-element bool tensor ``failed`` is true.
+def require(failed: Callable[[], torch.Tensor], message: str, confirm: Optional[Callable[[], bool]] = None) -> None:
+    """Raise ``ValueError(message)`` if the one-element bool tensor ``failed()`` is true.
 
-    ``confirm`` (run only when ``failed`` is true) can overrule a cheap test
+    ``failed`` is only called while value checks are on (:func:`set_value_checks`).
+    ``confirm`` (run only when the test failed) can overrule a cheap test
     that may report false alarms. Deferred to the end of an enclosing
     :func:`one_sync` block, immediate otherwise.
     """
+    if not _value_checks_on:
+        return
+    failed = failed()
+    if failed.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # a value cannot be read back while a CUDA graph is being captured
     checks: Optional[List[_Check]] = getattr(_collecting, "checks", None)
     if checks is None:
         _run([(failed, message, confirm)])
@@ -90,7 +123,7 @@ def tensor(name: str, value, *, ndims: Sequence[int], allow_none: bool = False) 
     # One reduction pass in the common case: NaN and inf propagate into the sum.
     # A non-finite sum can also be an overflow of finite values, so confirm exactly.
     require(
-        ~torch.isfinite(value.sum()), f"`{name}` contains NaN or inf",
+        lambda: ~torch.isfinite(value.sum()), f"`{name}` contains NaN or inf",
         confirm=lambda: not bool(torch.isfinite(value).all()),
     )
     return value

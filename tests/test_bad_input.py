@@ -261,6 +261,39 @@ def test_value_checks_of_one_call_are_read_with_one_synchronisation(monkeypatch)
         assert reads == want
 
 
+def test_value_checks_can_be_switched_off(monkeypatch):
+    """Off, no value is read back (no synchronisation) and bad values go through; shape checks stay."""
+    import aplot_kernels
+
+    reads = []  # the number of checks of each read-back (an empty list reads nothing)
+    real_run = _checks._run
+    monkeypatch.setattr(_checks, "_run", lambda checks: (checks and reads.append(len(checks)), real_run(checks))[1])
+    n, m = 3, 5
+    rc, rr, x, y = t(n), t(m) + 0.05, t(n, 4), t(m, 4).flip(0)
+    bad = t(n, m)
+    bad[0, 0] = float("nan")
+    with aplot_kernels.value_checks(False):
+        margins = aplot_margin(rc, rr, x, y, backend="torch")
+        result = sinkhorn(bad, backend="torch")
+        sinkhorn(t(n, m), -uniform(n), uniform(m), backend="torch")  # a negative marginal, unreported
+        with pytest.raises(ValueError, match="must be 2-D or 3-D"):
+            sinkhorn(t(n), backend="torch")
+    assert reads == []
+    assert torch.isnan(result.plan).any()
+    assert _checks._value_checks_on, "the context restores the setting"
+    torch.testing.assert_close(margins, aplot_margin(rc, rr, x, y, backend="torch"))
+    assert reads == [4]
+    previous = aplot_kernels.set_value_checks(False)
+    try:
+        assert previous is True
+        bt_loss(rc, rr[:n], t(n))
+        assert reads == [4]
+    finally:
+        aplot_kernels.set_value_checks(previous)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sinkhorn(bad, backend="torch")
+
+
 def test_deferred_checks_report_the_first_failure_and_overflow_is_not_nan():
     C = t(2, 3, 4)
     C[0, 0, 0] = float("nan")

@@ -82,8 +82,8 @@ def _marginal(name: str, weights: Optional[torch.Tensor], C: torch.Tensor, axis:
         raise ValueError(
             f"`{name}` must have shape [{size}] or [{batch}, {size}] to match `C` dimension {axis}, got {tuple(weights.shape)}"
         )
-    _checks.require((weights < 0).any(), f"`{name}` must be non-negative")
-    _checks.require((weights.sum(-1) <= 0).any(), f"`{name}` must have positive total mass in every problem")
+    _checks.require(lambda: (weights < 0).any(), f"`{name}` must be non-negative")
+    _checks.require(lambda: (weights.sum(-1) <= 0).any(), f"`{name}` must have positive total mass in every problem")
     return weights.to(dtype).expand(batch, size)
 
 
@@ -142,12 +142,15 @@ def sinkhorn(
         if a is not None or b is not None:  # uniform weights have equal masses by construction
             # Half-precision weights cannot sum to 1e-5 accuracy: allow their own rounding.
             mass_rtol = max([MASS_RTOL] + [torch.finfo(w.dtype).eps for w in (a, b) if w is not None])
-            mass_a, mass_b = a_full.sum(-1), b_full.sum(-1)
             _checks.require(
-                ((mass_a - mass_b).abs() > mass_rtol * torch.maximum(mass_a, mass_b)).any(),
+                lambda: _unequal_masses(a_full.sum(-1), b_full.sum(-1), mass_rtol),
                 f"`a` and `b` must have the same total mass in every problem (within {mass_rtol:g} relative)",
             )
     return _solve(C, a_full, b_full, impl, eps, n_iters, tol, check_every, grad)
+
+
+def _unequal_masses(mass_a: torch.Tensor, mass_b: torch.Tensor, rtol: float) -> torch.Tensor:
+    return ((mass_a - mass_b).abs() > rtol * torch.maximum(mass_a, mass_b)).any()
 
 
 def sinkhorn_checked(C: torch.Tensor, *, eps: float, n_iters: int, grad: str, backend: str) -> SinkhornResult:
