@@ -640,6 +640,27 @@ def test_tiled_cuda_graph_replays_equal_plain_launches(tol):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_aplot_loss_captures_in_a_cuda_graph():
+    """A training step's loss (fused margin kernel, value checks skipped while capturing) replays as a CUDA graph."""
+    import aplot_kernels
+
+    x, y, rx, ry = (t[0] for t in _embeddings(1, 24, 24, 64, torch.bfloat16, seed=79))
+    options = dict(backend="triton", eps=0.1, n_iters=30)
+    eager = aplot_kernels.aplot_loss(rx, ry, x, y, **options)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles the kernel) outside the capture
+        aplot_kernels.aplot_loss(rx, ry, x, y, **options)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = aplot_kernels.aplot_loss(rx, ry, x, y, **options)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_tiled_cuda_graphs_are_kept_per_stream():
     """Solves queued on two streams at once each replay their own graph (own input/output buffers)."""
     tk = sinkhorn_kernels
