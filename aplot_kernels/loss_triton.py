@@ -25,6 +25,8 @@ has timed it against the log-domain loop (``bench/gpu_check.py`` does).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -116,7 +118,7 @@ def aplot_margin(
     eps: float,
     n_iters: int,
     scale: float,
-    scaling: bool = False,
+    scaling: Optional[bool] = None,
 ) -> torch.Tensor:
     """Detached APLOT margins ``scale * n * sum_j P_ij C_ij`` in one kernel (arguments already checked).
 
@@ -128,6 +130,7 @@ def aplot_margin(
         scale: the margin scale.
         scaling: run the Sinkhorn loop in the scaling domain (the ``"fused-scaling"``
             strategy's loop; on a fallback it recomputes the cost tile from the embeddings).
+            ``None``: as ``APLOT_KERNELS_TRITON_SCALING`` says (off by default).
 
     Returns:
         ``[n]`` float32 margins. Requires ``fits(n, m)``.
@@ -136,6 +139,8 @@ def aplot_margin(
     m = rejected_emb.shape[0]
     if not fits(n, m):
         raise ValueError(f"the fused margin kernel takes problems of up to {MAX_SIDE} x {MAX_SIDE}, got {n} x {m}")
+    if scaling is None:
+        scaling = sinkhorn_kernels.use_scaling_domain()
     x, y = cost_kernels._dot_operands(chosen_emb, rejected_emb)
     ieee = cost_kernels._dot_in_float32(x)
     block_n = block_size(n, lo=MIN_DOT_BLOCK, hi=1 << 30)

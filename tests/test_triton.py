@@ -427,6 +427,32 @@ def test_auto_strategy_choice(monkeypatch):
     assert pick(4, 4096, 4096) == "tiled"
     assert pick(1, 512, 512) == "tiled"
     assert pick(64, 1024, 1024) == "tiled"  # 268 MB of C: HBM-bound, spread over many programs
+    # The variants not yet timed on a GPU, asked for by environment variables.
+    monkeypatch.setenv("APLOT_KERNELS_TRITON_SCALING", "1")
+    monkeypatch.setenv("APLOT_KERNELS_TRITON_COOPERATIVE", "1")
+    assert pick(64, 128, 128) == "fused-scaling"
+    assert pick(1, 512, 512) == "cooperative"
+    monkeypatch.setenv("APLOT_KERNELS_TRITON_SCALING", "0")
+    monkeypatch.delenv("APLOT_KERNELS_TRITON_COOPERATIVE")
+    assert pick(64, 128, 128) == "fused" and pick(1, 512, 512) == "tiled"
+
+
+def test_environment_selects_the_scaling_domain_margin(monkeypatch):
+    """APLOT_KERNELS_TRITON_SCALING=1 reaches the fused margin kernel through the public API."""
+    import aplot_kernels
+    from aplot_kernels import loss_triton
+
+    seen = []
+    real = loss_triton._aplot_margin_kernel
+    monkeypatch.setattr(loss_triton, "_aplot_margin_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: lambda *args, **kwargs: (seen.append(kwargs["SCALING"]), real[grid](*args, **kwargs)),
+    })())
+    x, y, rx, ry = (t[0] for t in _embeddings(1, 6, 6, 16, torch.float32, seed=83))
+    plain = aplot_kernels.aplot_margin(rx, ry, x, y, backend="triton", n_iters=10)
+    monkeypatch.setenv("APLOT_KERNELS_TRITON_SCALING", "1")
+    scaled = aplot_kernels.aplot_margin(rx, ry, x, y, backend="triton", n_iters=10)
+    assert seen == [False, True]
+    torch.testing.assert_close(scaled, plain, rtol=2e-6, atol=1e-8)
 
 
 def test_sinkhorn_rejects_float64():

@@ -987,10 +987,27 @@ def _solve_cooperative(C, a, b, eps, n_iters, tol, check_every, write_plan, part
 STRATEGIES = ("auto", "fused", "fused-scaling", "streamed", "tiled", "cooperative")
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def use_scaling_domain() -> bool:
+    """``APLOT_KERNELS_TRITON_SCALING=1``: "auto" takes the scaling-domain fused loop (Sinkhorn and margin)."""
+    return _env_flag("APLOT_KERNELS_TRITON_SCALING")
+
+
 def _auto_strategy(C: torch.Tensor) -> str:
+    """The measured choice (see the module docstring); the opt-in variants where their variables ask for them.
+
+    ``APLOT_KERNELS_TRITON_SCALING=1`` turns "fused" into "fused-scaling";
+    ``APLOT_KERNELS_TRITON_COOPERATIVE=1`` takes "cooperative" for every
+    larger problem. Both are untimed on a GPU, hence off by default.
+    """
     batch, n, m = C.shape
     if block_size(n, hi=1 << 30) * block_size(m, hi=1 << 30) <= FUSED_MAX_ELEMENTS:
-        return "fused"
+        return "fused-scaling" if use_scaling_domain() else "fused"
+    if _env_flag("APLOT_KERNELS_TRITON_COOPERATIVE"):
+        return "cooperative"
     if _use_graph(C):
         return "tiled"
     if batch >= STREAMED_MIN_BATCH and C.numel() * C.element_size() <= STREAMED_MAX_BYTES:
