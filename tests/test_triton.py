@@ -821,13 +821,14 @@ def test_cooperative_parts_off_gpu():
 
 
 # ---------------------------------------------------------------------------
-# Ahead-of-time compilation for the H100 (sm_90), without a GPU: catches what
-# the interpreter accepts but the compiler rejects. Runs in a subprocess
-# because kernels defined under TRITON_INTERPRET=1 cannot be compiled.
+# Ahead-of-time compilation for the H100 (sm_90) and the A100 (sm_80), without
+# a GPU: catches what the interpreter accepts but the compiler rejects. Runs in
+# a subprocess because kernels defined under TRITON_INTERPRET=1 cannot be
+# compiled.
 # ---------------------------------------------------------------------------
 
 
-def _compile_all_for_sm90() -> None:
+def _compile_all(capability: int) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -836,7 +837,7 @@ def _compile_all_for_sm90() -> None:
     from aplot_kernels.cost import triton_kernels as cost_mod
     from aplot_kernels.sinkhorn import triton_kernels as sink_mod
 
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", capability, 32)
 
     def build(fn, pointers, floats, constexprs, num_warps):
         signature = {}
@@ -905,7 +906,8 @@ def _compile_all_for_sm90() -> None:
               dict(BLOCK_R=block_r, BLOCK_D=block_d), warps)
 
 
-def test_kernels_compile_for_sm90():
+@pytest.mark.parametrize("capability", [90, 80], ids=["sm90", "sm80"])
+def test_kernels_compile_for_gpu(capability):
     import subprocess
     import sys
 
@@ -916,18 +918,19 @@ def test_kernels_compile_for_sm90():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--compile-sm90"], env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, os.path.abspath(__file__), "--compile-sm", str(capability)], env=env, capture_output=True, text=True,
+        timeout=300,
     )
     if proc.returncode == 3:
         pytest.skip(proc.stdout.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--compile-sm90"]:
+if __name__ == "__main__" and sys.argv[1:2] == ["--compile-sm"]:
     try:
-        _compile_all_for_sm90()
+        _compile_all(int(sys.argv[2]))
     except (FileNotFoundError, RuntimeError) as exc:
         if "ptxas" not in str(exc).lower():
             raise
-        print(f"no ptxas for sm_90 compilation: {exc}")  # Triton installed without its CUDA tools
+        print(f"no ptxas for sm_{sys.argv[2]} compilation: {exc}")  # Triton installed without its CUDA tools
         raise SystemExit(3)
