@@ -20,7 +20,8 @@ ulps) rather than keeping a second tile live through the loop.
 (no ``exp`` per iteration); where that loop falls back to a log-domain
 iteration it needs ``-C / eps`` again, and this kernel recomputes the tile
 from the embeddings instead of storing it. Off by default until a GPU run
-has timed it against the log-domain loop (``bench/gpu_check.py`` does).
+has timed it against the log-domain loop (``bench/gpu_check.py`` does);
+``APLOT_KERNELS_TRITON_SCALING=1`` switches it on.
 """
 
 from __future__ import annotations
