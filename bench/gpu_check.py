@@ -193,7 +193,7 @@ class Runner:
         if self.dry:
             self.sinkhorn_case("sinkhorn_small", batch=2, n=16, m=16, n_iters=5, strategies=("fused", "fused-scaling", "streamed", "tiled", "cooperative"))
             self.margin_case(n=16, d=32, n_iters=5)
-            self.sinkhorn_case("sinkhorn_large", batch=1, n=40, m=24, n_iters=3, strategies=("tiled",), pot_loop=False)
+            self.sinkhorn_case("sinkhorn_large", batch=1, n=40, m=24, n_iters=3, strategies=("tiled", "onepass"), pot_loop=False)
         else:
             self.sinkhorn_case("sinkhorn_small", batch=64, n=128, m=128, n_iters=50,
                               strategies=("fused", "fused-scaling", "streamed", "tiled", "auto")
@@ -202,7 +202,7 @@ class Runner:
             self.margin_case(n=128, d=4096, n_iters=50)  # fused into one kernel
             self.margin_case(n=32, d=4096, n_iters=50)
             self.sinkhorn_case("sinkhorn_large", batch=4, n=4096, m=4096, n_iters=50, repeats=5,
-                               strategies=("tiled",) + (("cooperative",) if self.cooperative_ok else ()))
+                               strategies=("tiled", "onepass") + (("cooperative",) if self.cooperative_ok else ()))
             self.strategy_sweep()
         try:
             self.summary()
@@ -249,6 +249,7 @@ class Runner:
                 runs["triton-fused-scaling"] = lambda: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True, scaling=True)
             if self.cooperative_ok:
                 runs["triton-cooperative"] = lambda: tk._solve_cooperative(C, a, a, 0.1, 50, None, 10, True)
+            runs["triton-onepass"] = lambda: tk.solve(C, a, a, 0.1, 50, None, 10, strategy="onepass")
             if self.native_ok:
                 from aplot_kernels.sinkhorn import native
 
@@ -289,6 +290,10 @@ class Runner:
                      f"({exp_floor:.2f} ms) (target 2x)")
         lines.append(f"B=4 N=M=4096 K=50 native (CUDA) {median('sinkhorn_large', 'native (CUDA)'):.2f} ms, "
                      f"triton-cooperative {median('sinkhorn_large', 'triton-cooperative'):.2f} ms")
+        onepass = median("sinkhorn_large", "triton-onepass")
+        one_read = streamed_floor / 2
+        lines.append(f"B=4 N=M=4096 K=50 triton-onepass {onepass:.2f} ms: {onepass / one_read:.2f}x the floor of one read "
+                     f"of C per iteration ({one_read:.2f} ms), {onepass / exp_floor:.2f}x the exp floor")
         print("\n".join(lines))
 
     def sinkhorn_case(self, case, *, batch, n, m, n_iters, strategies, pot_loop=True, repeats=None, eps=0.1):

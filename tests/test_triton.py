@@ -38,7 +38,7 @@ if _ok:
     from aplot_kernels.sinkhorn import triton_kernels as sinkhorn_kernels
 
 HALF = (torch.float16, torch.bfloat16)
-STRATEGIES = ["fused", "fused-scaling", "streamed", "tiled", "cooperative"]
+STRATEGIES = ["fused", "fused-scaling", "streamed", "tiled", "cooperative", "onepass"]
 PLAN_BOUND = 1e-5  # SPEC section 5: max |plan diff| <= 1e-5 * max plan entry (float32 vs float64 torch)
 
 
@@ -274,6 +274,8 @@ def tiny_tiles(monkeypatch):
     monkeypatch.setitem(sinkhorn_kernels.TILED_BLOCKS, "col_block_n", 16)
     monkeypatch.setitem(sinkhorn_kernels.TILED_BLOCKS, "col_block_m", 8)
     monkeypatch.setitem(sinkhorn_kernels.TILED_BLOCKS, "check_block", 8)
+    monkeypatch.setattr(sinkhorn_kernels, "ONEPASS_TILE", 64)  # a few rows per block, several parts per problem
+    monkeypatch.setattr(sinkhorn_kernels, "ONEPASS_SUM_BLOCK", 8)  # several column blocks per problem
 
 
 def _problem(batch, n, m, dtype, seed, *, pad=False, cost_scale=2.0):
@@ -352,6 +354,26 @@ def test_scaling_domain_falls_back_to_log_domain(shift, eps):
     for tol in (None, 1e-6):
         out = sinkhorn_kernels.solve(C, a, b, eps, 40, tol, 10, strategy="fused-scaling")
         _assert_matches_reference(out, C, a, b, eps, 40, tol, 10)
+
+
+@pytest.mark.parametrize("tol", [None, 1e-4])
+def test_onepass_exact_column_pass_when_sums_are_small(tol, tiny_tiles, monkeypatch):
+    """The one-pass strategy's fallback: with the threshold raised above every column sum, each
+    v-update comes from the log-sum-exp column pass instead of the row pass's sums; same iterates."""
+    import triton.language as tl
+
+    C, a, b = _problem(3, 20, 13, torch.float32, seed=89, pad=True)
+    C = C * torch.tensor([0.2, 1.0, 3.0], device=DEVICE)[:, None, None]
+    summed = sinkhorn_kernels.solve(C, a, b, 0.1, 28, tol, 7, strategy="onepass")
+    _assert_matches_reference(summed, C, a, b, 0.1, 28, tol, 7)
+    assert sinkhorn_kernels._onepass_parts(3, 20, 2, C.device) > 1
+    monkeypatch.setattr(sinkhorn_kernels, "ONEPASS_MIN_SUM_K", tl.constexpr(2.0))
+    exact = sinkhorn_kernels.solve(C, a, b, 0.1, 28, tol, 7, strategy="onepass")
+    _assert_matches_reference(exact, C, a, b, 0.1, 28, tol, 7)
+    torch.testing.assert_close(exact.plan, summed.plan, rtol=0, atol=2e-6 * summed.plan.max().item())
+    with pytest.raises(ValueError, match="whole rows"):
+        sinkhorn_kernels.solve(torch.rand(1, 4, 100, device=DEVICE), a[:1, :4] * 0 + 0.25,
+                               torch.full((1, 100), 0.01, device=DEVICE), 0.1, 3, None, 10, strategy="onepass")
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -435,6 +457,9 @@ def test_auto_strategy_choice(monkeypatch):
     monkeypatch.setenv("APLOT_KERNELS_TRITON_SCALING", "0")
     monkeypatch.delenv("APLOT_KERNELS_TRITON_COOPERATIVE")
     assert pick(64, 128, 128) == "fused" and pick(1, 512, 512) == "tiled"
+    monkeypatch.setenv("APLOT_KERNELS_TRITON_ONEPASS", "1")
+    assert pick(4, 4096, 4096) == "onepass"
+    assert pick(1, 64, 20000) == "tiled", "rows longer than the one-pass tile"
 
 
 def test_environment_selects_the_scaling_domain_margin(monkeypatch):
@@ -876,6 +901,14 @@ def _compile_all(capability: int) -> None:
               col_lse_ptr=f32, partial_err_ptr=f32, sync_ptr="i32", plan_ptr=f32, row_cost_ptr=f32, iters_ptr="i64",
               err_ptr=f32), ("tol",) + scaled,
               dict(HAS_TOL=has_tol, WRITE_PLAN=True, **{k.upper(): v for k, v in sink_mod.COOPERATIVE_BLOCKS.items()}), 4)
+    for rows, block_m in ((2, 4096), (64, 128)):
+        build(sink_mod._row_pass_partials_kernel, dict(c_ptr="fp32", log_v_ptr=f32, a_ptr=f32, log_u_ptr=f32,
+              partial_ptr=f32, active_ptr="i32"), scaled, dict(ROWS=rows, BLOCK_M=block_m), 8)
+    build(sink_mod._column_sums_kernel, dict(partial_ptr=f32, col_sum_ptr=f32, b_ptr=f32, block_err_ptr=f32,
+          block_small_ptr="i32", active_ptr="i32"), (), dict(BLOCK=sink_mod.ONEPASS_SUM_BLOCK), 4)
+    build(sink_mod._apply_column_sums_kernel, dict(col_sum_ptr=f32, log_v_ptr=f32, b_ptr=f32, block_err_ptr=f32,
+          block_small_ptr="i32", active_ptr="i32", exact_ptr="i32", err_ptr=f32, iters_ptr="i64"), ("tol",),
+          dict(BLOCK=sink_mod.ONEPASS_SUM_BLOCK, MAX_BLOCKS=16), 4)
     # The fused margin at its largest size: wgmma for half inputs, exact FMA for float32.
     for emb_type, ieee, block_d in (("bf16", False, loss_mod.HALF_BLOCK_D), ("fp32", True, loss_mod.FP32_BLOCK_D)):
         for scaling in (False, True):

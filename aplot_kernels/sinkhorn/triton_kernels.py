@@ -9,7 +9,7 @@ instruction; ``tl.exp`` would lower to the same) and ``-C / eps`` is formed
 with a split reciprocal (``c * hi + c * lo`` in one FMA) so that it is
 within about half an ulp of the true quotient without a division.
 
-Five strategies (``solve(..., strategy="auto")`` picks among the first, third and fourth by size):
+Six strategies (``solve(..., strategy="auto")`` picks among "fused", "streamed" and "tiled" by size):
 
 * ``"fused"`` (small problems, ``next_pow2(N) * next_pow2(M) <=
   FUSED_MAX_ELEMENTS``): one program per problem holds ``-C / eps`` in
@@ -55,6 +55,18 @@ Five strategies (``solve(..., strategy="auto")`` picks among the first, third an
   problem is a single program; the tests also run it split over several
   programs at once, in threads under the interpreter. Not yet timed on a
   GPU; ``"auto"`` does not pick it.
+
+* ``"onepass"`` (opt-in, rows of up to ``ONEPASS_TILE`` entries): the
+  tiled loop with one read of ``C`` per iteration instead of two. The row
+  pass holds whole rows in registers: it updates their potentials and adds
+  their plan entries, which after the row update are at most ``a_i``, into
+  per-part column sums ``S_j = (P^T 1)_j``. Two small kernels add the parts
+  and apply ``log_v_j += log b_j - log S_j``, which is the log-sum-exp
+  update exactly; the same sums give the tolerance check for free. Since
+  ``S_j >= b_j min_i a_i`` a sum can only get small for extreme weights; a
+  problem with a sum below ``2**-80`` takes its v-update from a column
+  pass. Aimed at ``C`` larger than L2 (B=4, 4096 x 4096 read ``C`` twice
+  per iteration from HBM); not yet timed on a GPU.
 
 ``row_transport_costs`` runs the same iterations with any strategy but
 replaces the plan store by a per-row reduction ``sum_j P_ij C_ij`` (the
@@ -116,6 +128,14 @@ STREAMED_MAX_BYTES = 32 << 20
 # one program per SM, which meet at a barrier in global memory; small blocks so that a 512 x 512
 # problem spreads over 64 programs (8 rows and 8 columns each).
 COOPERATIVE_BLOCKS = dict(row_block_n=8, row_block_m=128, col_block_n=128, col_block_m=8)
+
+# One-pass strategy (opt-in, not timed on a GPU yet): the row pass holds ONEPASS_TILE entries
+# (whole rows, ONEPASS_TILE // next_pow2(M) of them) in registers, 32 per thread; a column whose sum
+# of plan entries falls below ONEPASS_MIN_SUM (2**-80) gets its v-update from a log-sum-exp pass.
+ONEPASS_TILE = 8192
+ONEPASS_ENTRIES_PER_THREAD = 32
+ONEPASS_MIN_SUM_K = tl.constexpr(2.0 ** -80)
+ONEPASS_SUM_BLOCK = 256  # columns per program of the column-sum kernels
 
 GRAPH_MAX_ENTRIES = 1 << 23
 GRAPH_CACHE_SIZE = 8
@@ -618,6 +638,180 @@ def _solve_tiled(C, a, b, eps, n_iters, tol, check_every, write_plan):
     return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost
 
 
+# ---------------------------------------------------------------------------
+# One-pass strategy: each iteration reads C once. The row pass holds whole rows
+# in registers, updates their potentials and adds their plan entries into the
+# next column sums; a small kernel then turns the sums into the v-update.
+# ---------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_pass_partials_kernel(
+    c_ptr, log_v_ptr, a_ptr, log_u_ptr, partial_ptr, active_ptr,
+    N, M, stride_cb, stride_cn, stride_cm, stride_ab, stride_an,
+    neg_inv_hi, neg_inv_lo,
+    ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Row update ``log_u_i = log a_i - LSE_j(-C_ij / eps + log_v_j)`` of the ``ROWS``-row blocks
+    ``part, part + parts, ...`` of problem ``program_id(0)`` (``part = program_id(1)``), whole rows at a
+    time, and this part's share of the next column sums,
+    ``partial_j = sum_i exp(-C_ij / eps + log_u_i + log_v_j)`` over its rows: entries of the plan
+    after the row update, so each is at most ``a_i`` and the sum cannot overflow.
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    parts = tl.num_programs(1)
+    if tl.load(active_ptr + pid_b) != 0:
+        cols = tl.arange(0, BLOCK_M)
+        col_ok = cols < M
+        log_v = tl.load(log_v_ptr + pid_b * M + cols, mask=col_ok, other=float("-inf"))
+        partial = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for n0 in range(part * ROWS, N, parts * ROWS):
+            rows = n0 + tl.arange(0, ROWS)
+            row_ok = rows < N
+            inside = row_ok[:, None] & col_ok[None, :]
+            c_tile = c_ptr + pid_b * stride_cb + rows[:, None] * stride_cn + cols[None, :] * stride_cm
+            z = _load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo) + log_v[None, :]
+            wa = tl.load(a_ptr + pid_b * stride_ab + rows * stride_an, mask=row_ok, other=0.0)
+            log_u = tl.where(wa > 0, _log_weight(wa) - _lse(z, 1), float("-inf"))
+            tl.store(log_u_ptr + pid_b * N + rows, log_u, mask=row_ok)
+            partial += tl.sum(tl.math.exp2((z + log_u[:, None]) * LOG2E_K), axis=0)
+        tl.store(partial_ptr + (pid_b * parts + part) * M + cols, partial, mask=col_ok)
+
+
+@triton.jit
+def _column_sums_kernel(
+    partial_ptr, col_sum_ptr, b_ptr, block_err_ptr, block_small_ptr, active_ptr,
+    M, parts, stride_bb, stride_bm,
+    BLOCK: tl.constexpr,
+):
+    """After a row pass: the column sums ``S_j = (P^T 1)_j`` of one block of columns (the parts' sums
+    added in a fixed order), the block's share of ``err = sum_j |S_j - b_j|``, and whether one of its
+    columns sums to less than ``ONEPASS_MIN_SUM`` (its v-update would then lose digits)."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    if tl.load(active_ptr + pid_b) != 0:
+        cols = block * BLOCK + tl.arange(0, BLOCK)
+        col_ok = cols < M
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        for q in range(0, parts):
+            total += tl.load(partial_ptr + (pid_b * parts + q) * M + cols, mask=col_ok, other=0.0)
+        tl.store(col_sum_ptr + pid_b * M + cols, total, mask=col_ok)
+        wb = tl.load(b_ptr + pid_b * stride_bb + cols * stride_bm, mask=col_ok, other=0.0)
+        small = (wb > 0) & ~(total >= ONEPASS_MIN_SUM_K)
+        blocks = tl.num_programs(1)
+        tl.store(block_err_ptr + pid_b * blocks + block, tl.sum(tl.abs(total - wb), axis=0))
+        tl.store(block_small_ptr + pid_b * blocks + block, tl.max(small.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _apply_column_sums_kernel(
+    col_sum_ptr, log_v_ptr, b_ptr, block_err_ptr, block_small_ptr, active_ptr, exact_ptr, err_ptr, iters_ptr,
+    M, stride_bb, stride_bm, tol, k, check, apply_next_v,
+    BLOCK: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+):
+    """The check of iteration ``k`` (when ``check``) and, for a problem that goes on (when
+    ``apply_next_v``), the next v-update ``log_v_j += log b_j - log S_j`` of one block of columns.
+
+    Every block reads all blocks' errors and flags (in a fixed order: the same decision everywhere);
+    block 0 records it. A problem with a column sum below ``ONEPASS_MIN_SUM`` gets ``exact = 1``
+    instead, and the column pass computes its v-update as a log-sum-exp.
+    """
+    pid_b = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    if tl.load(active_ptr + pid_b) != 0:
+        ids = tl.arange(0, MAX_BLOCKS)
+        err = tl.sum(tl.load(block_err_ptr + pid_b * blocks + ids, mask=ids < blocks, other=0.0), axis=0)
+        small = tl.max(tl.load(block_small_ptr + pid_b * blocks + ids, mask=ids < blocks, other=0), axis=0)
+        stop = (check != 0) & (err <= tol)
+        go_on = (stop == 0) & (apply_next_v != 0)
+        if block == 0:
+            if check != 0:
+                tl.store(err_ptr + pid_b, err)
+            if stop:
+                tl.store(active_ptr + pid_b, 0)  # the other blocks read it before or skip: no v-update either way
+                tl.store(iters_ptr + pid_b, k)  # stored as int64; k may arrive as the constant 1
+            tl.store(exact_ptr + pid_b, (go_on & (small != 0)).to(tl.int32))
+        if go_on & (small == 0):
+            cols = block * BLOCK + tl.arange(0, BLOCK)
+            col_ok = cols < M
+            total = tl.load(col_sum_ptr + pid_b * M + cols, mask=col_ok, other=1.0)
+            wb = tl.load(b_ptr + pid_b * stride_bb + cols * stride_bm, mask=col_ok, other=0.0)
+            log_v = tl.load(log_v_ptr + pid_b * M + cols, mask=col_ok, other=0.0)
+            next_v = log_v + _log_weight(wb) - tl.log(tl.where(wb > 0, total, 1.0))
+            tl.store(log_v_ptr + pid_b * M + cols, tl.where(wb > 0, next_v, float("-inf")), mask=col_ok)
+
+
+def onepass_fits(m: int) -> bool:
+    """Whether rows of ``m`` entries fit the one-pass row kernel (whole rows in registers)."""
+    return block_size(m, hi=1 << 30) <= ONEPASS_TILE
+
+
+def _onepass_parts(batch: int, n: int, rows: int, device: torch.device) -> int:
+    """Programs per problem in the row pass: enough to fill the GPU a few times over, at most one per row block."""
+    if device.type == "cuda":
+        per_problem = 4 * _resident_programs(device) // batch
+    else:
+        per_problem = 3  # under the interpreter: a few, so that the column sums add several parts
+    return max(1, min(triton.cdiv(n, rows), per_problem))
+
+
+def _solve_onepass(C, a, b, eps, n_iters, tol, check_every, write_plan):
+    batch, n, m = C.shape
+    if not onepass_fits(m):
+        raise ValueError(f"the one-pass strategy holds whole rows of at most {ONEPASS_TILE} entries, got {m}")
+    dev = C.device
+    hi, lo = _split_reciprocal(eps)
+    block_m = block_size(m, hi=1 << 30)
+    rows = max(1, ONEPASS_TILE // block_m)
+    parts = _onepass_parts(batch, n, rows, dev)
+    log_u = torch.where(a > 0, 0.0, NEG_INF).contiguous()  # padded rows never enter a column update
+    log_v = torch.zeros(batch, m, dtype=torch.float32, device=dev)
+    partial = torch.empty(batch, parts, m, dtype=torch.float32, device=dev)
+    col_sum = torch.empty(batch, m, dtype=torch.float32, device=dev)
+    sum_block = min(ONEPASS_SUM_BLOCK, block_m)
+    sum_grid = (batch, triton.cdiv(m, sum_block))
+    block_err = torch.empty(batch, sum_grid[1], dtype=torch.float32, device=dev)
+    block_small = torch.empty(batch, sum_grid[1], dtype=torch.int32, device=dev)
+    active = torch.ones(batch, dtype=torch.int32, device=dev)
+    exact = torch.ones(batch, dtype=torch.int32, device=dev)  # the first v-update is a column pass
+    iters = torch.full((batch,), n_iters, dtype=torch.int64, device=dev)
+    err = torch.full((batch,), -1.0, dtype=torch.float32, device=dev)  # < 0: never measured
+    blocks = TILED_BLOCKS
+    col_grid = (batch, triton.cdiv(m, blocks["col_block_m"]))
+    col_warps = num_warps_for(blocks["col_block_n"] * blocks["col_block_m"], per_thread=TILED_ENTRIES_PER_THREAD)
+    row_warps = num_warps_for(rows * block_m, per_thread=ONEPASS_ENTRIES_PER_THREAD)
+    for k in range(1, n_iters + 1):
+        # The v-update as a log-sum-exp, for problems flagged by the last combine (and the first iteration).
+        _column_pass_kernel[col_grid](
+            C, log_u, b, log_v, exact, n, m, *C.stride(), *b.stride(), hi, lo,
+            WRITE_V=True, BLOCK_N=blocks["col_block_n"], BLOCK_M=blocks["col_block_m"], num_warps=col_warps,
+        )
+        _row_pass_partials_kernel[(batch, parts)](
+            C, log_v, a, log_u, partial, active, n, m, *C.stride(), *a.stride(), hi, lo,
+            ROWS=rows, BLOCK_M=block_m, num_warps=row_warps,
+        )
+        check = tol is not None and k % check_every == 0
+        _column_sums_kernel[sum_grid](
+            partial, col_sum, b, block_err, block_small, active, m, parts, *b.stride(), BLOCK=sum_block, num_warps=4,
+        )
+        _apply_column_sums_kernel[sum_grid](
+            col_sum, log_v, b, block_err, block_small, active, exact, err, iters, m, *b.stride(),
+            float(tol if tol is not None else 0.0), k, int(check), int(k < n_iters),
+            BLOCK=sum_block, MAX_BLOCKS=block_size(sum_grid[1], hi=1 << 30), num_warps=4,
+        )
+    plan = _plan_buffer(batch, n, m, dev, write_plan)
+    row_cost = torch.empty(batch, n, dtype=torch.float32, device=dev)
+    row_grid = (batch, triton.cdiv(n, blocks["row_block_n"]))
+    _plan_kernel[row_grid](
+        C, log_u, log_v, plan, row_cost, n, m, *C.stride(), *plan.stride(), hi, lo,
+        WRITE_PLAN=write_plan, BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"],
+        num_warps=num_warps_for(blocks["row_block_n"] * blocks["row_block_m"], per_thread=TILED_ENTRIES_PER_THREAD),
+    )
+    return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost
+
+
 def _use_graph(C: torch.Tensor) -> bool:
     return (
         C.is_cuda
@@ -627,21 +821,22 @@ def _use_graph(C: torch.Tensor) -> bool:
     )
 
 
-class _GraphedTiledSolve:
-    """``_solve_tiled`` on fixed input buffers, captured once as a CUDA graph and replayed."""
+class _GraphedSolve:
+    """A host-looped solve (``_solve_tiled``, ``_solve_onepass``) on fixed input buffers, captured once as a
+    CUDA graph and replayed."""
 
-    def __init__(self, C, a, b, options):
+    def __init__(self, solve, C, a, b, options):
         self.inputs = (C.clone(), a.clone(), b.clone())
         device = C.device
         # Compile and load the kernels first, on a side stream, as graph capture requires.
         side = torch.cuda.Stream(device=device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            _solve_tiled(*self.inputs, *options)
+            solve(*self.inputs, *options)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.outputs = _solve_tiled(*self.inputs, *options)
+            self.outputs = solve(*self.inputs, *options)
 
     def __call__(self, C, a, b):
         for buffer, value in zip(self.inputs, (C, a, b)):
@@ -653,7 +848,7 @@ class _GraphedTiledSolve:
         return SolveOutput(*(t.clone() for t in self.outputs))
 
 
-_graphs: "collections.OrderedDict[tuple, _GraphedTiledSolve]" = collections.OrderedDict()
+_graphs: "collections.OrderedDict[tuple, _GraphedSolve]" = collections.OrderedDict()
 _ungraphable: set = set()
 # A cached graph owns fixed input and output buffers. Graphs are kept per stream, so that a replay
 # on one stream never overwrites the buffers of a replay still running on another; the lock keeps
@@ -661,20 +856,20 @@ _ungraphable: set = set()
 _graphs_lock = threading.Lock()
 
 
-def _solve_tiled_graphed(C, a, b, eps, n_iters, tol, check_every, write_plan):
+def _solve_graphed(solve, C, a, b, eps, n_iters, tol, check_every, write_plan):
     options = (eps, n_iters, tol, check_every, write_plan)
     stream = torch.cuda.current_stream(C.device)
-    key = (C.device, stream.cuda_stream, tuple(C.shape), C.dtype, options)
+    key = (solve.__name__, C.device, stream.cuda_stream, tuple(C.shape), C.dtype, options)
     with _graphs_lock:
         if key in _ungraphable:
-            return _solve_tiled(C, a, b, *options)
+            return solve(C, a, b, *options)
         graphed = _graphs.get(key)
         if graphed is None:
             try:
-                graphed = _GraphedTiledSolve(C, a, b, options)
+                graphed = _GraphedSolve(solve, C, a, b, options)
             except RuntimeError:  # capture refused (e.g. by another capture on this device): plain launches
                 _ungraphable.add(key)
-                return _solve_tiled(C, a, b, *options)
+                return solve(C, a, b, *options)
             _graphs[key] = graphed
             while len(_graphs) > GRAPH_CACHE_SIZE:
                 _graphs.popitem(last=False)
@@ -984,7 +1179,7 @@ def _solve_cooperative(C, a, b, eps, n_iters, tol, check_every, write_plan, part
     return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost
 
 
-STRATEGIES = ("auto", "fused", "fused-scaling", "streamed", "tiled", "cooperative")
+STRATEGIES = ("auto", "fused", "fused-scaling", "streamed", "tiled", "cooperative", "onepass")
 
 
 def _env_flag(name: str) -> bool:
@@ -1001,13 +1196,16 @@ def _auto_strategy(C: torch.Tensor) -> str:
 
     ``APLOT_KERNELS_TRITON_SCALING=1`` turns "fused" into "fused-scaling";
     ``APLOT_KERNELS_TRITON_COOPERATIVE=1`` takes "cooperative" for every
-    larger problem. Both are untimed on a GPU, hence off by default.
+    larger problem, ``APLOT_KERNELS_TRITON_ONEPASS=1`` "onepass" where its
+    rows fit. They are untimed on a GPU, hence off by default.
     """
     batch, n, m = C.shape
     if block_size(n, hi=1 << 30) * block_size(m, hi=1 << 30) <= FUSED_MAX_ELEMENTS:
         return "fused-scaling" if use_scaling_domain() else "fused"
     if _env_flag("APLOT_KERNELS_TRITON_COOPERATIVE"):
         return "cooperative"
+    if _env_flag("APLOT_KERNELS_TRITON_ONEPASS") and onepass_fits(m):
+        return "onepass"
     if _use_graph(C):
         return "tiled"
     if batch >= STREAMED_MIN_BATCH and C.numel() * C.element_size() <= STREAMED_MAX_BYTES:
@@ -1028,9 +1226,10 @@ def _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan):
     run = {
         "fused": _solve_fused, "fused-scaling": functools.partial(_solve_fused, scaling=True),
         "streamed": _solve_streamed, "tiled": _solve_tiled, "cooperative": _solve_cooperative,
+        "onepass": _solve_onepass,
     }[strategy]
-    if strategy == "tiled" and _use_graph(C):
-        run = _solve_tiled_graphed
+    if strategy in ("tiled", "onepass") and _use_graph(C):
+        run = functools.partial(_solve_graphed, run)
     return run(C, a, b, float(eps), int(n_iters), tol, int(check_every), write_plan)
 
 
@@ -1055,7 +1254,8 @@ def solve(
             ``"fused-scaling"`` (the same in the scaling domain),
             ``"streamed"`` (one program per problem, C streamed), ``"tiled"``
             (streaming passes launched per iteration), ``"cooperative"``
-            (streamed, each problem split over programs that meet at barriers)
+            (streamed, each problem split over programs that meet at barriers),
+            ``"onepass"`` (tiled, one read of ``C`` per iteration)
             or ``"auto"``: fused when
             the padded problem has at most ``FUSED_MAX_ELEMENTS`` entries,
             tiled where its loop runs as a CUDA graph, else streamed for at
