@@ -783,7 +783,7 @@ def _solve_onepass(C, a, b, eps, n_iters, tol, check_every, write_plan):
     col_warps = num_warps_for(blocks["col_block_n"] * blocks["col_block_m"], per_thread=TILED_ENTRIES_PER_THREAD)
     row_warps = num_warps_for(rows * block_m, per_thread=ONEPASS_ENTRIES_PER_THREAD)
     for k in range(1, n_iters + 1):
-        # The v-update as a log-sum-exp, for problems flagged by the last combine (and the first iteration).
+        # The v-update as a log-sum-exp: the first iteration, and problems whose sums the last check flagged.
         _column_pass_kernel[col_grid](
             C, log_u, b, log_v, exact, n, m, *C.stride(), *b.stride(), hi, lo,
             WRITE_V=True, BLOCK_N=blocks["col_block_n"], BLOCK_M=blocks["col_block_m"], num_warps=col_warps,
