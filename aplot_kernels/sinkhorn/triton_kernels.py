@@ -420,6 +420,12 @@ def _online_lse_step(peak, total, z, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _potential(weight, lse):
+    """A Sinkhorn update ``log w - lse`` (``log_u = log a - LSE_j``, ``log_v = log b - LSE_i``); ``-inf`` for padding."""
+    return tl.where(weight > 0, _log_weight(weight) - lse, float("-inf"))
+
+
+@triton.jit
 def _load_potential(ptr, mask, FROM_L2: tl.constexpr):
     """Log potentials (``-inf`` outside ``mask``); ``FROM_L2``: written by other programs, so read past L1."""
     if FROM_L2:
@@ -470,6 +476,36 @@ def _row_lse(
 
 
 @triton.jit
+def _column_updates(
+    c_ptr, log_u_ptr, b_ptr, log_v_ptr, first, step, N, M, stride_cn, stride_cm, stride_bm, neg_inv_hi, neg_inv_lo,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_L2: tl.constexpr,
+):
+    """The v-update ``log_v_j = log b_j - LSE_i(-C_ij / eps + log_u_i)`` of one problem's column blocks
+    starting at columns ``first, first + step, ...``."""
+    for m0 in range(first, M, step):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < M
+        lse = _column_lse(c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M, FROM_L2)
+        wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
+        tl.store(log_v_ptr + cols, _potential(wb, lse), mask=col_ok)
+
+
+@triton.jit
+def _row_updates(
+    c_ptr, log_v_ptr, a_ptr, log_u_ptr, first, step, N, M, stride_cn, stride_cm, stride_an, neg_inv_hi, neg_inv_lo,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_L2: tl.constexpr,
+):
+    """The u-update ``log_u_i = log a_i - LSE_j(-C_ij / eps + log_v_j)`` of one problem's row blocks
+    starting at rows ``first, first + step, ...``."""
+    for n0 in range(first, N, step):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        lse = _row_lse(c_ptr, log_v_ptr, rows, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M, FROM_L2)
+        wa = tl.load(a_ptr + rows * stride_an, mask=row_ok, other=0.0)
+        tl.store(log_u_ptr + rows, _potential(wa, lse), mask=row_ok)
+
+
+@triton.jit
 def _column_pass_kernel(
     c_ptr, log_u_ptr, b_ptr, out_ptr, active_ptr,
     N, M, stride_cb, stride_cn, stride_cm, stride_bb, stride_bm,
@@ -487,7 +523,7 @@ def _column_pass_kernel(
         )
         if WRITE_V:
             wb = tl.load(b_ptr + pid_b * stride_bb + cols * stride_bm, mask=col_ok, other=0.0)
-            lse = tl.where(wb > 0, _log_weight(wb) - lse, float("-inf"))
+            lse = _potential(wb, lse)
         tl.store(out_ptr + pid_b * M + cols, lse, mask=col_ok)
 
 
@@ -508,7 +544,7 @@ def _row_pass_kernel(
             neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M, False,
         )
         wa = tl.load(a_ptr + pid_b * stride_ab + rows * stride_an, mask=row_ok, other=0.0)
-        tl.store(log_u_ptr + pid_b * N + rows, tl.where(wa > 0, _log_weight(wa) - lse, float("-inf")), mask=row_ok)
+        tl.store(log_u_ptr + pid_b * N + rows, _potential(wa, lse), mask=row_ok)
 
 
 @triton.jit
@@ -543,7 +579,7 @@ def _check_kernel(
                 col_ok = cols < M
                 lse = tl.load(col_lse_ptr + pid_b * M + cols, mask=col_ok, other=0.0)
                 wb = tl.load(b_ptr + pid_b * stride_bb + cols * stride_bm, mask=col_ok, other=0.0)
-                tl.store(log_v_ptr + pid_b * M + cols, tl.where(wb > 0, _log_weight(wb) - lse, float("-inf")), mask=col_ok)
+                tl.store(log_v_ptr + pid_b * M + cols, _potential(wb, lse), mask=col_ok)
 
 
 @triton.jit
@@ -673,7 +709,7 @@ def _row_pass_partials_kernel(
             c_tile = c_ptr + pid_b * stride_cb + rows[:, None] * stride_cn + cols[None, :] * stride_cm
             z = _load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo) + log_v[None, :]
             wa = tl.load(a_ptr + pid_b * stride_ab + rows * stride_an, mask=row_ok, other=0.0)
-            log_u = tl.where(wa > 0, _log_weight(wa) - _lse(z, 1), float("-inf"))
+            log_u = _potential(wa, _lse(z, 1))
             tl.store(log_u_ptr + pid_b * N + rows, log_u, mask=row_ok)
             partial += tl.sum(tl.math.exp2((z + log_u[:, None]) * LOG2E_K), axis=0)
         tl.store(partial_ptr + (pid_b * parts + part) * M + cols, partial, mask=col_ok)
@@ -936,25 +972,15 @@ def _solve_streamed_kernel(
     err = tl.full((), -1.0, tl.float32)  # < 0: never measured
     for k in range(1, n_iters + 1):
         if active != 0:
-            for m0 in range(0, M, COL_BLOCK_M):
-                cols = m0 + tl.arange(0, COL_BLOCK_M)
-                col_ok = cols < M
-                lse = _column_lse(
-                    c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, COL_BLOCK_N, COL_BLOCK_M,
-                    False,
-                )
-                wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
-                tl.store(log_v_ptr + cols, tl.where(wb > 0, _log_weight(wb) - lse, float("-inf")), mask=col_ok)
+            _column_updates(
+                c_ptr, log_u_ptr, b_ptr, log_v_ptr, 0, COL_BLOCK_M, N, M, stride_cn, stride_cm, stride_bm,
+                neg_inv_hi, neg_inv_lo, COL_BLOCK_N, COL_BLOCK_M, False,
+            )
             tl.debug_barrier()
-            for n0 in range(0, N, ROW_BLOCK_N):
-                rows = n0 + tl.arange(0, ROW_BLOCK_N)
-                row_ok = rows < N
-                lse = _row_lse(
-                    c_ptr, log_v_ptr, rows, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, ROW_BLOCK_N, ROW_BLOCK_M,
-                    False,
-                )
-                wa = tl.load(a_ptr + rows * stride_an, mask=row_ok, other=0.0)
-                tl.store(log_u_ptr + rows, tl.where(wa > 0, _log_weight(wa) - lse, float("-inf")), mask=row_ok)
+            _row_updates(
+                c_ptr, log_v_ptr, a_ptr, log_u_ptr, 0, ROW_BLOCK_N, N, M, stride_cn, stride_cm, stride_an,
+                neg_inv_hi, neg_inv_lo, ROW_BLOCK_N, ROW_BLOCK_M, False,
+            )
             tl.debug_barrier()
             iters += 1
             if HAS_TOL:
@@ -1060,26 +1086,16 @@ def _solve_cooperative_kernel(
     for k in range(1, n_iters + 1):
         if active != 0:
             if v_ready == 0:
-                for m0 in range(part * COL_BLOCK_M, M, parts * COL_BLOCK_M):
-                    cols = m0 + tl.arange(0, COL_BLOCK_M)
-                    col_ok = cols < M
-                    lse = _column_lse(
-                        c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
-                        COL_BLOCK_N, COL_BLOCK_M, True,
-                    )
-                    wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
-                    tl.store(log_v_ptr + cols, tl.where(wb > 0, _log_weight(wb) - lse, float("-inf")), mask=col_ok)
+                _column_updates(
+                    c_ptr, log_u_ptr, b_ptr, log_v_ptr, part * COL_BLOCK_M, parts * COL_BLOCK_M, N, M,
+                    stride_cn, stride_cm, stride_bm, neg_inv_hi, neg_inv_lo, COL_BLOCK_N, COL_BLOCK_M, True,
+                )
                 phase += 1
                 _problem_barrier(sync_ptr, phase * parts)
-            for n0 in range(part * ROW_BLOCK_N, N, parts * ROW_BLOCK_N):
-                rows = n0 + tl.arange(0, ROW_BLOCK_N)
-                row_ok = rows < N
-                lse = _row_lse(
-                    c_ptr, log_v_ptr, rows, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
-                    ROW_BLOCK_N, ROW_BLOCK_M, True,
-                )
-                wa = tl.load(a_ptr + rows * stride_an, mask=row_ok, other=0.0)
-                tl.store(log_u_ptr + rows, tl.where(wa > 0, _log_weight(wa) - lse, float("-inf")), mask=row_ok)
+            _row_updates(
+                c_ptr, log_v_ptr, a_ptr, log_u_ptr, part * ROW_BLOCK_N, parts * ROW_BLOCK_N, N, M,
+                stride_cn, stride_cm, stride_an, neg_inv_hi, neg_inv_lo, ROW_BLOCK_N, ROW_BLOCK_M, True,
+            )
             phase += 1
             _problem_barrier(sync_ptr, phase * parts)
             iters += 1
@@ -1111,7 +1127,7 @@ def _solve_cooperative_kernel(
                             col_ok = cols < M
                             lse = tl.load(col_lse_ptr + cols, mask=col_ok, other=0.0)
                             wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
-                            tl.store(log_v_ptr + cols, tl.where(wb > 0, _log_weight(wb) - lse, float("-inf")), mask=col_ok)
+                            tl.store(log_v_ptr + cols, _potential(wb, lse), mask=col_ok)
                         v_ready = 1
                         # The partial errors are rewritten at the next check, after this barrier and the
                         # row pass's: every part has summed them by then.
