@@ -62,8 +62,9 @@ Six strategies (``solve(..., strategy="auto")`` picks among "fused", "streamed" 
   their plan entries, which after the row update are at most ``a_i``, into
   per-part column sums ``S_j = (P^T 1)_j``. Two small kernels add the parts
   and apply ``log_v_j += log b_j - log S_j``, which is the log-sum-exp
-  update exactly; the same sums give the tolerance check for free. Since
-  ``S_j >= b_j min_i a_i`` a sum can only get small for extreme weights; a
+  update exactly; the same sums give the tolerance check for free. A row
+  update scales row ``i`` by ``a_i / (its sum) >= a_i / mass``, so
+  ``S_j >= b_j min_i a_i / mass``: a sum can only get small for extreme weights; a
   problem with a sum below ``2**-80`` takes its v-update from a column
   pass. Aimed at ``C`` larger than L2 (B=4, 4096 x 4096 read ``C`` twice
   per iteration from HBM); not yet timed on a GPU.
