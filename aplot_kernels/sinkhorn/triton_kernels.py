@@ -1150,7 +1150,9 @@ def _resident_programs(device: torch.device) -> int:
     """Programs of one launch that surely run at the same time: one per SM on a GPU.
 
     Off a GPU, one: the Triton interpreter runs programs one after another, so
-    a barrier between two of them would never open.
+    a barrier between two of them would never open. Under MPS with a reduced
+    share of the SMs the device still reports all of them, and a cooperative
+    launch could wait forever: that is one reason the strategy is opt-in.
     """
     if device.type != "cuda":
         return 1
