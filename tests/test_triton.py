@@ -626,6 +626,21 @@ def test_fused_margin_with_underflowing_column(scaling):
     torch.testing.assert_close(got.double(), want, rtol=5e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("scaling", [False, True])
+@pytest.mark.parametrize("n, m, d, dtype", [(128, 128, 64, torch.bfloat16), (100, 113, 72, torch.float32)],
+                         ids=["128x128-bf16", "100x113-fp32"])
+def test_fused_margin_kernel_at_its_largest_size(n, m, d, dtype, scaling):
+    """The sizes a training step uses (up to 128 pairs on a side), with the default 50 iterations."""
+    import aplot_kernels
+    from aplot_kernels import loss_triton
+
+    x, y, rx, ry = (t[0] for t in _embeddings(1, n, m, d, dtype, seed=n + m + d))
+    assert loss_triton.fits(n, m)
+    got = loss_triton.aplot_margin(rx, ry, x, y, 0.9, 1.0, 1e-8, 0.1, 50, 1.0, scaling=scaling)
+    want = aplot_kernels.aplot_margin(*(t.double() for t in (rx, ry, x, y)), backend="torch")
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
+
+
 def test_fused_margin_only_where_it_fits(monkeypatch):
     """Past the fused size the margin takes the cost kernel and the row-cost Sinkhorn, with the same numbers."""
     import aplot_kernels
