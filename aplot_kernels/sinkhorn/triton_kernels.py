@@ -666,11 +666,20 @@ def _solve_tiled(C, a, b, eps, n_iters, tol, check_every, write_plan):
                 BLOCK=min(blocks["check_block"], block_size(m, hi=1 << 30)), num_warps=4,
             )
 
-    plan = _plan_buffer(batch, n, m, dev, write_plan)
-    row_cost = torch.empty(batch, n, dtype=torch.float32, device=dev)
-    _plan_kernel[row_grid](
+    return _plan_epilogue(C, a, b, eps, log_u, log_v, iters, err, write_plan)
+
+
+def _plan_epilogue(C, a, b, eps, log_u, log_v, iters, err, write_plan):
+    """The host-looped strategies' end: plan (when ``write_plan``) and row costs from the potentials."""
+    batch, n, m = C.shape
+    blocks = TILED_BLOCKS
+    hi, lo = _split_reciprocal(eps)
+    plan = _plan_buffer(batch, n, m, C.device, write_plan)
+    row_cost = torch.empty(batch, n, dtype=torch.float32, device=C.device)
+    _plan_kernel[(batch, triton.cdiv(n, blocks["row_block_n"]))](
         C, log_u, log_v, plan, row_cost, n, m, *C.stride(), *plan.stride(), hi, lo,
-        WRITE_PLAN=write_plan, BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"], num_warps=row_warps,
+        WRITE_PLAN=write_plan, BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"],
+        num_warps=num_warps_for(blocks["row_block_n"] * blocks["row_block_m"], per_thread=TILED_ENTRIES_PER_THREAD),
     )
     return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost
 
@@ -838,15 +847,7 @@ def _solve_onepass(C, a, b, eps, n_iters, tol, check_every, write_plan):
             float(tol if tol is not None else 0.0), k, int(check), int(k < n_iters),
             BLOCK=sum_block, MAX_BLOCKS=block_size(sum_grid[1], hi=1 << 30), num_warps=4,
         )
-    plan = _plan_buffer(batch, n, m, dev, write_plan)
-    row_cost = torch.empty(batch, n, dtype=torch.float32, device=dev)
-    row_grid = (batch, triton.cdiv(n, blocks["row_block_n"]))
-    _plan_kernel[row_grid](
-        C, log_u, log_v, plan, row_cost, n, m, *C.stride(), *plan.stride(), hi, lo,
-        WRITE_PLAN=write_plan, BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"],
-        num_warps=num_warps_for(blocks["row_block_n"] * blocks["row_block_m"], per_thread=TILED_ENTRIES_PER_THREAD),
-    )
-    return _finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost
+    return _plan_epilogue(C, a, b, eps, log_u, log_v, iters, err, write_plan)
 
 
 def _use_graph(C: torch.Tensor) -> bool:
