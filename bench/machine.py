@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
 import subprocess
-from typing import Dict
+import sys
+from typing import Dict, Iterator
 
 import torch
 
@@ -22,6 +24,60 @@ LIBRARIES = {
     "jax": "jax",
     "aplot_kernels": "aplot_kernels",
 }
+
+
+def _native_pool_threads() -> Dict[str, int]:
+    """Threads of each native pool loaded in this process (OpenBLAS, MKL, OpenMP, ...) by library."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return {}
+    pools: Dict[str, int] = {}
+    for pool in threadpool_info():
+        name = pool.get("internal_api", "?")
+        pools[name] = max(pools.get(name, 0), int(pool.get("num_threads", 0)))
+    return pools
+
+
+@contextlib.contextmanager
+def limit_threads(threads: int) -> Iterator[None]:
+    """Give every implementation the same ``threads`` CPU threads for the ``with`` block.
+
+    ``torch.set_num_threads`` alone leaves numpy's BLAS (POT's numpy rows, ``ot.dist``)
+    on all cores, which made an OpenBLAS matrix product look twice as fast as ours at
+    "one thread". ``threadpoolctl`` caps the BLAS and OpenMP pools already loaded and
+    those loaded later; JAX reads its thread count once, from ``XLA_FLAGS``, when first
+    imported. ``threads <= 0``: leave every library at its default.
+    """
+    if threads <= 0:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    if "jax" not in sys.modules:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "intra_op_parallelism_threads" not in flags:
+            os.environ["XLA_FLAGS"] = (flags + f" --xla_cpu_multi_thread_eigen=false"
+                                       f" intra_op_parallelism_threads={threads}").strip()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # the bench extra installs it; without it, numpy keeps its default threads
+        limiter = contextlib.nullcontext()
+    else:
+        limiter = threadpool_limits(limits=threads)
+    try:
+        with limiter:
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def threads_summary() -> str:
+    """``"1 torch thread, openblas 1"``: the thread counts a row was measured with."""
+    torch_threads = torch.get_num_threads()
+    parts = [f"{torch_threads} torch thread{'s' if torch_threads != 1 else ''}"]
+    parts += [f"{name} {n}" for name, n in sorted(_native_pool_threads().items())]
+    return ", ".join(parts)
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,12 +109,16 @@ def device_name(device: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _versions() -> Dict[str, str]:
+    return {name: version_of(module) for name, module in LIBRARIES.items()}
+
+
 def columns(device: str) -> Dict[str, str]:
-    """The metadata columns, identical for every row of one run."""
-    versions = {name: version_of(module) for name, module in LIBRARIES.items()}
+    """The metadata columns of a row: machine and thread counts, device, versions, commit."""
+    versions = dict(_versions())
     cores = os.cpu_count() or 0
     return {
-        "machine": f"{cpu_model()} ({cores} cores, {torch.get_num_threads()} torch threads)",
+        "machine": f"{cpu_model()} ({cores} cores; {threads_summary()})",
         "device_name": device_name(device),
         "torch": torch.__version__ + (f" cuda {torch.version.cuda}" if device == "cuda" else ""),
         "numpy": versions.pop("numpy"),

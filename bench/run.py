@@ -65,7 +65,9 @@ def _parse(argv) -> argparse.Namespace:
     parser.add_argument("--ops", default="", help=f"comma-separated subset of: {', '.join(C_.OPS)}")
     parser.add_argument("--impls", default="", help="comma-separated implementation names (e.g. ours-torch,pot-batch-torch)")
     parser.add_argument("--dtypes", default="", help="comma-separated: float32,bfloat16,float16 (default: float32 on CPU, all three on CUDA)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for every implementation: torch, numpy's BLAS, OpenMP, JAX (default: each library's "
+                             "choice); 1 is steadier on a shared machine")
     parser.add_argument("--targets", action="store_true", help="only the native CPU target shapes (bench.cases.CPU_TARGETS)")
     parser.add_argument("--append", action="store_true", help="append to an existing results.csv instead of starting a new one")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -232,9 +234,12 @@ def write_rows(path: str, rows: List[Dict]) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``python -m bench`` (and of the package CLI's ``bench`` subcommand)."""
     args = _parse(argv)
+    with machine.limit_threads(args.threads):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     csv_path = os.path.join(args.out, "results.csv")
     if not args.append and os.path.exists(csv_path):

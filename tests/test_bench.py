@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import aplot_kernels as ak
-from bench import cases, impls, measure, run, table
+from bench import cases, impls, machine, measure, run, table
 
 BACKENDS = impls.our_backends("cpu")
 ROUNDS = dict(rounds=5, iterations=1, warmup_rounds=1)
@@ -102,6 +102,30 @@ def test_missing_library_is_a_note_not_an_error(tmp_path, monkeypatch):
     out = tmp_path / "b"
     assert run.main(["--quick", "--out", str(out), "--ops", "sinkhorn_tol", "--impls", "geomloss", "--no-plots"]) == 0
     assert "geomloss is not installed" in (out / "notes.txt").read_text()
+
+
+def test_threads_flag_limits_every_library(tmp_path):
+    """``--threads 1`` holds for numpy's BLAS and OpenMP too, not only torch, and is undone after."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    before = torch.get_num_threads()
+    seen = []
+    real = machine.columns
+
+    def spy(device):
+        seen.append([p["num_threads"] for p in threadpoolctl.threadpool_info()])
+        return real(device)
+
+    out = tmp_path / "t"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(machine, "columns", spy)
+        assert run.main(["--quick", "--threads", "1", "--out", str(out), "--ops", "cosine_cost",
+                         "--impls", "ours-torch,pot-dist-numpy", "--no-plots"]) == 0
+    assert seen and all(n == 1 for pools in seen for n in pools)
+    assert torch.get_num_threads() == before
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["impl"] for r in rows} == {"ours-torch", "pot-dist-numpy"}
+    assert all("1 torch thread" in r["machine"] for r in rows)
 
 
 REQUIRED = [
