@@ -121,6 +121,7 @@ def _jit_build():
 _module = None
 
 
+@torch.compiler.disable  # loads (or compiles) the extension: never traced by torch.compile
 @functools.lru_cache(maxsize=None)
 def _load() -> Tuple[bool, str]:
     global _module

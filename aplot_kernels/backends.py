@@ -30,6 +30,17 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run on this install or for this tensor."""
 
 
+def kernel_entry(fn):
+    """Mark a kernel backend's entry point: ``torch.compile`` runs it eagerly, between graphs.
+
+    The entry points choose a strategy from shapes, replay cached CUDA graphs and
+    launch Triton or extension kernels; tracing into them (or, on the CPU, into the
+    Triton interpreter) is what fails, not calling them. The torch reference stays
+    traceable.
+    """
+    return torch.compiler.disable(fn)
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> Tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
@@ -72,6 +83,7 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+@torch.compiler.disable  # reads the environment and cached probes: decided eagerly, never traced
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, needs_reference: bool = False) -> str:
     """Return the concrete backend (``"torch"``, ``"triton"`` or ``"native"``) to run.
 

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .backends import kernel_entry
 from ._triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, num_warps_for
 from .cost import triton_kernels as cost_kernels
 from .sinkhorn import triton_kernels as sinkhorn_kernels
@@ -108,6 +109,7 @@ def fits(n: int, m: int) -> bool:
     return max(block_n, block_m) <= MAX_SIDE and block_n * block_m <= sinkhorn_kernels.FUSED_MAX_ELEMENTS
 
 
+@kernel_entry
 def aplot_margin(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,

@@ -39,29 +39,36 @@ def _native_pool_threads() -> Dict[str, int]:
     return pools
 
 
+# Read once, when each native library loads: covers the pools loaded after the limit is set
+# (POT imports scipy, whose OpenBLAS is not numpy's, and brings its own OpenMP runtime).
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
 @contextlib.contextmanager
 def limit_threads(threads: int) -> Iterator[None]:
     """Give every implementation the same ``threads`` CPU threads for the ``with`` block.
 
     ``torch.set_num_threads`` alone leaves numpy's BLAS (POT's numpy rows, ``ot.dist``)
     on all cores, which made an OpenBLAS matrix product look twice as fast as ours at
-    "one thread". ``threadpoolctl`` caps the BLAS and OpenMP pools already loaded and
-    those loaded later; JAX reads its thread count once, from ``XLA_FLAGS``, when first
-    imported. ``threads <= 0``: leave every library at its default.
+    "one thread". ``threadpoolctl`` caps the BLAS and OpenMP pools already loaded; the
+    ``*_NUM_THREADS`` variables cap those that load during the block (they keep that
+    cap afterwards); JAX reads its thread count from ``XLA_FLAGS`` when first imported.
+    ``threads <= 0``: leave every library at its default.
     """
     if threads <= 0:
         yield
         return
-    previous = torch.get_num_threads()
+    previous_torch = torch.get_num_threads()
+    previous_env = {name: os.environ.get(name) for name in _THREAD_ENV + ("XLA_FLAGS",)}
     torch.set_num_threads(threads)
-    if "jax" not in sys.modules:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "intra_op_parallelism_threads" not in flags:
-            os.environ["XLA_FLAGS"] = (flags + f" --xla_cpu_multi_thread_eigen=false"
-                                       f" intra_op_parallelism_threads={threads}").strip()
+    for name in _THREAD_ENV:
+        os.environ[name] = str(threads)
+    if "jax" not in sys.modules and "intra_op_parallelism_threads" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                                   f" intra_op_parallelism_threads={threads}").strip()
     try:
         from threadpoolctl import threadpool_limits
-    except ImportError:  # the bench extra installs it; without it, numpy keeps its default threads
+    except ImportError:  # the bench extra installs it; without it numpy keeps the threads it started with
         limiter = contextlib.nullcontext()
     else:
         limiter = threadpool_limits(limits=threads)
@@ -69,7 +76,12 @@ def limit_threads(threads: int) -> Iterator[None]:
         with limiter:
             yield
     finally:
-        torch.set_num_threads(previous)
+        torch.set_num_threads(previous_torch)
+        for name, value in previous_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def threads_summary() -> str:

@@ -128,6 +128,18 @@ def test_threads_flag_limits_every_library(tmp_path):
     assert all("1 torch thread" in r["machine"] for r in rows)
 
 
+def test_thread_limit_holds_for_libraries_loaded_later():
+    """A BLAS or OpenMP runtime first loaded inside the limit (POT brings scipy's) starts capped too."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("threadpoolctl")
+    probe = "import numpy, threadpoolctl; print(max(p['num_threads'] for p in threadpoolctl.threadpool_info()))"
+    with machine.limit_threads(1):
+        inside = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert inside.strip() == "1"
+
+
 REQUIRED = [
     "op", "impl", "device", "dtype", "B", "N", "M", "D", "n_iters", "median_ms", "p20_ms", "p80_ms",
     "peak_mem_mb", "marginal_err", "plan_err", "speedup_vs_pot", "machine", "torch", "pot",

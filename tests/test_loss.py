@@ -186,3 +186,27 @@ def test_half_precision_inputs(loss_backend, gen):
     assert_finite(loss=got.float())
     reference = aplot_loss(*(t.float() for t in (rc, rr, ce, re)), reduction="none", **opts(loss_backend))
     torch.testing.assert_close(got.float(), reference, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_loss_in_a_compiled_step(loss_backend, detach, gen):
+    """A trainer that wraps its step in ``torch.compile`` gets the eager loss and gradients
+    (the ops run between compiled regions where they cannot be traced)."""
+    rc, rr, ce, re = _batch(gen, 7, m=7)
+    inputs = [t.requires_grad_() for t in (rc, rr, ce, re)]
+
+    def step(*args):
+        return APLOTLoss(detach=detach, **opts(loss_backend, eps=0.2))(*args)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend="aot_eager")
+    got = compiled(*inputs)
+    got_grads = torch.autograd.grad(got, inputs, allow_unused=True)
+    want = step(*inputs)
+    want_grads = torch.autograd.grad(want, inputs, allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    for g, w in zip(got_grads, want_grads):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+    assert (got_grads[2] is None) == detach  # a detached margin sends nothing to the embeddings

@@ -868,6 +868,9 @@ def test_cooperative_parts_off_gpu():
 # ---------------------------------------------------------------------------
 
 
+SHARED_MEMORY_PER_BLOCK = {90: 232448, 80: 166912}  # H100, A100: cudaDevAttrMaxSharedMemoryPerBlockOptin
+
+
 def _compile_all(capability: int) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -878,6 +881,9 @@ def _compile_all(capability: int) -> None:
     from aplot_kernels.sinkhorn import triton_kernels as sink_mod
 
     target = GPUTarget("cuda", capability, 32)
+    # Largest shared memory one program may ask for (opt-in, per block): a kernel over it compiles
+    # here but fails at launch on the GPU with "out of resource: shared memory".
+    shared_limit = SHARED_MEMORY_PER_BLOCK[capability]
 
     def build(fn, pointers, floats, constexprs, num_warps):
         signature = {}
@@ -889,8 +895,11 @@ def _compile_all(capability: int) -> None:
             else:
                 signature[name] = "fp32" if name in floats else "i32"
         consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-        triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target, options={"num_warps": num_warps})
-        print("compiled", fn.__name__, constexprs)
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target,
+                                options={"num_warps": num_warps, "num_stages": cost_mod.NUM_STAGES})  # as launched
+        shared = kernel.metadata.shared
+        print("compiled", fn.__name__, constexprs, f"shared memory {shared} B")
+        assert shared <= shared_limit, f"{fn.__name__} {constexprs}: {shared} B of shared memory, sm_{capability} has {shared_limit}"
 
     f32 = "fp32"
     scaled = ("neg_inv_hi", "neg_inv_lo")

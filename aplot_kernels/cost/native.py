@@ -10,15 +10,18 @@ from __future__ import annotations
 import torch
 
 from .. import _native
+from ..backends import kernel_entry
 
 __all__ = ["cosine_cost", "aplot_cost"]
 
 
+@kernel_entry
 def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     """``[B, N, D] x [B, M, D] -> [B, N, M]``: ``1 - <x_hat_i, y_hat_j>``."""
     return _native.ops().cosine_cost(x, y, float(eps))
 
 
+@kernel_entry
 def aplot_cost(
     chosen_emb: torch.Tensor,
     rejected_emb: torch.Tensor,

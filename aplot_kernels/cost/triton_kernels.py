@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import triton_interpreter_on
+from ..backends import kernel_entry, triton_interpreter_on
 from .._triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, float32_out
 
 # Tiles. Half-precision products run on the tensor cores (wgmma on sm_90): 128 x 128 output tiles
@@ -240,11 +240,13 @@ def _launch(kernel, x, y, extra_args, extra_strides, scalars, eps, out_dtype):
     return out
 
 
+@kernel_entry
 def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     """``1 - S``: ``x [B, N, D]``, ``y [B, M, D]`` -> ``[B, N, M]`` (float32 for half inputs)."""
     return _launch(_cosine_cost_kernel, x, y, (), (), (), eps, float32_out(x, y))
 
 
+@kernel_entry
 def aplot_cost(
     chosen_emb: torch.Tensor,
     rejected_emb: torch.Tensor,
@@ -417,6 +419,7 @@ def _embedding_grads(grad_cost, x, y, rx, ry, scale, inv_temperature, reward_sca
     return grad_x, grad_y, grad_rx, grad_ry
 
 
+@kernel_entry
 def cosine_cost_backward(grad_cost: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float):
     """``(grad_x [B, N, D], grad_y [B, M, D])`` of :func:`cosine_cost` for ``grad_cost [B, N, M]`` (float32 for half inputs)."""
     out_dtype = float32_out(grad_cost, x, y)
@@ -424,6 +427,7 @@ def cosine_cost_backward(grad_cost: torch.Tensor, x: torch.Tensor, y: torch.Tens
     return grad_x, grad_y
 
 
+@kernel_entry
 def aplot_cost_backward(
     grad_cost: torch.Tensor,
     chosen_emb: torch.Tensor,

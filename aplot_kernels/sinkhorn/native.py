@@ -12,11 +12,13 @@ from typing import Optional
 import torch
 
 from .. import _native
+from ..backends import kernel_entry
 from .reference import SolveOutput
 
 __all__ = ["solve", "row_transport_costs"]
 
 
+@kernel_entry
 def solve(
     C: torch.Tensor,
     a: torch.Tensor,
@@ -34,6 +36,7 @@ def solve(
     return SolveOutput(*out)
 
 
+@kernel_entry
 def row_transport_costs(
     C: torch.Tensor,
     a: torch.Tensor,

@@ -91,6 +91,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import kernel_entry
 from .._triton_utils import LN2_K, LOG2E_K, block_size, num_warps_for
 from .reference import SolveOutput, column_violation
 
@@ -1253,6 +1254,7 @@ def _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan):
     return run(C, a, b, float(eps), int(n_iters), tol, int(check_every), write_plan)
 
 
+@kernel_entry
 def solve(
     C: torch.Tensor,
     a: torch.Tensor,
@@ -1288,6 +1290,7 @@ def solve(
     return _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan=True)
 
 
+@kernel_entry
 def row_transport_costs(
     C: torch.Tensor,
     a: torch.Tensor,
