@@ -272,3 +272,31 @@ def test_half_precision_gradients(sinkhorn_backend, gen, grad):
         assert h.dtype == torch.bfloat16
         assert_finite(grad=h.float())
         torch.testing.assert_close(h.float(), s.to(torch.bfloat16).float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("n, m", [(9, 14), (14, 9), (16, 16)])
+def test_fixed_point_solve_matches_dense_system(gen, n, m):
+    """The Schur-complement direct solve against a dense solve of ``H + z z^T`` (padding on both sides)."""
+    from aplot_kernels.sinkhorn import gradients
+
+    C, a, b = _problem(gen, batch=3, n=n, m=m)
+    a[1, [0, n - 1]] = 0.0
+    b[2, [1, 2]] = 0.0
+    a, b = a / a.sum(-1, keepdim=True), b / b.sum(-1, keepdim=True)
+    plan = sinkhorn(C, a, b, grad="none", backend="torch", **CONVERGED).plan
+    rows, cols = a > 0, b > 0
+    diag_a, diag_b = torch.where(rows, a, 1), torch.where(cols, b, 1)
+    gauge = torch.cat([rows.double(), -cols.double()], -1)
+    rhs = torch.randn(3, n + m, generator=gen, dtype=torch.float64) * torch.cat([rows, cols], -1)
+    rhs = rhs - gauge * ((rhs * gauge).sum(-1, keepdim=True) / (gauge * gauge).sum(-1, keepdim=True))
+
+    dense = torch.zeros(3, n + m, n + m, dtype=torch.float64)
+    dense[:, :n, :n] = torch.diag_embed(diag_a)
+    dense[:, n:, n:] = torch.diag_embed(diag_b)
+    dense[:, :n, n:] = plan
+    dense[:, n:, :n] = plan.transpose(-1, -2)
+    want = torch.linalg.solve(dense + gauge[:, :, None] * gauge[:, None, :], rhs)
+    got = gradients._solve_fixed_point_system(plan, diag_a, diag_b, gauge, rhs)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    # and it solves H nu = rhs itself on range(H)
+    torch.testing.assert_close(torch.bmm(dense, got[:, :, None])[..., 0], rhs, rtol=1e-9, atol=1e-10)

@@ -118,20 +118,49 @@ def _solve_fixed_point_system(plan, diag_a, diag_b, gauge, rhs):
 
     Padded rows and columns of ``P`` are zero and carry a unit diagonal, so
     they decouple. Small systems: a direct solve of ``H + gauge gauge^T``
-    (non-singular, same solution on ``range(H)``). Large ones:
-    Jacobi-preconditioned conjugate gradients, which stay in ``range(H)``.
+    (non-singular, same solution on ``range(H)``), by its Schur complement
+    (:func:`_schur_solve`). Large ones: Jacobi-preconditioned conjugate
+    gradients, which stay in ``range(H)``.
     """
     batch, n, m = plan.shape
     if n + m <= DIRECT_SOLVE_MAX and batch * (n + m) ** 2 <= DIRECT_SOLVE_MAX_ENTRIES:
-        system = plan.new_zeros(batch, n + m, n + m)
-        system[:, :n, :n] = torch.diag_embed(diag_a)
-        system[:, n:, n:] = torch.diag_embed(diag_b)
-        system[:, :n, n:] = plan
-        system[:, n:, :n] = plan.transpose(-1, -2)
-        system = system + gauge[:, :, None] * gauge[:, None, :]
         # float64 keeps the solve accurate when eps is small and H is ill-conditioned.
-        return torch.linalg.solve(system.double(), rhs.double()).to(plan.dtype)
+        if n < m:  # eliminate the longer side: the system left is min(n, m) wide
+            nu_g, nu_f = _schur_solve(plan.transpose(-1, -2).double(), diag_b.double(), diag_a.double(),
+                                      -gauge[:, n:].double(), -gauge[:, :n].double(), rhs[:, n:].double(), rhs[:, :n].double())
+        else:
+            nu_f, nu_g = _schur_solve(plan.double(), diag_a.double(), diag_b.double(), gauge[:, :n].double(),
+                                      gauge[:, n:].double(), rhs[:, :n].double(), rhs[:, n:].double())
+        return torch.cat([nu_f, nu_g], -1).to(plan.dtype)
     return _conjugate_gradients(plan, diag_a, diag_b, rhs)
+
+
+def _schur_solve(plan, diag_a, diag_b, u, v, h_f, h_g):
+    """``(nu_f, nu_g)`` solving ``(H + z z^T) nu = h`` with ``z = (u, v)``, by eliminating ``nu_f``.
+
+    With ``A = diag(a) + u u^T``, ``B = P + u v^T`` and ``D = diag(b) + v v^T``
+    the system is ``[[A, B], [B^T, D]]``; ``A^{-1} = diag(1/a) - w w^T / gamma``
+    (``w = u / a``, ``gamma = 1 + u.w``), and ``nu_g`` solves the ``[M, M]``
+    Schur complement ``D - B^T A^{-1} B``, which is positive definite because
+    ``H + z z^T`` is. One ``N x M x M`` product and an ``M x M`` solve instead
+    of factorising the ``(N + M)``-wide system: about a fifth of the work at
+    ``N = M``.
+    """
+    batch, n, m = plan.shape
+    w = u / diag_a
+    gamma = 1.0 + (u * w).sum(-1, keepdim=True)
+
+    def a_inverse(x):  # A^{-1} x for x [B, N] or [B, N, K]
+        if x.dim() == 2:
+            return x / diag_a - w * ((w * x).sum(-1, keepdim=True) / gamma)
+        return x / diag_a[:, :, None] - w[:, :, None] * (torch.einsum("bn,bnk->bk", w, x)[:, None, :] / gamma[:, :, None])
+
+    coupling = plan + u[:, :, None] * v[:, None, :]  # B
+    schur = torch.diag_embed(diag_b) + v[:, :, None] * v[:, None, :] - torch.bmm(coupling.transpose(-1, -2), a_inverse(coupling))
+    reduced = h_g - torch.bmm(coupling.transpose(-1, -2), a_inverse(h_f)[:, :, None])[..., 0]
+    nu_g = torch.linalg.solve(schur, reduced)
+    nu_f = a_inverse(h_f - torch.bmm(coupling, nu_g[:, :, None])[..., 0])
+    return nu_f, nu_g
 
 
 def _conjugate_gradients(plan, diag_a, diag_b, rhs, max_iters: int = 1000, rtol: float = 1e-10):
