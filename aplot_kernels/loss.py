@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, backends
+from ._precision import autocast_off
 from .backends import BACKENDS
 from .cost import _compute_dtype as cost_compute_dtype
 from .cost import NORM_EPS, aplot_cost_checked
@@ -68,6 +69,7 @@ def _check_margin(margin, n: int, like: torch.Tensor):
     return margin
 
 
+@autocast_off
 def bt_loss(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
@@ -171,6 +173,7 @@ def _margin_and_plan(
     return margins, result.plan, cost
 
 
+@autocast_off
 def aplot_margin(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
@@ -252,6 +255,7 @@ def _aplot_loss(
     return APLOTOutput(_bt_loss(chosen_rewards, pair_rejected, total, reduction), ot_margin, plan, cost)
 
 
+@autocast_off
 def aplot_loss(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
@@ -345,6 +349,7 @@ class APLOTLoss(torch.nn.Module):
             scale=self.scale, detach=self.detach, backend=self.backend,
         )
 
+    @autocast_off
     def forward(
         self, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin=None, return_outputs: bool = False,
         with_plan: bool = True,

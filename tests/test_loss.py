@@ -210,3 +210,27 @@ def test_loss_in_a_compiled_step(loss_backend, detach, gen):
         if g is not None:
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
     assert (got_grads[2] is None) == detach  # a detached margin sends nothing to the embeddings
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_autocast_region_changes_nothing(loss_backend, detach, gen):
+    """Called inside ``torch.autocast`` (as in a mixed-precision step), the loss, the cost and their
+    gradients are those of the same half-precision inputs outside it: autocast must not recast the
+    ops' own float32 steps (the reference's product ran in bfloat16; the extension's failed)."""
+    rc, rr, ce, re = (t.to(torch.bfloat16) for t in _batch(gen, 9, m=9))
+
+    def run(autocast):
+        inputs = [t.clone().requires_grad_() for t in (rc, rr, ce, re)]
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = APLOTLoss(detach=detach, **opts(loss_backend, eps=0.2))(*inputs)
+            cost = aplot_cost(*inputs[2:], *inputs[:2], backend=loss_backend)
+        grads = torch.autograd.grad(loss + cost.sum(), inputs)
+        return loss, cost, grads
+
+    loss, cost, grads = run(autocast=True)
+    want_loss, want_cost, want_grads = run(autocast=False)
+    assert loss.dtype == torch.float32 and cost.dtype == torch.float32
+    torch.testing.assert_close(loss, want_loss, rtol=0, atol=0)
+    torch.testing.assert_close(cost, want_cost, rtol=0, atol=0)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _checks, backends
+from .._precision import autocast_off
 from . import reference
 
 __all__ = ["cosine_cost", "aplot_cost"]
@@ -47,6 +48,7 @@ class _CosineCostKernel(torch.autograd.Function):
         return kernels.cosine_cost(x, y, eps)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_cost):
         x, y = ctx.saved_tensors
         backward = getattr(ctx.kernels, "cosine_cost_backward", None)
@@ -67,6 +69,7 @@ class _APLOTCostKernel(torch.autograd.Function):
         return kernels.aplot_cost(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_cost):
         inputs = ctx.saved_tensors
         backward = getattr(ctx.kernels, "aplot_cost_backward", None)
@@ -78,6 +81,7 @@ class _APLOTCostKernel(torch.autograd.Function):
         return tuple(g.to(t.dtype) for g, t in zip(grads, inputs)) + (None, None, None, None)
 
 
+@autocast_off
 def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float = NORM_EPS, backend: str = "auto") -> torch.Tensor:
     """Cosine cost ``C[i, j] = 1 - <x_hat_i, y_hat_j>``.
 
@@ -110,6 +114,7 @@ def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float
     return cost.squeeze(0) if unbatched else cost
 
 
+@autocast_off
 def aplot_cost(
     chosen_emb: torch.Tensor,
     rejected_emb: torch.Tensor,

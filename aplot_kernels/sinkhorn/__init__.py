@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _checks, backends
+from .._precision import autocast_off
 from . import reference
 from .gradients import EnvelopeSinkhorn, ImplicitSinkhorn
 
@@ -87,6 +88,7 @@ def _marginal(name: str, weights: Optional[torch.Tensor], C: torch.Tensor, axis:
     return weights.to(dtype).expand(batch, size)
 
 
+@autocast_off
 def sinkhorn(
     C: torch.Tensor,
     a: Optional[torch.Tensor] = None,

@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from .._precision import autocast_off
 from .reference import SolveOutput
 
 # Above this many unknowns (N + M), or this many float64 system entries over the
@@ -43,6 +44,7 @@ class EnvelopeSinkhorn(torch.autograd.Function):
         return tuple(out)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, _plan, _f, _g, _cost, grad_reg, _n, _err):
         plan, f, g, a, b = ctx.saved_tensors
         grad_c = (grad_reg[:, None, None] * plan).to(ctx.c_dtype)
@@ -75,6 +77,7 @@ class ImplicitSinkhorn(torch.autograd.Function):
         return tuple(out)
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_plan, grad_f, grad_g, grad_cost, grad_reg, _n, _err):
         plan, f, g, C, a, b = ctx.saved_tensors
         eps = ctx.eps
