@@ -84,6 +84,9 @@ def bt_loss(
         rejected_rewards: ``[n]``.
         margin: ``[n]``, a scalar, or ``None`` (zero).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (returns ``[n]``).
+
+    Returns:
+        float32 for float32 or half-precision rewards (computed in float32), float64 for float64.
     """
     with _checks.one_sync():
         _check_rewards(chosen_rewards, rejected_rewards, same_length=True)
@@ -93,8 +96,10 @@ def bt_loss(
 
 
 def _bt_loss(chosen_rewards, rejected_rewards, margin, reduction: str) -> torch.Tensor:
-    """:func:`bt_loss` on checked arguments."""
-    logits = chosen_rewards - rejected_rewards
+    """:func:`bt_loss` on checked arguments, in float32 for half-precision rewards (float64 stays float64)."""
+    dtype = torch.promote_types(chosen_rewards.dtype, torch.float32)
+    # The difference of two bfloat16 rewards of ~1e3 is off by up to 4 when rounded to bfloat16 itself.
+    logits = chosen_rewards.to(dtype) - rejected_rewards.to(dtype)
     if margin is not None:
         logits = logits - margin
     return _reduce(-F.logsigmoid(logits), reduction)

@@ -234,3 +234,19 @@ def test_autocast_region_changes_nothing(loss_backend, detach, gen):
     torch.testing.assert_close(cost, want_cost, rtol=0, atol=0)
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_rewards_are_subtracted_in_float32(loss_backend, dtype, gen):
+    """Rewards of ~1e3 in bfloat16: ``r_c - r_r`` rounded to bfloat16 would be off by up to 4;
+    the losses take the difference in float32 and return float32."""
+    rc, rr, ce, re = _batch(gen, 8)
+    rc, rr = (rc * 700).to(dtype), (rr * 700).to(dtype)
+    exact = -F.logsigmoid(rc.double() - rr.double())
+    got = bt_loss(rc, rr, reduction="none")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-6)
+    with_ot = aplot_loss(rc, rr, ce, re, reduction="none", **opts(loss_backend))
+    margins = aplot_margin(rc, rr, ce, re, **opts(loss_backend))
+    assert with_ot.dtype == torch.float32
+    torch.testing.assert_close(with_ot.double(), -F.logsigmoid(rc.double() - rr.double() - margins.double()), rtol=1e-5, atol=1e-5)
