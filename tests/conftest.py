@@ -218,6 +218,26 @@ def assert_plan_close_relative(plan, reference_plan, bound=1e-5):
         assert diff <= bound * r.max(), f"max |plan diff| {diff:.3e} > {bound} * max plan {r.max():.3e}"
 
 
+# FlashAttention's accuracy rule (tests/test_accuracy.py): a kernel's error against float64 may be at
+# most ERROR_MULTIPLE times plain PyTorch's error in the same dtype, plus ERROR_FLOOR.
+ERROR_MULTIPLE = 3.0
+ERROR_FLOOR = 2.5e-7  # about two float32 ulps of the largest entry
+
+def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
+    """``max |x - reference| / max |reference|`` in float64."""
+    reference = reference.double()
+    return float((x.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-300))
+
+
+def assert_within_rule(kernel_out, torch_out, reference64, what: str) -> None:
+    kernel_err, torch_err = relative_error(kernel_out, reference64), relative_error(torch_out, reference64)
+    bound = ERROR_MULTIPLE * torch_err + ERROR_FLOOR
+    assert kernel_err <= bound, (
+        f"{what}: error {kernel_err:.2e} against float64, plain PyTorch's {torch_err:.2e} "
+        f"(bound {ERROR_MULTIPLE} x that + {ERROR_FLOOR:.0e})"
+    )
+
+
 def assert_finite(**tensors) -> None:
     for name, t in tensors.items():
         assert t is not None, f"{name} is None"

@@ -4,7 +4,8 @@ A kernel's error against the float64 reference (on the same, already rounded
 inputs) may be at most ``ERROR_MULTIPLE`` times the error of plain PyTorch
 in the same input dtype (the ``torch`` backend, which computes half inputs in
 float32), plus ``ERROR_FLOOR`` for the cases where PyTorch happens to be
-exact. SPEC section 5's absolute bounds are tested elsewhere; this rule
+exact (both in ``conftest.py``, which also holds :func:`assert_within_rule`;
+``test_triton.py`` applies it to each Triton strategy). SPEC section 5's absolute bounds are tested elsewhere; this rule
 catches a kernel that is within them but sloppier than it needs to be (a
 lost float32 accumulation, an early rounding to half, a cruder ``exp``).
 
@@ -21,6 +22,7 @@ from conftest import (
     DEVICE,
     KERNEL_COST_BACKENDS,
     KERNEL_SINKHORN_BACKENDS,
+    assert_within_rule,
     random_cost,
     random_embeddings,
     random_marginal,
@@ -29,26 +31,8 @@ from conftest import (
 
 import aplot_kernels as ak
 
-ERROR_MULTIPLE = 3.0
-ERROR_FLOOR = 2.5e-7  # about two float32 ulps of the largest entry
-
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LOSS_BACKENDS = [b for b in KERNEL_SINKHORN_BACKENDS if b in COST_BACKENDS]
-
-
-def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
-    """``max |x - reference| / max |reference|`` in float64."""
-    reference = reference.double()
-    return float((x.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-300))
-
-
-def assert_within_rule(kernel_out, torch_out, reference64, what: str) -> None:
-    kernel_err, torch_err = relative_error(kernel_out, reference64), relative_error(torch_out, reference64)
-    bound = ERROR_MULTIPLE * torch_err + ERROR_FLOOR
-    assert kernel_err <= bound, (
-        f"{what}: error {kernel_err:.2e} against float64, plain PyTorch's {torch_err:.2e} "
-        f"(bound {ERROR_MULTIPLE} x that + {ERROR_FLOOR:.0e})"
-    )
 
 
 def _shape(backend, big, tiny):

@@ -25,6 +25,8 @@ import time
 import pytest
 import torch
 
+from conftest import assert_within_rule
+
 from aplot_kernels import backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -332,6 +334,21 @@ def test_sinkhorn_fixed_iterations(strategy, case, tiny_tiles):
     C, a, b = _problem(batch, n, m, torch.float32, seed=n * m, pad=pad)
     out = sinkhorn_kernels.solve(C, a, b, eps, n_iters, None, 10, strategy=strategy)
     _assert_matches_reference(out, C, a, b, eps, n_iters, None, 10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_accuracy_rule(strategy, dtype, tiny_tiles):
+    """FlashAttention's rule for each strategy: error against float64 at most a small multiple of the
+    float32 torch reference's, plan and costs, at eps=0.02 on costs in [0, 2]."""
+    batch, n, m = (3, 45, 71) if DEVICE.type == "cuda" else (2, 19, 26)
+    C, a, b = _problem(batch, n, m, dtype, seed=n + m, pad=True)
+    n_iters = 40 if DEVICE.type == "cuda" else 12
+    reference64 = sinkhorn_reference.solve(C.double(), a.double(), b.double(), 0.02, n_iters, None, 10)
+    plain = sinkhorn_reference.solve(C.float(), a, b, 0.02, n_iters, None, 10)
+    out = sinkhorn_kernels.solve(C, a, b, 0.02, n_iters, None, 10, strategy=strategy)
+    for field in ("plan", "cost", "reg_cost"):
+        assert_within_rule(getattr(out, field), getattr(plain, field), getattr(reference64, field), f"{strategy} {field}")
 
 
 @pytest.mark.parametrize("eps", [0.01, 0.03])
