@@ -25,8 +25,6 @@ import time
 import pytest
 import torch
 
-from conftest import assert_within_rule
-
 from aplot_kernels import backends
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -341,6 +339,8 @@ def test_sinkhorn_fixed_iterations(strategy, case, tiny_tiles):
 def test_strategy_accuracy_rule(strategy, dtype, tiny_tiles):
     """FlashAttention's rule for each strategy: error against float64 at most a small multiple of the
     float32 torch reference's, plan and costs, at eps=0.02 on costs in [0, 2]."""
+    from conftest import assert_within_rule  # not at module level: the --compile-sm run must not load conftest
+
     batch, n, m = (3, 45, 71) if DEVICE.type == "cuda" else (2, 19, 26)
     C, a, b = _problem(batch, n, m, dtype, seed=n + m, pad=True)
     n_iters = 40 if DEVICE.type == "cuda" else 12
@@ -894,6 +894,7 @@ def _compile_all(capability: int) -> None:
     from triton.compiler import ASTSource
 
     from aplot_kernels import loss_triton as loss_mod
+    from aplot_kernels._triton_utils import num_warps_for
     from aplot_kernels.cost import triton_kernels as cost_mod
     from aplot_kernels.sinkhorn import triton_kernels as sink_mod
 
@@ -927,6 +928,12 @@ def _compile_all(capability: int) -> None:
             for scaling in (False, True):
                 build(sink_mod._solve_fused_kernel, fused, ("eps", "tol") + scaled,
                       dict(HAS_TOL=c_type == "fp32", WRITE_PLAN=write_plan, SCALING=scaling, BLOCK_N=64, BLOCK_M=128), 16)
+        # Other shapes auto sends to the fused kernel (one row, small and oblong), with their warps.
+        for block_n, block_m in ((1, 16), (32, 64), (128, 8)):
+            warps = num_warps_for(block_n * block_m, per_thread=sink_mod.FUSED_ENTRIES_PER_THREAD)
+            for scaling in (False, True):
+                build(sink_mod._solve_fused_kernel, fused, ("eps", "tol") + scaled,
+                      dict(HAS_TOL=True, WRITE_PLAN=True, SCALING=scaling, BLOCK_N=block_n, BLOCK_M=block_m), warps)
         build(sink_mod._column_pass_kernel, dict(c_ptr=c_type, log_u_ptr=f32, b_ptr=f32, out_ptr=f32, active_ptr="i32"), scaled,
               dict(WRITE_V=True, BLOCK_N=128, BLOCK_M=32), 8)
         build(sink_mod._row_pass_kernel, dict(c_ptr=c_type, log_v_ptr=f32, a_ptr=f32, log_u_ptr=f32, active_ptr="i32"), scaled,
@@ -950,12 +957,16 @@ def _compile_all(capability: int) -> None:
     build(sink_mod._apply_column_sums_kernel, dict(col_sum_ptr=f32, log_v_ptr=f32, b_ptr=f32, block_err_ptr=f32,
           block_small_ptr="i32", active_ptr="i32", exact_ptr="i32", err_ptr=f32, iters_ptr="i64"), ("tol",),
           dict(BLOCK=sink_mod.ONEPASS_SUM_BLOCK, MAX_BLOCKS=16), 4)
-    # The fused margin at its largest size: wgmma for half inputs, exact FMA for float32.
+    # The fused margin at its largest size and at smaller ones (with the warps they launch with):
+    # wgmma for half inputs, exact FMA for float32.
     for emb_type, ieee, block_d in (("bf16", False, loss_mod.HALF_BLOCK_D), ("fp32", True, loss_mod.FP32_BLOCK_D)):
-        for scaling in (False, True):
+        for (block_n, block_m), scaling in itertools.product(((128, 128), (16, 16), (64, 32)), (False, True)):
+            if (block_n, block_m) != (128, 128) and scaling:
+                continue
+            warps = num_warps_for(block_n * block_m, per_thread=sink_mod.FUSED_ENTRIES_PER_THREAD)
             build(loss_mod._aplot_margin_kernel, dict(x_ptr=emb_type, y_ptr=emb_type, rx_ptr=emb_type, ry_ptr=f32,
                   out_ptr=f32), ("alpha", "inv_temperature", "norm_eps", "eps", "row_weight", "col_weight", "margin_scale")
-                  + scaled, dict(IEEE_FP32=ieee, SCALING=scaling, BLOCK_N=128, BLOCK_M=128, BLOCK_D=block_d), 16)
+                  + scaled, dict(IEEE_FP32=ieee, SCALING=scaling, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d), warps)
     # k == 1 and flags of 0/1 may arrive as compile-time constants.
     build(sink_mod._check_kernel, dict(col_lse_ptr=f32, log_v_ptr=f32, b_ptr=f32, active_ptr="i32", err_ptr=f32, iters_ptr="i64"),
           ("tol",), dict(BLOCK=1024, k=1, apply_next_v=1), 4)
