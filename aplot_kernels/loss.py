@@ -148,11 +148,15 @@ def _margin_and_plan(
     if detach and not need_plan and impl == "triton":
         from . import loss_triton  # only importable where Triton is installed
 
-        if loss_triton.fits(n, rejected_rewards.shape[0]):
-            margins = loss_triton.aplot_margin(
-                chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, NORM_EPS, eps, n_iters, scale
-            )
-            return margins, None, None
+        if loss_triton.fits(n, rejected_rewards.shape[0]) and loss_triton.available():
+            try:
+                margins = loss_triton.aplot_margin(
+                    chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, NORM_EPS, eps, n_iters,
+                    scale,
+                )
+                return margins, None, None
+            except loss_triton.KERNEL_UNAVAILABLE as exc:  # cannot run on this GPU: the two-kernel path below
+                loss_triton.mark_unavailable(exc)
     if detach and not need_plan and impl in ("triton", "native"):
         # The kernel backends reduce each plan row against the cost as they form it.
         if impl == "triton":

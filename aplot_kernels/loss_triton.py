@@ -26,6 +26,7 @@ has timed it against the log-domain loop (``bench/gpu_check.py`` does);
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -95,6 +96,34 @@ def _aplot_margin_kernel(
         plan = sinkhorn_kernels._absorbed_kernel(neg_c, log_u, log_v)
     row_cost = tl.sum(plan * tl.where(inside, neg_c * -eps, 0.0), axis=1)
     tl.store(out_ptr + rows, margin_scale * row_cost, mask=row_ok)
+
+
+# Launch-time failures that mean "this kernel cannot run here" (too much shared memory or too many
+# registers for the GPU, a compiler or ptxas error), as opposed to a wrong input. The margin then
+# takes the cost kernel and the row-cost Sinkhorn, which ran on the GPUs we have measured.
+KERNEL_UNAVAILABLE = tuple(
+    error for error in (getattr(triton, "OutOfResources", None), getattr(triton, "CompilationError", None),
+                        getattr(getattr(triton.runtime, "errors", None), "PTXASError", None))
+    if isinstance(error, type)
+)
+_unavailable_reason: Optional[str] = None
+
+
+def available() -> bool:
+    """False once the fused kernel has failed to compile or launch in this process."""
+    return _unavailable_reason is None
+
+
+def mark_unavailable(error: BaseException) -> None:
+    """Stop using the fused kernel in this process, with one warning that says why."""
+    global _unavailable_reason
+    _unavailable_reason = f"{type(error).__name__}: {error}"
+    warnings.warn(
+        "aplot_kernels: the fused Triton margin kernel could not run on this GPU "
+        f"({_unavailable_reason}); the margin uses the Triton cost kernel and the row-cost Sinkhorn instead",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 # Longest side of the fused problem: the product streams [side, BLOCK_D] operand tiles through shared

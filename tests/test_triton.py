@@ -680,6 +680,34 @@ def test_fused_margin_only_where_it_fits(monkeypatch):
         loss_triton.aplot_margin(rx, ry, x, y, 0.9, 1.0, 1e-8, 0.1, 5, 1.0)
 
 
+def test_fused_margin_falls_back_when_it_cannot_launch(monkeypatch):
+    """A GPU the fused kernel cannot run on (out of shared memory or registers, a ptxas error) gets
+    the two-kernel margin, with one warning, instead of an exception in the training step."""
+    import triton
+
+    import aplot_kernels
+    from aplot_kernels import loss_triton
+
+    monkeypatch.setattr(loss_triton, "_unavailable_reason", None)
+    launches = []
+
+    def refuse(*args, **kwargs):
+        launches.append(1)
+        raise triton.OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(loss_triton, "_aplot_margin_kernel", type("Refuses", (), {"__getitem__": lambda self, grid: refuse})())
+    x, y, rx, ry = (t[0] for t in _embeddings(1, 11, 13, 16, torch.float32, seed=43))
+    options = dict(eps=0.08, n_iters=15)
+    with pytest.warns(RuntimeWarning, match="fused Triton margin kernel could not run"):
+        first = aplot_kernels.aplot_margin(rx, ry, x, y, backend="triton", **options)
+    second = aplot_kernels.aplot_loss(rx, ry, x, y, backend="triton", reduction="none", **options)
+    assert launches == [1] and not loss_triton.available()  # tried once, then not again
+    want = aplot_kernels.aplot_margin(rx.double(), ry.double(), x.double(), y.double(), backend="torch", **options)
+    torch.testing.assert_close(first.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second.double(), -torch.nn.functional.logsigmoid((rx - ry[:11]).double() - want), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_loss_forms_plan_only_when_returned(monkeypatch):
     """The loss alone (and margins for logging) never run the plan-writing solve; the outputs do."""
     import aplot_kernels
