@@ -61,13 +61,14 @@ def preference_data(with_margin):
     return datasets.Dataset.from_dict(data)
 
 
-def make_trainer(tmp_path, *, pad_is_eos=False, with_margin=False, max_steps=3, peft_config=None, eval_dataset=None, **kwargs):
+def make_trainer(tmp_path, *, pad_is_eos=False, with_margin=False, max_steps=3, peft_config=None, eval_dataset=None,
+                 bf16=False, **kwargs):
     tok = tiny_tokenizer(pad_is_eos)
     args = trl.RewardConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=max_steps, learning_rate=1e-2,
         logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
         dataset_num_proc=None, center_rewards_coefficient=kwargs.pop("center_rewards_coefficient", None),
-        disable_tqdm=True,
+        disable_tqdm=True, bf16=bf16,
     )
     return APLOTRewardTrainer(
         model=tiny_model(tok), args=args, train_dataset=preference_data(with_margin), processing_class=tok,
@@ -121,6 +122,21 @@ def test_train_steps_and_metrics(tmp_path):
     evaluated = trainer.evaluate()
     assert evaluated["eval_aplot_margin_min"] <= evaluated["eval_aplot_margin_mean"] <= evaluated["eval_aplot_margin_max"]
     assert 0.0 <= evaluated["eval_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_mixed_precision_training(tmp_path, backend):
+    """``bf16=True``: mixed-precision steps run with the loss on the reference and on the extension, and
+    stay finite. (Accelerate autocasts the model's forward and hands the loss float32 outputs; a loss
+    called inside an autocast region is tested in test_loss.py.)"""
+    from aplot_kernels import backends
+
+    if backend == "native" and not backends.native_status(torch.device("cpu"))[0]:
+        pytest.skip("the native extension is unavailable")
+    trainer = make_trainer(tmp_path, max_steps=2, bf16=True, **{**OPTIONS, "backend": backend})
+    assert trainer.train().global_step == 2
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and all(torch.isfinite(torch.tensor([e["loss"], e["aplot_margin_mean"]])).all() for e in logged)
 
 
 def test_peft_lora(tmp_path):
