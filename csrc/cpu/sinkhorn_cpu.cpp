@@ -6,10 +6,9 @@
 // check_every-th iteration), so its numbers are the reference's up to
 // floating-point rounding.
 //
-// The first iteration runs in the log domain on -C/eps (stored row-major and
-// transposed so that every log-sum-exp streams contiguous memory, with vector
-// lanes along the output index for short rows and along each row for long
-// ones). From the second iteration on it runs in the scaling domain: the
+// The first iteration runs in the log domain on -C/eps, stored row-major (the
+// column log-sum-exps with vector lanes along the columns, the row ones along
+// each row). From the second iteration on it runs in the scaling domain: the
 // kernel is the plan at the last absorption, exp(-C/eps + alpha_i + beta_j),
 // each half-iteration is a matrix-vector product (a row update and the next
 // column update's sums share one pass over the kernel), and the scalings are
@@ -27,6 +26,7 @@
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -53,12 +53,24 @@ struct Options {
 // (block partials added in block order) do not depend on the thread count.
 constexpr int64_t kRowBlock = 64;
 
+// An n * m-sized scratch array left uninitialised: every entry is written before it is read, and
+// zero-filling the two [n, m_pad] arrays cost as much as a dozen iterations at 1024 x 1024.
+template <typename T>
+class Buffer {
+ public:
+  explicit Buffer(int64_t size) : data_(std::make_unique_for_overwrite<T[]>(static_cast<size_t>(size))) {}
+  T* data() { return data_.get(); }
+  const T* data() const { return data_.get(); }
+
+ private:
+  std::unique_ptr<T[]> data_;
+};
+
 // Scratch memory for one problem of size n x m, reused across problems.
 template <typename T>
 struct Workspace {
   int64_t n, m, n_pad, m_pad;
-  std::vector<T> neg_c;     // [n, m_pad] -C / eps, padding -inf
-  std::vector<T> neg_c_t;   // [m, n_pad] its transpose
+  Buffer<T> neg_c;          // [n, m_pad] -C / eps, padding -inf
   std::vector<T> log_u;     // [n_pad] f / eps, padding 0
   std::vector<T> log_v;     // [m_pad] g / eps, padding 0
   std::vector<T> log_a;     // [n] log a, -inf at zero weights
@@ -68,17 +80,17 @@ struct Workspace {
   std::vector<double> row_cost;  // [n] sum_j P_ij C_ij, accumulated in double (as accurate as torch's sums)
   // Scaling domain: kernel[i, j] = exp(-C_ij / eps + alpha_i + beta_j) with
   // log_u = alpha + log(scale_u), log_v = beta + log(scale_v).
-  std::vector<T> kernel;    // [n, m_pad], padding 0
+  Buffer<T> kernel;         // [n, m_pad], padding 0
   std::vector<T> alpha;     // [n]
   std::vector<T> beta;      // [m_pad], padding 0
   std::vector<T> scale_u;   // [n]
   std::vector<T> scale_v;   // [m_pad], padding 0
   std::vector<T> sums;      // [max(n, m)] row or column sums of the scaled kernel
-  std::vector<T> block_sums;  // [ceil(n / kRowBlock), m_pad] column sums of each block of kernel rows
+  Buffer<T> block_sums;     // [ceil(n / kRowBlock), m_pad] column sums of each block of kernel rows
 
   Workspace(int64_t n_, int64_t m_)
       : n(n_), m(m_), n_pad(round_up(n_, vector_width<T>())), m_pad(round_up(m_, vector_width<T>())),
-        neg_c(n * m_pad), neg_c_t(m * n_pad), log_u(n_pad), log_v(m_pad), log_a(n), log_b(m), col_sum(m), plan_row(m_pad),
+        neg_c(n * m_pad), log_u(n_pad), log_v(m_pad), log_a(n), log_b(m), col_sum(m), plan_row(m_pad),
         row_cost(n), kernel(n * m_pad), alpha(n), beta(m_pad), scale_u(n), scale_v(m_pad), sums(std::max(n, m)),
         block_sums((n + kRowBlock - 1) / kRowBlock * m_pad) {}
 };
@@ -103,7 +115,7 @@ struct Problem {
 template <typename T, typename scalar_t>
 void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Options& opt, bool parallel_rows) {
   const Kernels<T>& k = kernels<T>();
-  const int64_t n = ws.n, m = ws.m, n_pad = ws.n_pad, m_pad = ws.m_pad;
+  const int64_t n = ws.n, m = ws.m, m_pad = ws.m_pad;
   const T neg_inf = -std::numeric_limits<T>::infinity();
   const T eps = static_cast<T>(opt.eps);
   // Rows of a pass go to threads in chunks of at least ~16k elements.
@@ -115,9 +127,7 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
     }
   };
 
-  // Sums with vector lanes along the output index (no horizontal reductions:
-  // faster for short rows), or along each row (faster once rows are long).
-  const bool by_columns = std::min(n, m) < 512;
+  // Column sums with vector lanes along the columns: a block of columns streams every row.
   constexpr int64_t kColumnBlock = 4 * vector_width<T>();
   auto for_columns = [&](int64_t cols, int64_t rows, const auto& body) {
     const int64_t blocks = (cols + kColumnBlock - 1) / kColumnBlock;
@@ -137,19 +147,6 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
       for (int64_t j = m; j < m_pad; ++j) row[j] = neg_inf;
     }
   });
-  constexpr int64_t kBlock = 64;  // columns per transpose block: their destination rows stay in cache
-  for_rows((m + kBlock - 1) / kBlock, n * kBlock, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t j0 = block * kBlock, j1 = std::min(m, j0 + kBlock);
-      for (int64_t i = 0; i < n; ++i) {
-        const T* src = ws.neg_c.data() + i * m_pad;
-        for (int64_t j = j0; j < j1; ++j) ws.neg_c_t[j * n_pad + i] = src[j];
-      }
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = n; i < n_pad; ++i) ws.neg_c_t[j * n_pad + i] = neg_inf;
-    }
-  });
-
   for (int64_t i = 0; i < n; ++i) {
     const bool positive = p.a[i] > 0;
     ws.log_a[i] = positive ? std::log(p.a[i]) : neg_inf;
@@ -258,24 +255,16 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
       }
       continue;
     }
-    if (by_columns) {
-      for_columns(m, n, [&](int64_t begin, int64_t end) {
-        k.lse_cols(ws.neg_c.data(), m_pad, n, ws.log_u.data(), ws.log_b.data(), ws.log_v.data(), begin, end);
-      });
-    } else {
-      for_rows(m, n_pad, [&](int64_t begin, int64_t end) {
-        k.lse_rows(ws.neg_c_t.data(), n_pad, ws.log_u.data(), ws.log_b.data(), ws.log_v.data(), begin, end);
-      });
-    }
-    if (by_columns) {
-      for_columns(n, m, [&](int64_t begin, int64_t end) {
-        k.lse_cols(ws.neg_c_t.data(), n_pad, m, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
-      });
-    } else {
-      for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
-        k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
-      });
-    }
+    // The first iteration, in the log domain; every later one is in the scaling domain above. Its
+    // column update streams the rows of -C / eps with vector lanes along the columns, so no
+    // transposed copy of the cost is built for one pass (at 1024 x 1024 that copy took longer
+    // than the 49 scaling-domain iterations after it).
+    for_columns(m, n, [&](int64_t begin, int64_t end) {
+      k.lse_cols(ws.neg_c.data(), m_pad, n, ws.log_u.data(), ws.log_b.data(), ws.log_v.data(), begin, end);
+    });
+    for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
+      k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
+    });
     if (with_tol && it % opt.check_every == 0) {
       err = column_violation();
       measured = true;
