@@ -35,15 +35,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LOSS_BACKENDS = [b for b in KERNEL_SINKHORN_BACKENDS if b in COST_BACKENDS]
 
 
-def _shape(backend, big, tiny):
-    return small(backend, big, tiny)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("size", [(2, 64, 64, 32), (3, 37, 50, 100)], ids=["pow2", "odd"])
 @pytest.mark.parametrize("backend", KERNEL_COST_BACKENDS)
 def test_costs(backend, size, dtype, gen):
-    batch, n, m, d = _shape(backend, size, (size[0], min(size[1], 24), min(size[2], 19), min(size[3], 40)))
+    batch, n, m, d = small(backend, size, (size[0], min(size[1], 24), min(size[2], 19), min(size[3], 40)))
     x, y = random_embeddings(gen, batch, n, d, dtype=dtype), random_embeddings(gen, batch, m, d, dtype=dtype)
     rx, ry = random_embeddings(gen, batch, n, dtype=dtype), random_embeddings(gen, batch, m, dtype=dtype)
     for name, op, args in [("cosine_cost", ak.cosine_cost, (x, y)), ("aplot_cost", ak.aplot_cost, (x, y, rx, ry))]:
@@ -56,7 +52,7 @@ def test_costs(backend, size, dtype, gen):
 @pytest.mark.parametrize("size", [(4, 64, 64), (3, 45, 71), (1, 130, 97)], ids=["pow2", "odd", "long"])
 @pytest.mark.parametrize("backend", KERNEL_SINKHORN_BACKENDS)
 def test_sinkhorn_plan(backend, size, eps, dtype, gen):
-    batch, n, m = _shape(backend, size, (size[0], min(size[1], 23), min(size[2], 30)))
+    batch, n, m = small(backend, size, (size[0], min(size[1], 23), min(size[2], 30)))
     n_iters = small(backend, 50, 15)
     C = random_cost(gen, batch, n, m, scale=2.0, dtype=dtype)  # costs in [0, 2], as the cosine cost
     a, b = random_marginal(gen, batch, n, dtype=torch.float32), random_marginal(gen, batch, m, dtype=torch.float32)
@@ -72,7 +68,7 @@ def test_sinkhorn_plan(backend, size, eps, dtype, gen):
 @pytest.mark.parametrize("size", [(32, 64), (50, 96), (100, 48)], ids=["pow2", "odd", "many"])
 @pytest.mark.parametrize("backend", LOSS_BACKENDS)
 def test_margin_and_loss_gradients(backend, size, dtype, gen):
-    n, d = _shape(backend, size, (min(size[0], 20), min(size[1], 40)))
+    n, d = small(backend, size, (min(size[0], 20), min(size[1], 40)))
     n_iters = small(backend, 50, 12)
     inputs = [random_embeddings(gen, n, dtype=dtype), random_embeddings(gen, n, dtype=dtype),
               random_embeddings(gen, n, d, dtype=dtype), random_embeddings(gen, n, d, dtype=dtype)]
