@@ -8,8 +8,9 @@ raise :class:`ArgumentTypeError`, which is both a ``TypeError`` and a
 Checks of tensor *values* (NaN/inf, signs, masses) need the device's answer,
 and each answer read on the host is a synchronisation: on an H100 a call with
 four checked tensors spent most of a millisecond waiting on them. Inside a
-``with one_sync():`` block they are collected (:func:`require`) and read back
-together at the end of the block, which raises the first failed check's error,
+``with one_sync():`` block they are collected (:func:`require`: one reduction
+on the device per check, its test on the host) and read back together, one
+device-to-host copy, at the end of the block, which raises the first failed check's error,
 in the order the checks were made. :func:`set_value_checks` (or the
 :func:`value_checks` context) switches them off, for callers who would rather
 not synchronise at all.
@@ -31,7 +32,7 @@ class ArgumentTypeError(TypeError, ValueError):
     """An argument has the wrong type or dtype."""
 
 
-_Check = Tuple[torch.Tensor, str, Optional[Callable[[], bool]]]
+_Check = Tuple[torch.Tensor, Callable[[float], bool], str, Optional[Callable[[], bool]]]
 _collecting = threading.local()
 _value_checks_on = True
 
@@ -73,33 +74,48 @@ def one_sync():
     _run(checks)
 
 
-def require(failed: Callable[[], torch.Tensor], message: str, confirm: Optional[Callable[[], bool]] = None) -> None:
-    """Raise ``ValueError(message)`` if the one-element bool tensor ``failed()`` is true.
+def require(
+    value: Callable[[], torch.Tensor], ok: Callable[[float], bool], message: str,
+    confirm: Optional[Callable[[], bool]] = None,
+) -> None:
+    """Raise ``ValueError(message)`` unless ``ok(v)`` holds for the value ``v`` of the 0-d tensor ``value()``.
 
-    ``failed`` is only called while value checks are on (:func:`set_value_checks`).
-    ``confirm`` (run only when the test failed) can overrule a cheap test
-    that may report false alarms. Deferred to the end of an enclosing
-    :func:`one_sync` block, immediate otherwise.
+    The test runs on the host, on the number read back, so that a check
+    launches only the reduction that makes ``value()``: at training sizes a
+    check costs its launches, not its arithmetic. ``value`` is only called while value checks are on
+    (:func:`set_value_checks`). ``confirm`` (run only when the test failed) can
+    overrule a cheap test that may report false alarms. Deferred to the end of
+    an enclosing :func:`one_sync` block, immediate otherwise.
     """
     if not _value_checks_on:
         return
-    failed = failed()
-    if failed.is_cuda and torch.cuda.is_current_stream_capturing():
+    value = value()
+    if value.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # a value cannot be read back while a CUDA graph is being captured
     checks: Optional[List[_Check]] = getattr(_collecting, "checks", None)
     if checks is None:
-        _run([(failed, message, confirm)])
+        _run([(value, ok, message, confirm)])
     else:
-        checks.append((failed, message, confirm))
+        checks.append((value, ok, message, confirm))
+
+
+def _read_back(values: List[torch.Tensor]) -> List[float]:
+    """The 0-d ``values`` as numbers, with one device-to-host copy (one synchronisation).
+
+    Values of one dtype are stacked as they are; a mix is read in float64, which
+    holds every float32, half and bool value exactly.
+    """
+    values = [v.reshape(()) for v in values]
+    if len({v.dtype for v in values}) > 1:
+        values = [v.to(torch.float64) for v in values]
+    return torch.stack(values).tolist()
 
 
 def _run(checks: List[_Check]) -> None:
     if not checks:
         return
-    device = checks[0][0].device
-    failed = torch.stack([f.reshape(()).to(device=device, dtype=torch.bool) for f, _, _ in checks]).tolist()
-    for flag, (_, message, confirm) in zip(failed, checks):
-        if flag and (confirm is None or confirm()):
+    for number, (_, ok, message, confirm) in zip(_read_back([c[0] for c in checks]), checks):
+        if not ok(number) and (confirm is None or confirm()):
             raise ValueError(message)
 
 
@@ -120,13 +136,18 @@ def tensor(name: str, value, *, ndims: Sequence[int], allow_none: bool = False) 
         raise ValueError(f"`{name}` must be {want}, got shape {tuple(value.shape)}")
     if value.numel() == 0:
         raise ValueError(f"`{name}` must not have an empty dimension, got shape {tuple(value.shape)}")
-    # One reduction pass in the common case: NaN and inf propagate into the sum.
-    # A non-finite sum can also be an overflow of finite values, so confirm exactly.
+    # One reduction on the device: NaN and inf propagate into the sum, whose finiteness is tested on
+    # the host. A non-finite sum can also be an overflow of finite values, so confirm exactly.
     require(
-        lambda: ~torch.isfinite(value.sum()), f"`{name}` contains NaN or inf",
+        lambda: value.sum(dtype=_sum_dtype(value.dtype)), math.isfinite, f"`{name}` contains NaN or inf",
         confirm=lambda: not bool(torch.isfinite(value).all()),
     )
     return value
+
+
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision values are summed into float32 (fewer overflows of finite values to confirm)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def same_device(**tensors: Optional[torch.Tensor]) -> None:

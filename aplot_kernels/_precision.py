@@ -20,6 +20,23 @@ import torch
 _DEVICE_TYPES = ("cpu", "cuda")
 
 
+def float32_or_wider(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype an op computes and returns in: ``promote_types(float32, inputs...)``.
+
+    Half-precision inputs compute in float32; float64 stays float64.
+    """
+    return _promoted_with_float32(tuple(t.dtype for t in tensors))
+
+
+@functools.lru_cache(maxsize=None)
+def _promoted_with_float32(dtypes) -> torch.dtype:
+    # Cached: each torch.promote_types call goes through the dispatcher, and an op asks several times per call.
+    dtype = torch.float32
+    for d in dtypes:
+        dtype = torch.promote_types(dtype, d)
+    return dtype
+
+
 def autocast_off(fn):
     """Decorate a public op (or an autograd backward) to run with autocast disabled; inputs keep their dtypes."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -26,10 +25,3 @@ def num_warps_for(elements: int, *, per_thread: int = 64) -> int:
     """Warps (4 to 16) for a program holding ``elements`` fp32 values, about ``per_thread`` per thread."""
     return block_size(-(-int(elements) // (per_thread * 32)), lo=4, hi=16)
 
-
-def float32_out(*tensors: torch.Tensor) -> torch.dtype:
-    """Output dtype of a kernel: ``promote_types(inputs, float32)`` (half in -> float32 out)."""
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype

@@ -19,9 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, backends
-from ._precision import autocast_off
+from ._precision import autocast_off, float32_or_wider
 from .backends import BACKENDS
-from .cost import _compute_dtype as cost_compute_dtype
 from .cost import NORM_EPS, aplot_cost_checked
 from .distributed import PairBank, Responses, concat_responses, gather_rows, is_distributed
 from .sinkhorn import sinkhorn_checked
@@ -97,7 +96,7 @@ def bt_loss(
 
 def _bt_loss(chosen_rewards, rejected_rewards, margin, reduction: str) -> torch.Tensor:
     """:func:`bt_loss` on checked arguments, in float32 for half-precision rewards (float64 stays float64)."""
-    dtype = torch.promote_types(chosen_rewards.dtype, torch.float32)
+    dtype = float32_or_wider(chosen_rewards)
     # The difference of two bfloat16 rewards of ~1e3 is off by up to 4 when rounded to bfloat16 itself.
     logits = chosen_rewards.to(dtype) - rejected_rewards.to(dtype)
     if margin is not None:
@@ -143,7 +142,7 @@ def _margin_and_plan(
     nor the cost.
     """
     n = chosen_rewards.shape[0]
-    dtype = cost_compute_dtype(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
+    dtype = float32_or_wider(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
     impl = backends.resolve(backend, chosen_emb.device, dtype)
     if detach and not need_plan and impl == "triton":
         from . import loss_triton  # only importable where Triton is installed

@@ -28,6 +28,7 @@ import sys
 import zlib
 
 import torch
+import torch.utils._python_dispatch
 
 # The interpreter flag is read when Triton kernels are defined, so it must be
 # set before anything imports triton (torch itself does not).
@@ -242,3 +243,18 @@ def assert_finite(**tensors) -> None:
     for name, t in tensors.items():
         assert t is not None, f"{name} is None"
         assert bool(torch.isfinite(t).all()), f"{name} has NaN or inf"
+
+
+class DeviceOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that run on tensor data (views and dtype queries launch nothing)."""
+
+    METADATA = ("aten.view", "aten.reshape", "aten._unsafe_view", "aten.unsqueeze", "aten.promote_types")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not str(func).startswith(self.METADATA):
+            self.ops.append(str(func).rsplit(".", 1)[0])
+        return func(*args, **(kwargs or {}))

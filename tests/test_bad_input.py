@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import COST_BACKENDS, DEVICE, SINKHORN_BACKENDS, widest_dtype
+from conftest import COST_BACKENDS, DEVICE, SINKHORN_BACKENDS, DeviceOps, widest_dtype
 
 import aplot_kernels
 from aplot_kernels import APLOTLoss, aplot_cost, aplot_loss, aplot_margin, bt_loss, cosine_cost, sinkhorn
@@ -301,10 +301,43 @@ def test_deferred_checks_report_the_first_failure_and_overflow_is_not_nan():
         sinkhorn(C, -t(2, 3), backend="torch")
     with pytest.raises(ValueError, match="`b` must be non-negative"):
         sinkhorn(t(2, 3, 4), None, -t(2, 4), backend="torch")
-    # Finite half-precision values whose sum overflows are not NaN/inf: the exact check overrules.
-    big = torch.full((2, 8), 60000.0, dtype=torch.float16, device=DEVICE)
+    # Finite values whose sum overflows are not NaN/inf: the exact check overrules.
+    big = torch.full((2, 8), 3e38, dtype=torch.float32, device=DEVICE)
     assert not bool(torch.isfinite(big.sum()))
-    assert torch.isfinite(cosine_cost(big, backend="torch")).all()
+    cosine_cost(big, backend="torch")
+    # Half-precision values are summed in float32: a sum past float16's range is no false alarm.
+    half = torch.full((2, 8), 60000.0, dtype=torch.float16, device=DEVICE)
+    assert not bool(torch.isfinite(half.sum()))
+    assert torch.isfinite(cosine_cost(half, backend="torch")).all()
+
+
+def test_value_checks_cost_one_reduction_per_tensor_and_one_stack():
+    """On a GPU each op of a check is a launch (microseconds), so a checked tensor costs one
+    reduction, and the read-back one stack: the tests of the values run on the host."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
+               for shape, dtype in (((7,), torch.float32), ((5, 3), torch.bfloat16), ((2, 9), torch.float16))]
+    with DeviceOps() as recorded:
+        with _checks.one_sync():
+            for i, x in enumerate(tensors):
+                _checks.tensor(f"x{i}", x, ndims=(1, 2))
+    assert recorded.ops == ["aten.sum"] * 3 + ["aten.stack"]
+    margin_args = loss_args(5, 7)
+    with DeviceOps() as recorded:
+        aplot_margin(*margin_args, backend="torch", n_iters=1)
+    assert recorded.ops[:5] == ["aten.sum"] * 4 + ["aten.stack"]  # then the cost: no check after the stack
+
+
+def test_value_checks_read_back_mixed_dtypes_exactly():
+    """Checked values of several dtypes are read back together in float64, which holds each exactly
+    (in float32 a positive total mass of 1e-300 would read as 0)."""
+    values = [torch.tensor(1e-300, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float32),
+              torch.tensor(-0.5, dtype=torch.bfloat16), torch.tensor(7.0, dtype=torch.float16)]
+    assert _checks._read_back([v.to(DEVICE) for v in values]) == [v.item() for v in values]
+    C = t(1, 3, 4)  # float32 cost, bfloat16 weights: one read-back of both
+    with pytest.raises(ValueError, match="`a` must be non-negative"):
+        sinkhorn(C, torch.tensor([0.5, 0.75, -0.25], dtype=torch.bfloat16, device=DEVICE),
+                 uniform(4, torch.bfloat16), backend="torch")
 
 
 # ---------------------------------------------------------------------------

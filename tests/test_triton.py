@@ -708,6 +708,26 @@ def test_fused_margin_falls_back_when_it_cannot_launch(monkeypatch):
                                atol=1e-6)
 
 
+def test_fused_margin_call_runs_its_checks_and_one_kernel(monkeypatch):
+    """Everything a fused-margin call launches besides its kernel: one reduction per checked tensor,
+    their stack (read back once) and the output buffer. On a GPU each further op would be a launch
+    of several microseconds, against a kernel of tens of microseconds at training sizes."""
+    import aplot_kernels
+    from conftest import DeviceOps
+
+    from aplot_kernels import loss_triton
+
+    launches = []
+    monkeypatch.setattr(loss_triton, "_aplot_margin_kernel", type("Records", (), {
+        "__getitem__": lambda self, grid: lambda *args, **kwargs: launches.append(grid)})())
+    x, y, rx, ry = (t[0] for t in _embeddings(1, 11, 13, 16, torch.bfloat16, seed=47))
+    aplot_kernels.aplot_margin(rx, ry, x, y, backend="triton")  # a training step repeats the same call
+    with DeviceOps() as recorded:
+        aplot_kernels.aplot_margin(rx, ry, x, y, backend="triton")
+    assert recorded.ops == ["aten.sum"] * 4 + ["aten.stack", "aten.empty"]
+    assert launches == [(1,), (1,)]
+
+
 def test_loss_forms_plan_only_when_returned(monkeypatch):
     """The loss alone (and margins for logging) never run the plan-writing solve; the outputs do."""
     import aplot_kernels

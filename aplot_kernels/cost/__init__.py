@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .. import _checks, backends
-from .._precision import autocast_off
+from .._precision import autocast_off, float32_or_wider
 from . import reference
 
 __all__ = ["cosine_cost", "aplot_cost"]
@@ -30,13 +30,6 @@ NORM_EPS = 1e-8  # the default norm clamp of both costs
 def _kernels(backend: str):
     """The module holding a backend's cost kernels."""
     return importlib.import_module(f"{__name__}.{'triton_kernels' if backend == 'triton' else backend}")
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for t in tensors:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 class _CosineCostKernel(torch.autograd.Function):
@@ -53,7 +46,7 @@ class _CosineCostKernel(torch.autograd.Function):
         x, y = ctx.saved_tensors
         backward = getattr(ctx.kernels, "cosine_cost_backward", None)
         if backward is None:
-            dtype = _compute_dtype(x, y)
+            dtype = float32_or_wider(x, y)
             grad_x, grad_y = reference.cosine_cost_backward(grad_cost.to(dtype), x.to(dtype), y.to(dtype), ctx.eps)
         else:
             grad_x, grad_y = backward(grad_cost, x, y, ctx.eps)
@@ -74,7 +67,7 @@ class _APLOTCostKernel(torch.autograd.Function):
         inputs = ctx.saved_tensors
         backward = getattr(ctx.kernels, "aplot_cost_backward", None)
         if backward is None:
-            dtype = _compute_dtype(*inputs)
+            dtype = float32_or_wider(*inputs)
             grads = reference.aplot_cost_backward(grad_cost.to(dtype), *(t.to(dtype) for t in inputs), *ctx.args)
         else:
             grads = backward(grad_cost, *inputs, *ctx.args)
@@ -102,7 +95,7 @@ def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float
         if y is None:
             y = x
         _checks.embeddings_pair("x", x, "y", y)
-    dtype = _compute_dtype(x, y)
+    dtype = float32_or_wider(x, y)
     impl = backends.resolve(backend, x.device, dtype)
     unbatched = x.dim() == 2
     if unbatched:
@@ -162,7 +155,7 @@ def aplot_cost(
 def aplot_cost_checked(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, backend):
     """:func:`aplot_cost` on arguments already checked (the loss checks its inputs once for all its steps)."""
     inputs = (chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
-    dtype = _compute_dtype(*inputs)
+    dtype = float32_or_wider(*inputs)
     impl = backends.resolve(backend, chosen_emb.device, dtype)
     unbatched = chosen_emb.dim() == 2
     if unbatched:

@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from ..backends import kernel_entry, triton_interpreter_on
-from .._triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, float32_out
+from .._precision import float32_or_wider
+from .._triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size
 
 # Tiles. Half-precision products run on the tensor cores (wgmma on sm_90): 128 x 128 output tiles
 # with BLOCK_D = 64 once the grid has enough tiles to fill the GPU, 64 x 64 below that (a 512 x 512
@@ -243,7 +244,7 @@ def _launch(kernel, x, y, extra_args, extra_strides, scalars, eps, out_dtype):
 @kernel_entry
 def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     """``1 - S``: ``x [B, N, D]``, ``y [B, M, D]`` -> ``[B, N, M]`` (float32 for half inputs)."""
-    return _launch(_cosine_cost_kernel, x, y, (), (), (), eps, float32_out(x, y))
+    return _launch(_cosine_cost_kernel, x, y, (), (), (), eps, float32_or_wider(x, y))
 
 
 @kernel_entry
@@ -257,7 +258,7 @@ def aplot_cost(
     eps: float,
 ) -> torch.Tensor:
     """APLOT cost ``[B, N, M]`` from embeddings ``[B, N, D]``, ``[B, M, D]`` and rewards ``[B, N]``, ``[B, M]``."""
-    out_dtype = float32_out(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
+    out_dtype = float32_or_wider(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
     return _launch(
         _aplot_cost_kernel, chosen_emb, rejected_emb,
         (chosen_rewards, rejected_rewards), (*chosen_rewards.stride(), *rejected_rewards.stride()),
@@ -422,7 +423,7 @@ def _embedding_grads(grad_cost, x, y, rx, ry, scale, inv_temperature, reward_sca
 @kernel_entry
 def cosine_cost_backward(grad_cost: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float):
     """``(grad_x [B, N, D], grad_y [B, M, D])`` of :func:`cosine_cost` for ``grad_cost [B, N, M]`` (float32 for half inputs)."""
-    out_dtype = float32_out(grad_cost, x, y)
+    out_dtype = float32_or_wider(grad_cost, x, y)
     grad_x, grad_y, _, _ = _embedding_grads(grad_cost, x, y, None, None, -1.0, 1.0, 0.0, eps, out_dtype)
     return grad_x, grad_y
 
@@ -440,7 +441,7 @@ def aplot_cost_backward(
 ):
     """Gradients ``(d_chosen_emb [B, N, D], d_rejected_emb [B, M, D], d_chosen_rewards [B, N], d_rejected_rewards [B, M])``
     of :func:`aplot_cost` for ``grad_cost [B, N, M]`` (float32 for half inputs)."""
-    out_dtype = float32_out(grad_cost, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
+    out_dtype = float32_or_wider(grad_cost, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
     return _embedding_grads(
         grad_cost, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards,
         0.5 * (1.0 - float(alpha)), 1.0 / float(temperature), -float(alpha) / float(temperature), eps, out_dtype,

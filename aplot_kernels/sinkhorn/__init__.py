@@ -83,8 +83,10 @@ def _marginal(name: str, weights: Optional[torch.Tensor], C: torch.Tensor, axis:
         raise ValueError(
             f"`{name}` must have shape [{size}] or [{batch}, {size}] to match `C` dimension {axis}, got {tuple(weights.shape)}"
         )
-    _checks.require(lambda: (weights < 0).any(), f"`{name}` must be non-negative")
-    _checks.require(lambda: (weights.sum(-1) <= 0).any(), f"`{name}` must have positive total mass in every problem")
+    _checks.require(weights.min, lambda low: low >= 0, f"`{name}` must be non-negative")
+    _checks.require(
+        lambda: weights.sum(-1).min(), lambda mass: mass > 0, f"`{name}` must have positive total mass in every problem"
+    )
     return weights.to(dtype).expand(batch, size)
 
 
@@ -145,14 +147,15 @@ def sinkhorn(
             # Half-precision weights cannot sum to 1e-5 accuracy: allow their own rounding.
             mass_rtol = max([MASS_RTOL] + [torch.finfo(w.dtype).eps for w in (a, b) if w is not None])
             _checks.require(
-                lambda: _unequal_masses(a_full.sum(-1), b_full.sum(-1), mass_rtol),
+                lambda: _mass_mismatch(a_full.sum(-1), b_full.sum(-1), mass_rtol), lambda excess: excess <= 0,
                 f"`a` and `b` must have the same total mass in every problem (within {mass_rtol:g} relative)",
             )
     return _solve(C, a_full, b_full, impl, eps, n_iters, tol, check_every, grad)
 
 
-def _unequal_masses(mass_a: torch.Tensor, mass_b: torch.Tensor, rtol: float) -> torch.Tensor:
-    return ((mass_a - mass_b).abs() > rtol * torch.maximum(mass_a, mass_b)).any()
+def _mass_mismatch(mass_a: torch.Tensor, mass_b: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Largest ``|mass_a - mass_b| - rtol * max(mass_a, mass_b)`` over the problems: positive where they differ."""
+    return ((mass_a - mass_b).abs() - rtol * torch.maximum(mass_a, mass_b)).max()
 
 
 def sinkhorn_checked(C: torch.Tensor, *, eps: float, n_iters: int, grad: str, backend: str) -> SinkhornResult:

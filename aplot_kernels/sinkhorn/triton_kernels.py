@@ -151,6 +151,7 @@ SCALING_HI_K = tl.constexpr(2.0 ** 32)
 NEG_INF = float("-inf")
 
 
+@functools.lru_cache(maxsize=64)  # a training run uses one eps; rounding it through torch costs a few dispatches
 def _split_reciprocal(eps: float):
     """``-1 / eps`` as a float32 pair ``hi + lo`` (so ``c * hi + c * lo`` ~ ``-c / eps`` to ~0.5 ulp)."""
     exact = -1.0 / float(eps)
