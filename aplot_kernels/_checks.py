@@ -105,7 +105,6 @@ def _read_back(values: List[torch.Tensor]) -> List[float]:
     Values of one dtype are stacked as they are; a mix is read in float64, which
     holds every float32, half and bool value exactly.
     """
-    values = [v.reshape(()) for v in values]
     if len({v.dtype for v in values}) > 1:
         values = [v.to(torch.float64) for v in values]
     return torch.stack(values).tolist()

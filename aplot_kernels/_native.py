@@ -146,13 +146,25 @@ def _load() -> Tuple[bool, str]:
     return True, ""
 
 
+_load_result: Optional[Tuple[bool, str]] = None
+
+
+def _loaded() -> Tuple[bool, str]:
+    """:func:`_load`'s answer; after the first call a plain read (its compile-disabling wrapper costs
+    microseconds on every call, and every op asks)."""
+    global _load_result
+    if _load_result is None:
+        _load_result = _load()
+    return _load_result
+
+
 @functools.lru_cache(maxsize=None)
 def _has_cuda_kernels() -> bool:
     return bool(getattr(_module, "WITH_CUDA", False))
 
 
 def status(device: torch.device) -> Tuple[bool, str]:
-    ok, why = _load()
+    ok, why = _loaded()
     if not ok:
         return False, why
     if device.type == "cpu":
@@ -166,7 +178,7 @@ def status(device: torch.device) -> Tuple[bool, str]:
 
 def ops():
     """The registered operator namespace (loading the extension first if needed)."""
-    ok, why = _load()
+    ok, why = _loaded()
     if not ok:
         raise RuntimeError(f"the native extension is unavailable: {why}")
     return torch.ops.aplot_kernels

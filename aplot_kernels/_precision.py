@@ -21,20 +21,12 @@ _DEVICE_TYPES = ("cpu", "cuda")
 
 
 def float32_or_wider(*tensors: torch.Tensor) -> torch.dtype:
-    """The dtype an op computes and returns in: ``promote_types(float32, inputs...)``.
+    """The dtype an op computes and returns in: ``promote_types(float32, inputs...)`` for floating inputs.
 
-    Half-precision inputs compute in float32; float64 stays float64.
+    Half-precision inputs compute in float32; float64 stays float64. (Written out rather than
+    through ``torch.promote_types``, a dispatcher call per input, several times per op call.)
     """
-    return _promoted_with_float32(tuple(t.dtype for t in tensors))
-
-
-@functools.lru_cache(maxsize=None)
-def _promoted_with_float32(dtypes) -> torch.dtype:
-    # Cached: each torch.promote_types call goes through the dispatcher, and an op asks several times per call.
-    dtype = torch.float32
-    for d in dtypes:
-        dtype = torch.promote_types(dtype, d)
-    return dtype
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def autocast_off(fn):

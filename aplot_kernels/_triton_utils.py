@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # 1 / ln 2: exp(x) = exp2(x * LOG2E)
@@ -16,12 +15,21 @@ LN2_K = tl.constexpr(LN2)
 MIN_DOT_BLOCK = 16
 
 
+# Host-side launch arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are constexpr
+# functions whose calls from Python cost microseconds each, and a launch makes several.
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints."""
+    return -(-a // b)
+
+
 def block_size(extent: int, *, lo: int = 1, hi: int) -> int:
     """The next power of two >= ``extent``, clamped to ``[lo, hi]``."""
-    return max(lo, min(hi, triton.next_power_of_2(max(int(extent), 1))))
+    return max(lo, min(hi, 1 << (max(int(extent), 1) - 1).bit_length()))
 
 
 def num_warps_for(elements: int, *, per_thread: int = 64) -> int:
     """Warps (4 to 16) for a program holding ``elements`` fp32 values, about ``per_thread`` per thread."""
-    return block_size(-(-int(elements) // (per_thread * 32)), lo=4, hi=16)
+    return block_size(cdiv(int(elements), per_thread * 32), lo=4, hi=16)
 

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..backends import kernel_entry, triton_interpreter_on
 from .._precision import float32_or_wider
-from .._triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size
+from .._triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, cdiv
 
 # Tiles. Half-precision products run on the tensor cores (wgmma on sm_90): 128 x 128 output tiles
 # with BLOCK_D = 64 once the grid has enough tiles to fill the GPU, 64 x 64 below that (a 512 x 512
@@ -143,7 +143,7 @@ def _row_norms(x: torch.Tensor, eps: float) -> torch.Tensor:
     batch, n, d = x.shape
     out = torch.empty(batch, n, dtype=torch.float32, device=x.device)
     block_r, block_d = 16, block_size(d, lo=16, hi=256)
-    _row_norms_kernel[(triton.cdiv(batch * n, block_r),)](
+    _row_norms_kernel[(cdiv(batch * n, block_r),)](
         x, out, batch * n, n, d, *x.stride(), float(eps), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
     )
     return out
@@ -216,7 +216,7 @@ def _tile(x: torch.Tensor, batch: int, n: int, m: int):
     if _dot_in_float32(x):
         return FP32_TILE
     large = HALF_TILES["large"]
-    programs = batch * triton.cdiv(n, large[0]) * triton.cdiv(m, large[1])
+    programs = batch * cdiv(n, large[0]) * cdiv(m, large[1])
     return large if programs >= LARGE_TILE_MIN_PROGRAMS else HALF_TILES["small"]
 
 
@@ -230,7 +230,7 @@ def _launch(kernel, x, y, extra_args, extra_strides, scalars, eps, out_dtype):
     block_n = block_size(n, lo=MIN_DOT_BLOCK, hi=tile_n)
     block_m = block_size(m, lo=MIN_DOT_BLOCK, hi=tile_m)
     block_d = block_size(d, lo=MIN_DOT_BLOCK, hi=tile_d)
-    grid = (batch, triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    grid = (batch, cdiv(n, block_n), cdiv(m, block_m))
     kernel[grid](
         x, y, x_norm, y_norm, *extra_args, out, n, m, d,
         *x.stride(), *y.stride(), *extra_strides, *out.stride(),
@@ -375,7 +375,7 @@ def _grad_product(g, g_strides, y, y_norm, rx, ry, out, grad_rx, n, m, inv_tempe
     rewards = rx is not None
     if not rewards:  # unused pointers and strides
         rx, ry, grad_rx = out, out, out
-    grid = (batch, triton.cdiv(n, block_n), triton.cdiv(d, block_d))
+    grid = (batch, cdiv(n, block_n), cdiv(d, block_d))
     _grad_product_kernel[grid](
         g, y, y_norm, rx, ry, out, grad_rx, n, m, d,
         *g_strides, *y.stride(),
@@ -392,7 +392,7 @@ def _normalize_backward(x, x_norm, p, scale, eps):
     batch, n, d = x.shape
     block_r, max_block_d, warps = JACOBIAN_TILE
     block_d = block_size(d, lo=16, hi=max_block_d)
-    _normalize_backward_kernel[(triton.cdiv(batch * n, block_r),)](
+    _normalize_backward_kernel[(cdiv(batch * n, block_r),)](
         x, x_norm, p, batch * n, n, d, *x.stride(), *p.stride(), float(scale), float(eps),
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )

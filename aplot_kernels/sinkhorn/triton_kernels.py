@@ -92,7 +92,7 @@ import triton
 import triton.language as tl
 
 from ..backends import kernel_entry
-from .._triton_utils import LN2_K, LOG2E_K, block_size, num_warps_for
+from .._triton_utils import LN2_K, LOG2E_K, block_size, cdiv, num_warps_for
 from .reference import SolveOutput, column_violation
 
 # Largest padded problem (next_pow2(N) * next_pow2(M)) solved by one program with C in registers.
@@ -641,8 +641,8 @@ def _solve_tiled(C, a, b, eps, n_iters, tol, check_every, write_plan):
     active = torch.ones(batch, dtype=torch.int32, device=dev)
     iters = torch.full((batch,), n_iters, dtype=torch.int64, device=dev)
     err = torch.full((batch,), -1.0, dtype=torch.float32, device=dev)  # < 0: never measured
-    row_grid = (batch, triton.cdiv(n, blocks["row_block_n"]))
-    col_grid = (batch, triton.cdiv(m, blocks["col_block_m"]))
+    row_grid = (batch, cdiv(n, blocks["row_block_n"]))
+    col_grid = (batch, cdiv(m, blocks["col_block_m"]))
     row_warps = num_warps_for(blocks["row_block_n"] * blocks["row_block_m"], per_thread=TILED_ENTRIES_PER_THREAD)
     col_warps = num_warps_for(blocks["col_block_n"] * blocks["col_block_m"], per_thread=TILED_ENTRIES_PER_THREAD)
 
@@ -678,7 +678,7 @@ def _plan_epilogue(C, a, b, eps, log_u, log_v, iters, err, write_plan):
     hi, lo = _split_reciprocal(eps)
     plan = _plan_buffer(batch, n, m, C.device, write_plan)
     row_cost = torch.empty(batch, n, dtype=torch.float32, device=C.device)
-    _plan_kernel[(batch, triton.cdiv(n, blocks["row_block_n"]))](
+    _plan_kernel[(batch, cdiv(n, blocks["row_block_n"]))](
         C, log_u, log_v, plan, row_cost, n, m, *C.stride(), *plan.stride(), hi, lo,
         WRITE_PLAN=write_plan, BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"],
         num_warps=num_warps_for(blocks["row_block_n"] * blocks["row_block_m"], per_thread=TILED_ENTRIES_PER_THREAD),
@@ -802,7 +802,7 @@ def _onepass_parts(batch: int, n: int, rows: int, device: torch.device) -> int:
         per_problem = 4 * _resident_programs(device) // batch
     else:
         per_problem = 3  # under the interpreter: a few, so that the column sums add several parts
-    return max(1, min(triton.cdiv(n, rows), per_problem))
+    return max(1, min(cdiv(n, rows), per_problem))
 
 
 def _solve_onepass(C, a, b, eps, n_iters, tol, check_every, write_plan):
@@ -819,7 +819,7 @@ def _solve_onepass(C, a, b, eps, n_iters, tol, check_every, write_plan):
     partial = torch.empty(batch, parts, m, dtype=torch.float32, device=dev)
     col_sum = torch.empty(batch, m, dtype=torch.float32, device=dev)
     sum_block = min(ONEPASS_SUM_BLOCK, block_m)
-    sum_grid = (batch, triton.cdiv(m, sum_block))
+    sum_grid = (batch, cdiv(m, sum_block))
     block_err = torch.empty(batch, sum_grid[1], dtype=torch.float32, device=dev)
     block_small = torch.empty(batch, sum_grid[1], dtype=torch.int32, device=dev)
     active = torch.ones(batch, dtype=torch.int32, device=dev)
@@ -827,7 +827,7 @@ def _solve_onepass(C, a, b, eps, n_iters, tol, check_every, write_plan):
     iters = torch.full((batch,), n_iters, dtype=torch.int64, device=dev)
     err = torch.full((batch,), -1.0, dtype=torch.float32, device=dev)  # < 0: never measured
     blocks = TILED_BLOCKS
-    col_grid = (batch, triton.cdiv(m, blocks["col_block_m"]))
+    col_grid = (batch, cdiv(m, blocks["col_block_m"]))
     col_warps = num_warps_for(blocks["col_block_n"] * blocks["col_block_m"], per_thread=TILED_ENTRIES_PER_THREAD)
     row_warps = num_warps_for(rows * block_m, per_thread=ONEPASS_ENTRIES_PER_THREAD)
     for k in range(1, n_iters + 1):
@@ -1166,7 +1166,7 @@ def _cooperative_parts(C: torch.Tensor) -> int:
     """Programs per problem: enough to cover the row and column blocks, all of them resident."""
     batch, n, m = C.shape
     blocks = COOPERATIVE_BLOCKS
-    wanted = max(triton.cdiv(n, blocks["row_block_n"]), triton.cdiv(m, blocks["col_block_m"]))
+    wanted = max(cdiv(n, blocks["row_block_n"]), cdiv(m, blocks["col_block_m"]))
     return max(1, min(wanted, _resident_programs(C.device) // batch))
 
 
