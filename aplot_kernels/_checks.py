@@ -102,11 +102,14 @@ def require(
 def _read_back(values: List[torch.Tensor]) -> List[float]:
     """The 0-d ``values`` as numbers, with one device-to-host copy (one synchronisation).
 
-    Values of one dtype are stacked as they are; a mix is read in float64, which
-    holds every float32, half and bool value exactly.
+    Values of one dtype are stacked as they are; a mix is read in float64 if it
+    holds any (float32 would round a float64 of 1e-300 to 0), else in float32,
+    which holds every half-precision value exactly (and exists on every device).
     """
-    if len({v.dtype for v in values}) > 1:
-        values = [v.to(torch.float64) for v in values]
+    dtypes = {v.dtype for v in values}
+    if len(dtypes) > 1:
+        wide = torch.float64 if torch.float64 in dtypes else torch.float32
+        values = [v.to(wide) for v in values]
     return torch.stack(values).tolist()
 
 

@@ -728,6 +728,23 @@ def test_fused_margin_call_runs_its_checks_and_one_kernel(monkeypatch):
     assert launches == [(1,), (1,)]
 
 
+def test_cost_call_launches_one_norm_pass_and_one_cost_kernel(monkeypatch):
+    """The row norms of both inputs are one launch; with the cost kernel and the checks' sums and
+    stack, that is all an ``aplot_cost`` call runs on the device."""
+    import aplot_kernels
+    from conftest import DeviceOps
+
+    launches = []
+    for name in ("_row_norms_kernel", "_aplot_cost_kernel"):
+        monkeypatch.setattr(cost_kernels, name, type("Records", (), {
+            "__getitem__": lambda self, grid, name=name: lambda *args, **kwargs: launches.append(name)})())
+    x, y, rx, ry = _embeddings(2, 11, 13, 16, torch.bfloat16, seed=53)
+    with DeviceOps() as recorded:
+        aplot_kernels.aplot_cost(x, y, rx, ry, backend="triton")
+    assert launches == ["_row_norms_kernel", "_aplot_cost_kernel"]
+    assert [op for op in recorded.ops if op not in ("aten.slice", "aten.empty")] == ["aten.sum"] * 4 + ["aten.stack"]
+
+
 def test_loss_forms_plan_only_when_returned(monkeypatch):
     """The loss alone (and margins for logging) never run the plan-writing solve; the outputs do."""
     import aplot_kernels
@@ -1026,7 +1043,8 @@ def _compile_all(capability: int) -> None:
               dict(IEEE_FP32=ieee, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d), warps)
     build(cost_mod._cosine_cost_kernel, dict(x_ptr="fp16", y_ptr="fp16", x_norm_ptr=f32, y_norm_ptr=f32, out_ptr=f32), (),
           dict(IEEE_FP32=False, BLOCK_N=128, BLOCK_M=128, BLOCK_D=64), 8)
-    build(cost_mod._row_norms_kernel, dict(x_ptr="bf16", out_ptr=f32), ("eps",), dict(BLOCK_R=16, BLOCK_D=256), 4)
+    build(cost_mod._row_norms_kernel, dict(x_ptr="bf16", y_ptr="bf16", x_out_ptr=f32, y_out_ptr=f32), ("eps",),
+          dict(BLOCK_R=cost_mod.ROW_NORMS_BLOCK_R, BLOCK_D=256), 4)
     # Backward: the product with and without the reward reduction, and the row pass.
     block_n, block_m, block_d, warps = cost_mod.BACKWARD_TILE
     for emb_type, rewards in (("bf16", True), ("fp32", True), ("fp16", False)):

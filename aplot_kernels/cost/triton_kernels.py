@@ -1,6 +1,6 @@
 """Triton kernels for the cost matrices (batched; see :mod:`aplot_kernels.cost`).
 
-One fused kernel per cost, after a small pass that computes the clamped row
+One fused kernel per cost, after a small pass (one launch) that computes the clamped row
 norms (``max(||x||, eps)``, the ``torch.nn.functional.normalize`` rule) of
 both inputs in fp32. A program owns a ``BLOCK_N x BLOCK_M`` tile of one
 problem's ``[N, M]`` output and walks the embedding width ``D`` in
@@ -127,26 +127,46 @@ def _clamped_row_norms(base, row_ok, D, stride_d, eps, BLOCK_R: tl.constexpr, BL
 
 
 @triton.jit
-def _row_norms_kernel(
-    x_ptr, out_ptr, R, N, D, stride_xb, stride_xn, stride_xd, eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """``max(|x_r|, eps)`` for ``BLOCK_R`` of the ``R = B * N`` rows, accumulated in fp32."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _row_norms_block(x_ptr, out_ptr, block, R, N, D, stride_xb, stride_xn, stride_xd, eps,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``max(|x_r|, eps)`` for rows ``block * BLOCK_R ..`` of the ``R = B * N`` rows of ``x``, into ``out`` (contiguous)."""
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     base = x_ptr + (rows // N) * stride_xb + (rows % N) * stride_xn
     tl.store(out_ptr + rows, _clamped_row_norms(base, row_ok, D, stride_xd, eps, BLOCK_R, BLOCK_D), mask=row_ok)
 
 
-def _row_norms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Clamped row norms ``max(|x_i|, eps)`` of ``x [B, N, D]``: ``[B, N]`` float32."""
+@triton.jit
+def _row_norms_kernel(
+    x_ptr, y_ptr, x_out_ptr, y_out_ptr, RX, NX, RY, NY, D,
+    stride_xb, stride_xn, stride_xd, stride_yb, stride_yn, stride_yd, eps, X_BLOCKS,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Clamped row norms of ``x`` (the first ``X_BLOCKS`` programs) and of ``y`` (the others), in fp32."""
+    pid = tl.program_id(0)
+    if pid < X_BLOCKS:
+        _row_norms_block(x_ptr, x_out_ptr, pid, RX, NX, D, stride_xb, stride_xn, stride_xd, eps, BLOCK_R, BLOCK_D)
+    else:
+        _row_norms_block(y_ptr, y_out_ptr, pid - X_BLOCKS, RY, NY, D, stride_yb, stride_yn, stride_yd, eps, BLOCK_R, BLOCK_D)
+
+
+ROW_NORMS_BLOCK_R = 16
+
+
+def _row_norms(x: torch.Tensor, y: torch.Tensor, eps: float):
+    """Clamped row norms ``max(|x_i|, eps)`` of ``x [B, N, D]`` and ``y [B, M, D]``: ``([B, N], [B, M])``
+    float32, in one launch (at training sizes a launch costs more than the pass)."""
     batch, n, d = x.shape
-    out = torch.empty(batch, n, dtype=torch.float32, device=x.device)
-    block_r, block_d = 16, block_size(d, lo=16, hi=256)
-    _row_norms_kernel[(cdiv(batch * n, block_r),)](
-        x, out, batch * n, n, d, *x.stride(), float(eps), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+    m = y.shape[1]
+    out = torch.empty(batch * (n + m), dtype=torch.float32, device=x.device)
+    x_norm, y_norm = out[:batch * n].view(batch, n), out[batch * n:].view(batch, m)
+    block_r, block_d = ROW_NORMS_BLOCK_R, block_size(d, lo=16, hi=256)
+    x_blocks = cdiv(batch * n, block_r)
+    _row_norms_kernel[(x_blocks + cdiv(batch * m, block_r),)](
+        x, y, x_norm, y_norm, batch * n, n, batch * m, m, d, *x.stride(), *y.stride(), float(eps), x_blocks,
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
     )
-    return out
+    return x_norm, y_norm
 
 
 @triton.jit
@@ -224,7 +244,7 @@ def _launch(kernel, x, y, extra_args, extra_strides, scalars, eps, out_dtype):
     x, y = _dot_operands(x, y)
     batch, n, d = x.shape
     m = y.shape[1]
-    x_norm, y_norm = _row_norms(x, eps), _row_norms(y, eps)
+    x_norm, y_norm = _row_norms(x, y, eps)
     out = torch.empty(batch, n, m, dtype=out_dtype, device=x.device)
     tile_n, tile_m, tile_d, warps = _tile(x, batch, n, m)
     block_n = block_size(n, lo=MIN_DOT_BLOCK, hi=tile_n)
@@ -405,7 +425,7 @@ def _embedding_grads(grad_cost, x, y, rx, ry, scale, inv_temperature, reward_sca
     """
     batch, n, d = x.shape
     m = y.shape[1]
-    x_norm, y_norm = _row_norms(x, eps), _row_norms(y, eps)
+    x_norm, y_norm = _row_norms(x, y, eps)
     grad_x = torch.empty(batch, n, d, dtype=out_dtype, device=x.device)
     grad_y = torch.empty(batch, m, d, dtype=out_dtype, device=x.device)
     rewards = rx is not None
