@@ -10,8 +10,8 @@ and each answer read on the host is a synchronisation: on an H100 a call with
 four checked tensors spent most of a millisecond waiting on them. Inside a
 ``with one_sync():`` block they are collected (:func:`require`: one reduction
 on the device per check, its test on the host) and read back together, one
-device-to-host copy, at the end of the block, which raises the first failed check's error,
-in the order the checks were made. :func:`set_value_checks` (or the
+device-to-host copy, at the end of the block, which raises the first failed
+check's error, in the order the checks were made. :func:`set_value_checks` (or the
 :func:`value_checks` context) switches them off, for callers who would rather
 not synchronise at all.
 """
@@ -82,10 +82,11 @@ def require(
 
     The test runs on the host, on the number read back, so that a check
     launches only the reduction that makes ``value()``: at training sizes a
-    check costs its launches, not its arithmetic. ``value`` is only called while value checks are on
-    (:func:`set_value_checks`). ``confirm`` (run only when the test failed) can
-    overrule a cheap test that may report false alarms. Deferred to the end of
-    an enclosing :func:`one_sync` block, immediate otherwise.
+    check costs its launches, not its arithmetic. ``value`` is only called
+    while value checks are on (:func:`set_value_checks`). ``confirm`` (run
+    only when the test failed) can overrule a cheap test that may report false
+    alarms. Deferred to the end of an enclosing :func:`one_sync` block,
+    immediate otherwise.
     """
     if not _value_checks_on:
         return

@@ -129,7 +129,7 @@ def _clamped_row_norms(base, row_ok, D, stride_d, eps, BLOCK_R: tl.constexpr, BL
 @triton.jit
 def _row_norms_block(x_ptr, out_ptr, block, R, N, D, stride_xb, stride_xn, stride_xd, eps,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``max(|x_r|, eps)`` for rows ``block * BLOCK_R ..`` of the ``R = B * N`` rows of ``x``, into ``out`` (contiguous)."""
+    """``max(|x_r|, eps)`` for rows ``block * BLOCK_R ..`` of the ``R = B * N`` rows of ``x``, into ``out``."""
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     base = x_ptr + (rows // N) * stride_xb + (rows % N) * stride_xn
@@ -147,7 +147,8 @@ def _row_norms_kernel(
     if pid < X_BLOCKS:
         _row_norms_block(x_ptr, x_out_ptr, pid, RX, NX, D, stride_xb, stride_xn, stride_xd, eps, BLOCK_R, BLOCK_D)
     else:
-        _row_norms_block(y_ptr, y_out_ptr, pid - X_BLOCKS, RY, NY, D, stride_yb, stride_yn, stride_yd, eps, BLOCK_R, BLOCK_D)
+        _row_norms_block(y_ptr, y_out_ptr, pid - X_BLOCKS, RY, NY, D, stride_yb, stride_yn, stride_yd, eps,
+                         BLOCK_R, BLOCK_D)
 
 
 ROW_NORMS_BLOCK_R = 16
