@@ -269,8 +269,8 @@ class Runner:
         lines = ["", "== targets (medians of this run)"]
         pot = median("sinkhorn_small", "POT solve_batch log_sinkhorn")
         ref = median("sinkhorn_small", "torch reference (fp32)")
-        for impl in ("triton-auto", "triton-fused", "triton-fused-scaling", "triton-streamed", "triton-cooperative",
-                     "native (CUDA)"):
+        for impl in ("sinkhorn(backend='triton')", "triton-auto", "triton-fused", "triton-fused-scaling", "triton-streamed",
+                     "triton-cooperative", "native (CUDA)"):
             ours = median("sinkhorn_small", impl)
             lines.append(f"B=64 N=M=128 K=50 {impl:16s} {ours * 1e3:9.1f} us: {pot / ours:7.1f}x POT solve_batch "
                          f"(target 100x), {ref / ours:6.1f}x torch reference (target 20x)")
@@ -281,8 +281,12 @@ class Runner:
             fused = median("aplot_margin", "triton aplot_margin", f"n={n} D=4096")
             unfused = median("aplot_margin", "triton cost + row-cost solve (unfused)", f"n={n} D=4096")
             scaling = median("aplot_margin", "triton fused margin, scaling domain", f"n={n} D=4096")
+            direct = median("aplot_margin", "triton fused margin kernel (direct)", f"n={n} D=4096")
+            unchecked = median("aplot_margin", "triton aplot_margin, value checks off", f"n={n} D=4096")
             lines.append(f"aplot_margin n={n} D=4096 bf16 fused kernel {fused * 1e3:9.1f} us, scaling domain "
                          f"{scaling * 1e3:9.1f} us, cost kernel + solve {unfused * 1e3:9.1f} us")
+            lines.append(f"aplot_margin n={n} D=4096 bf16 host work: public call {fused * 1e3:9.1f} us, value checks off "
+                         f"{unchecked * 1e3:9.1f} us, kernel entry alone {direct * 1e3:9.1f} us")
         large = median("sinkhorn_large", "triton-tiled")
         streamed_floor, exp_floor = _large_floors(self.torch, 4, 4096, 4096, 50)
         lines.append(f"B=4 N=M=4096 K=50 triton-tiled {large:.2f} ms: {large / streamed_floor:.2f}x the streaming floor "
@@ -353,7 +357,7 @@ class Runner:
 
     def margin_case(self, *, n, d, n_iters, eps=0.1):
         torch = self.torch
-        from aplot_kernels import aplot_cost, aplot_margin
+        from aplot_kernels import aplot_cost, aplot_margin, value_checks
 
         gen = torch.Generator(device=self.device).manual_seed(1)
         dtype = torch.bfloat16
@@ -403,6 +407,20 @@ class Runner:
 
             note = f"margin rel err vs float64 torch {((fused_scaling().double() - want).abs().max() / want.abs().max()).item():.2e}"
             self.add(case, "triton fused margin, scaling domain", shape, dtype, n_iters, fused_scaling, note=note)
+
+            # The same kernel without the public call's work (argument checks, their read-back, dispatch),
+            # and the public call with the value checks (and their host synchronisation) off: the
+            # differences are the host work per call.
+            def fused_kernel():
+                return loss_triton.aplot_margin(r_c, r_r, emb_c, emb_r, 0.9, 1.0, 1e-8, eps, n_iters, 1.0, scaling=False)
+
+            self.add(case, "triton fused margin kernel (direct)", shape, dtype, n_iters, fused_kernel)
+
+            def unchecked():
+                with value_checks(False):
+                    return aplot_margin(r_c, r_r, emb_c, emb_r, backend="triton", **kwargs)
+
+            self.add(case, "triton aplot_margin, value checks off", shape, dtype, n_iters, unchecked)
         cost_want = aplot_cost(emb_c.double(), emb_r.double(), r_c.double(), r_r.double(), backend="torch")
         for backend in ("triton", "native", "torch"):
             if backend == "native" and not self.native_ok:
