@@ -170,3 +170,46 @@ def test_quick_run_writes_results_and_plots(tmp_path):
         assert {r["op"] for r in csv.DictReader(f)} == {"cosine_cost"}
     text = table.headline(table.read_rows(str(out / "results.csv")))
     assert text.startswith("Measured on") and "| cosine_cost |" in text
+
+
+SASS_LOOPS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   FADD R2, R2, R3 ;
+        /*0020*/                   MUFU.EX2 R4, R2 ;
+        /*0030*/               @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0040*/                   FFMA R5, R5, R6, R7 ;
+        /*0050*/                   FFMA R5, R5, R6, R7 ;
+        /*0060*/                   FFMA R5, R5, R6, R7 ;
+        /*0070*/              @!P1 BRA `(.L_x_1) ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_kernel_stats_counts_the_loop_with_the_exponentials():
+    """Of two loops, the Sinkhorn one is that with MUFU (the other is longer); its body is counted
+    from its label to its backward branch, branch included."""
+    from bench import kernel_stats
+
+    length, counts = kernel_stats._main_loop(SASS_LOOPS)
+    assert length == 3 and counts == {"FADD": 1, "MUFU": 1, "BRA": 1}
+
+
+def test_fused_sinkhorn_loop_compiled_for_sm90_as_launched():
+    """The largest fused tile (128 x 128, 16 warps) fits in registers without spilling, and one
+    iteration issues one exp2 per entry and pass: 32 entries per thread, two passes."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the kernels are compiled for the device by every other test")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.kernel_stats", "--only", "sinkhorn fused 128x128"], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, row = [line.split() for line in proc.stdout.splitlines() if line.startswith(("kernel ", "sinkhorn fused 128x128"))]
+    values = dict(zip(header[1:], row[3:]))  # the row's name is three words
+    assert values["spill_st/ld_B"] == "0/0" and int(values["MUFU"]) == 64, proc.stdout
