@@ -4,7 +4,7 @@
 (both loops) and the fused margin kernel at the tile sizes ``"auto"`` launches,
 specialised as a launch specialises them (16-byte aligned pointers and strides,
 unit strides as constants), and prints for each: registers per thread, spill
-bytes, and what one iteration of the main loop issues per thread (instructions,
+bytes, and what one iteration of the Sinkhorn loop issues per thread (instructions,
 ``MUFU`` for ``exp2``/reciprocals, ``SHFL`` for intra-warp reductions, ``BAR``
 for the cross-warp ones). Multiplied by the warps per scheduler, the
 instruction count gives an issue bound per iteration (see ``FLOOR.md``); it
