@@ -31,8 +31,14 @@ _ROOT = Path(__file__).resolve().parent.parent
 COUNTED = ("MUFU", "SHFL", "BAR", "FADD", "FFMA", "FMUL", "FMNMX", "LDL", "STL")
 
 
-def _compile(fn, pointers, floats, constexprs, unit_strides, aligned_ints, num_warps, arch):
-    """``fn`` compiled as a launch with these argument properties would compile it."""
+def compile_for(fn, pointers, floats, constexprs, num_warps, arch, unit_strides=(), aligned_ints=(), num_stages=None):
+    """``fn`` compiled for ``sm_{arch}`` as a launch with these arguments would compile it.
+
+    ``pointers``: name -> element type (``"fp32"``, ``"bf16"``, ...); ``floats``: the float
+    scalars (other scalars are int32); ``unit_strides``: ints a launch would see as 1 (then a
+    constant); ``aligned_ints``: ints divisible by 16. Pointers are taken as 16-byte aligned only
+    when ``unit_strides`` or ``aligned_ints`` are given (a launch-specialised build).
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -46,10 +52,12 @@ def _compile(fn, pointers, floats, constexprs, unit_strides, aligned_ints, num_w
             signature[name] = "*" + pointers[name]
         else:
             signature[name] = "fp32" if name in floats else "i32"
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in (*pointers, *aligned_ints)}
+    specialised = (*pointers, *aligned_ints) if unit_strides or aligned_ints else ()
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in specialised}
     consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _main_loop(sass: str):
@@ -146,7 +154,7 @@ def main(argv=None) -> int:
     for name, fn, pointers, floats, constexprs, unit, aligned, warps in _cases():
         if not name.startswith(args.only):
             continue
-        row = _stats(_compile(fn, pointers, floats, constexprs, unit, aligned, warps, args.arch), args.arch)
+        row = _stats(compile_for(fn, pointers, floats, constexprs, warps, args.arch, unit, aligned), args.arch)
         print(f"{name:32s} {warps:5d} {row['registers']!s:>5s} {row['spill_bytes']:>13s} {row['loop']:6d} "
               + " ".join(f"{row[op]:6d}" for op in COUNTED), flush=True)
     return 0

@@ -954,32 +954,19 @@ SHARED_MEMORY_PER_BLOCK = {90: 232448, 80: 166912}  # H100, A100: cudaDevAttrMax
 
 
 def _compile_all(capability: int) -> None:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from aplot_kernels import loss_triton as loss_mod
     from aplot_kernels._triton_utils import num_warps_for
     from aplot_kernels.cost import triton_kernels as cost_mod
     from aplot_kernels.sinkhorn import triton_kernels as sink_mod
+    from bench.kernel_stats import compile_for
 
-    target = GPUTarget("cuda", capability, 32)
     # Largest shared memory one program may ask for (opt-in, per block): a kernel over it compiles
     # here but fails at launch on the GPU with "out of resource: shared memory".
     shared_limit = SHARED_MEMORY_PER_BLOCK[capability]
 
     def build(fn, pointers, floats, constexprs, num_warps):
-        signature = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in pointers:
-                signature[name] = "*" + pointers[name]
-            else:
-                signature[name] = "fp32" if name in floats else "i32"
-        consts = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=target,
-                                options={"num_warps": num_warps, "num_stages": cost_mod.NUM_STAGES})  # as launched
+        kernel = compile_for(fn, pointers, floats, constexprs, num_warps, capability,
+                             num_stages=cost_mod.NUM_STAGES)  # as launched
         shared = kernel.metadata.shared
         print("compiled", fn.__name__, constexprs, f"shared memory {shared} B")
         assert shared <= shared_limit, f"{fn.__name__} {constexprs}: {shared} B of shared memory, sm_{capability} has {shared_limit}"
