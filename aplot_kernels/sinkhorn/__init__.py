@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import _checks, backends
-from .._precision import autocast_off
+from .._precision import autocast_off, float32_or_wider
 from . import reference
 from .gradients import EnvelopeSinkhorn, ImplicitSinkhorn
 
@@ -132,7 +132,7 @@ def sinkhorn(
         if tol is not None:
             tol = _checks.positive("tol", tol, allow_zero=True)
         _checks.choice("grad", grad, GRAD_MODES)
-        compute_dtype = _compute_dtype(C)
+        compute_dtype = float32_or_wider(C)
         impl = backends.resolve(backend, C.device, C.dtype, needs_reference=grad == "unrolled")
 
         unbatched = C.dim() == 2
@@ -165,14 +165,10 @@ def sinkhorn_checked(C: torch.Tensor, *, eps: float, n_iters: int, grad: str, ba
     return _solve(C, None, None, impl, eps, n_iters, None, 1, grad)
 
 
-def _compute_dtype(C: torch.Tensor) -> torch.dtype:
-    return torch.float64 if C.dtype == torch.float64 else torch.float32
-
-
 def _solve(C, a_full, b_full, impl, eps, n_iters, tol, check_every, grad) -> SinkhornResult:
     """Run checked arguments: ``C`` ``[N, M]`` or ``[B, N, M]``; ``a_full [B, N]``, ``b_full [B, M]``
     in the compute dtype, or ``None`` for uniform weights."""
-    compute_dtype = _compute_dtype(C)
+    compute_dtype = float32_or_wider(C)
     unbatched = C.dim() == 2
     if unbatched:
         C = C.unsqueeze(0)
