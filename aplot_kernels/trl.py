@@ -64,11 +64,19 @@ class APLOTRewardConfig(_trl.RewardConfig):
     Checked when the config is made (a bad value raises ``ValueError``/``TypeError`` naming the field).
     """
 
-    aplot_alpha: float = dataclasses.field(default=0.9, metadata={"help": "APLOT: weight of the embedding cost vs the reward cost, in [0, 1]."})
-    aplot_temperature: float = dataclasses.field(default=1.0, metadata={"help": "APLOT: temperature of the reward cost (> 0)."})
+    aplot_alpha: float = dataclasses.field(
+        default=0.9,
+        metadata={"help": "APLOT: weight of the reward-gap term of the cost (1 - alpha weighs the embedding "
+                          "similarity), in [0, 1]."},
+    )
+    aplot_temperature: float = dataclasses.field(
+        default=1.0, metadata={"help": "APLOT: temperature of the reward gap in the cost (> 0)."}
+    )
     aplot_eps: float = dataclasses.field(default=0.1, metadata={"help": "APLOT: Sinkhorn entropic regularisation (> 0)."})
     aplot_n_iters: int = dataclasses.field(default=50, metadata={"help": "APLOT: Sinkhorn iterations."})
-    aplot_scale: float = dataclasses.field(default=1.0, metadata={"help": "APLOT: multiplies the OT margins; 0 gives TRL's loss."})
+    aplot_scale: float = dataclasses.field(
+        default=1.0, metadata={"help": "APLOT: multiplies the OT margins; 0 gives TRL's loss."}
+    )
     aplot_detach: bool = dataclasses.field(
         default=True, metadata={"help": "APLOT: compute the OT margin without gradient (False: differentiate through it)."}
     )

@@ -62,7 +62,7 @@ def reference(parts, detach):
         start += n
     sum(losses).backward()
     splits = torch.split(margins.detach(), list(PAIRS))
-    return splits, [l.detach() for l in losses], [tuple(t.grad for t in leaf) for leaf in leaves]
+    return splits, [loss.detach() for loss in losses], [tuple(t.grad for t in leaf) for leaf in leaves]
 
 
 # A DDP model on uneven batches: rank r holds MODEL_PAIRS[r] pairs of features.

@@ -95,8 +95,10 @@ def test_two_checkouts_each_build_once(tmp_path):
         shutil.copytree(os.path.join(ROOT, "aplot_kernels"), package, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
         copy_csrc(tmp_path / name)
         for attempt in range(2):
-            out = subprocess.run([sys.executable, "-c", script], cwd=str(tmp_path / name), env=dict(env, PYTHONPATH=str(tmp_path / name)),
-                                 capture_output=True, text=True, timeout=1200)
+            out = subprocess.run(
+                [sys.executable, "-c", script], cwd=str(tmp_path / name), env=dict(env, PYTHONPATH=str(tmp_path / name)),
+                capture_output=True, text=True, timeout=1200,
+            )
             assert "loaded (True" in out.stdout, out.stdout + out.stderr
             outputs[name, attempt] = out.stdout
     for name in ("a", "b"):
