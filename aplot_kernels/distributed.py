@@ -159,7 +159,9 @@ def mean_over_ranks(local_mean: torch.Tensor, n_local: int, group=None) -> torch
     if not is_distributed(group):
         return local_mean
     world = dist.get_world_size(group)
-    count = torch.tensor([float(n_local)], dtype=torch.float64, device=local_mean.device)
+    # float32 holds pair counts exactly up to 2**24 and exists on every device; float64 losses stay float64.
+    dtype = torch.float64 if local_mean.dtype == torch.float64 else torch.float32
+    count = torch.tensor([float(n_local)], dtype=dtype, device=local_mean.device)
     dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
     factor = (world * n_local) / count[0]
     return local_mean * factor.to(local_mean.dtype)
