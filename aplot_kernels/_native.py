@@ -10,9 +10,14 @@ Where it comes from, in order:
    (``pip install --no-build-isolation .`` with torch already installed);
 2. otherwise it is compiled on first use with ``torch.utils.cpp_extension.load``
    (ninja and a C++ compiler needed; CUDA sources too when torch has CUDA and
-   nvcc is found) into ``~/.cache/aplot_kernels/<torch version>-<source hash>``,
-   from ``csrc/`` of a source checkout or the copy installed with the package.
-   ``APLOT_KERNELS_NO_JIT=1`` switches this off.
+   nvcc is found) into ``~/.cache/aplot_kernels/<torch version>-<key>``
+   (``$XDG_CACHE_HOME`` if set), from ``csrc/`` of a source checkout or the
+   copy installed with the package. The key hashes everything that changes
+   the build: the sources' location and content, the compiler (path and
+   version), nvcc, the flags, Python and torch (version and location), so two
+   checkouts or environments never share, and rebuild, one folder. Any build
+   announces itself (a warning on the ``aplot_kernels`` logger) before it
+   starts. ``APLOT_KERNELS_NO_JIT=1`` switches this off.
 
 This file is also read by ``setup.py`` (by path, before the package is
 installed), so the sources and flags of both builds are defined once, here.
@@ -24,6 +29,8 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
+import subprocess
 import sys
 from typing import List, Optional, Tuple
 
@@ -71,20 +78,64 @@ def _cuda_buildable() -> bool:
     return torch.version.cuda is not None and torch.cuda.is_available() and CUDA_HOME is not None
 
 
-def _build_dir(csrc_dir: str, sources: List[str], flags) -> str:
+def _tool_identity(command: List[str]) -> str:
+    """``realpath | first line of --version`` of a compiler (``?`` where it cannot be run)."""
+    path = shutil.which(command[0])
+    try:
+        out = subprocess.run(command + ["--version"], capture_output=True, text=True, timeout=60).stdout
+        first = out.strip().splitlines()[0] if out.strip() else "?"
+    except (OSError, subprocess.SubprocessError):
+        first = "?"
+    return f"{os.path.realpath(path) if path else command[0]}|{first}"
+
+
+def build_key(csrc_dir: str, sources: List[str], flags, with_cuda: bool) -> str:
+    """Hex digest of everything that changes the JIT build (see the module docstring).
+
+    The ninja file torch writes holds absolute paths (sources, torch's and
+    Python's headers), so the sources' absolute location is part of the key.
+    """
+    from torch.utils import cpp_extension
+
     digest = hashlib.sha256()
-    digest.update(repr((flags, sys.version_info[:2])).encode())
+    identity = [
+        os.path.realpath(csrc_dir), flags, sys.version, sys.executable,
+        torch.__version__, getattr(torch.version, "git_version", ""), os.path.realpath(os.path.dirname(torch.__file__)),
+        _tool_identity([os.environ.get("CXX", "c++")]),
+    ]
+    if with_cuda:
+        identity += [torch.version.cuda, _tool_identity([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")]),
+                     os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
+    digest.update(repr(identity).encode())
     headers = []
     for root, _, files in os.walk(csrc_dir):
         headers += [os.path.join(root, f) for f in files if f.endswith((".h", ".cuh"))]
-    if not any(path.endswith(".cu") for path in sources):  # CUDA headers do not change a CPU build
+    if not with_cuda:  # CUDA headers do not change a CPU build
         headers = [path for path in headers if not path.endswith(".cuh")]
     for path in sorted(set(sources) | set(headers)):
         digest.update(os.path.relpath(path, csrc_dir).encode())
         with open(path, "rb") as handle:
             digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def build_directory(csrc_dir: str, sources: List[str], flags, with_cuda: bool) -> str:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "aplot_kernels", f"{torch.__version__}-{digest.hexdigest()[:16]}")
+    key = build_key(csrc_dir, sources, flags, with_cuda)[:16]
+    return os.path.join(cache, "aplot_kernels", f"{torch.__version__}-{key}")
+
+
+def needs_build(build_dir: str) -> bool:
+    """Whether loading from ``build_dir`` will compile: no library yet, or ninja has work to do there."""
+    if not os.path.exists(os.path.join(build_dir, f"{JIT_MODULE_NAME}.so")):
+        return True
+    if not os.path.exists(os.path.join(build_dir, "build.ninja")):
+        return True
+    try:  # ninja's dry run answers exactly what the build will do (stale objects, changed commands)
+        out = subprocess.run(["ninja", "-n", "-C", build_dir], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return True
+    return out.returncode != 0 or "no work to do" not in out.stdout
 
 
 def _jit_build():
@@ -97,12 +148,14 @@ def _jit_build():
     with_cuda = _cuda_buildable()
     sources = source_files(csrc_dir, with_cuda)
     cxx_flags, nvcc_flags, ld_flags = compile_flags(with_cuda)
-    build_dir = _build_dir(csrc_dir, sources, (cxx_flags, nvcc_flags, ld_flags))
+    build_dir = build_directory(csrc_dir, sources, (cxx_flags, nvcc_flags, ld_flags), with_cuda)
     os.makedirs(build_dir, exist_ok=True)
-    if not os.path.exists(os.path.join(build_dir, f"{JIT_MODULE_NAME}.so")):
+    if needs_build(build_dir):
         logger.warning(
-            "aplot_kernels: compiling the native extension%s into %s (first use only; about a minute)",
+            "aplot_kernels: compiling the native extension%s from %s into %s (once per checkout and environment; "
+            "about a minute)",
             " with CUDA kernels" if with_cuda else "",
+            csrc_dir,
             build_dir,
         )
     return cpp_extension.load(

@@ -8,25 +8,34 @@ so :class:`aplot_kernels.APLOTLoss` can widen it in two ways:
 * **Across devices** (``gather_across_devices=True``): every rank all-gathers
   the rewards and embeddings of all ranks (:func:`gather_rows`; ranks may
   hold different numbers of pairs), solves the same global problem, and keeps
-  the margins of its own pairs; its loss is the mean over its own pairs, so
-  DDP's gradient averaging gives the mean over all pairs. With
-  ``detach=True`` the gather is a plain one (the margin carries no gradient);
-  with ``detach=False`` it is differentiable: the gradient that rank ``k``'s
-  loss sends to rank ``j``'s rows is summed over ranks and returned to rank
-  ``j``, which back-propagates it through its own network.
-* **Across micro-steps** (``bank_size=K``): a :class:`PairBank` keeps the
-  responses of the last ``K`` micro-steps (embeddings and rewards, detached).
-  Banked chosen responses join the chosen side and banked rejected responses
-  the rejected side, so the OT problem is the one of the effective batch
-  (current pairs plus the ``K`` previous micro-batches, exactly what one
-  large batch would solve, with the banked entries held constant), and only
-  the current pairs' margins are returned. Appending banked responses to the
-  rejected side only would change the problem instead: with uniform
-  marginals, each current chosen response would have to spread its whole
-  mass over the larger rejected set. Under gradient accumulation over ``G``
-  micro-steps, ``bank_size=G - 1`` lets every micro-step see a full
-  effective batch; banked entries from before the last optimizer step are
-  one update stale, like any memory bank.
+  the margins of its own pairs. With ``reduction="mean"`` each rank returns
+  ``world_size / N * (sum of its own pair losses)``, ``N`` the pair count of
+  all ranks (:func:`mean_over_ranks`), so that DDP's gradient averaging
+  gives exactly the gradient of the mean over all ``N`` pairs whatever the
+  counts per rank (the plain local mean would weight a rank's pairs by
+  ``1 / n_rank``). With ``detach=True`` the gather is a plain one (the margin
+  carries no gradient); with ``detach=False`` it is differentiable: the
+  gradient that rank ``k``'s loss sends to rank ``j``'s rows is summed over
+  ranks and returned to rank ``j``, which back-propagates it through its own
+  network.
+* **Across micro-steps of one effective batch** (``bank_size=K``): a
+  :class:`PairBank` keeps detached copies of the responses (embeddings and
+  rewards) of the earlier micro-steps of the current group of ``K + 1``
+  micro-steps. Banked chosen responses join the chosen side and banked
+  rejected responses the rejected side, so micro-step ``k`` of a group
+  (``k = 0..K``) solves the OT problem of micro-steps ``0..k`` (what one batch
+  of those pairs would solve, with the banked entries held constant), and only
+  its own pairs' margins are returned; micro-step ``K`` solves the problem of
+  the whole group. After micro-step ``K`` the bank empties itself. Under
+  gradient accumulation over ``G`` micro-steps, ``bank_size=G - 1`` makes a
+  group an effective batch: the bank then never holds embeddings taken before
+  an optimizer step, provided the calls stay aligned with the optimizer steps
+  (call ``reset_bank()`` at the first micro-step of an effective batch when
+  they may not be, e.g. after a shorter last batch of an epoch;
+  :class:`aplot_kernels.trl.APLOTRewardTrainer` does this itself). Appending
+  banked responses to the rejected side only would change the problem
+  instead: with uniform marginals, each current chosen response would have to
+  spread its whole mass over the larger rejected set.
 
 Rows stay paired: in every enlarged problem the first ``N`` rejected rows
 pair with the ``N`` chosen rows (the convention of
@@ -35,13 +44,13 @@ pair with the ``N`` chosen rows (the convention of
 
 from __future__ import annotations
 
-import collections
+import functools
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank_and_world_size", "gather_rows", "PairBank", "Responses"]
+__all__ = ["is_distributed", "rank_and_world_size", "gather_rows", "mean_over_ranks", "PairBank", "Responses"]
 
 
 def is_distributed(group=None) -> bool:
@@ -138,28 +147,71 @@ class Responses(NamedTuple):
         return Responses(*(t.detach() for t in self))
 
 
+def mean_over_ranks(local_mean: torch.Tensor, n_local: int, group=None) -> torch.Tensor:
+    """``local_mean * world_size * n_local / N``, ``N`` the pair count summed over the ranks of ``group``.
+
+    ``local_mean`` is the mean of this rank's ``n_local`` pair losses. The
+    result is ``world_size / N`` times their sum: DDP averages the gradients of
+    these values over ranks, which gives the gradient of the mean of all ``N``
+    pair losses for any counts per rank. Returns ``local_mean`` itself without
+    a process group of two or more ranks. One small all-reduce, no host read.
+    """
+    if not is_distributed(group):
+        return local_mean
+    world = dist.get_world_size(group)
+    # float32 holds pair counts exactly up to 2**24 and exists on every device; float64 losses stay float64.
+    dtype = torch.float64 if local_mean.dtype == torch.float64 else torch.float32
+    count = torch.tensor([float(n_local)], dtype=dtype, device=local_mean.device)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM, group=group)
+    factor = (world * n_local) / count[0]
+    return local_mean * factor.to(local_mean.dtype)
+
+
+def _cat(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """Concatenated on the first tensor's device in the widest dtype among them (never rounds a part down)."""
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+    return torch.cat([t.to(device=tensors[0].device, dtype=dtype) for t in tensors])
+
+
 def concat_responses(parts: List[Responses]) -> Responses:
-    """One OT problem from several: chosen rows concatenated; rejected rows paired ones first, then the extras."""
+    """One OT problem from several: chosen rows concatenated; rejected rows paired ones first, then the extras.
+
+    Rewards and embeddings keep their own dtypes (each the widest among the
+    parts): float32 rewards beside bfloat16 embeddings stay float32.
+    """
     if len(parts) == 1:
         return parts[0]
-    like = parts[0].chosen_emb
-    parts = [Responses(*(t.to(device=like.device, dtype=like.dtype) for t in p)) for p in parts]
+    width = parts[0].chosen_emb.shape[-1]
+    for part in parts[1:]:
+        if part.chosen_emb.shape[-1] != width:
+            raise ValueError(
+                f"`chosen_emb` has width {width} but the banked responses of earlier calls have width "
+                f"{part.chosen_emb.shape[-1]}; the embeddings of one effective batch must have one width "
+                f"(call reset_bank() when the embedding model changes)"
+            )
     paired = lambda t, p: t[: p.n_pairs]  # noqa: E731
     extra = lambda t, p: t[p.n_pairs:]  # noqa: E731
     return Responses(
-        torch.cat([p.chosen_rewards for p in parts]),
-        torch.cat([p.chosen_emb for p in parts]),
-        torch.cat([paired(p.rejected_rewards, p) for p in parts] + [extra(p.rejected_rewards, p) for p in parts]),
-        torch.cat([paired(p.rejected_emb, p) for p in parts] + [extra(p.rejected_emb, p) for p in parts]),
+        _cat([p.chosen_rewards for p in parts]),
+        _cat([p.chosen_emb for p in parts]),
+        _cat([paired(p.rejected_rewards, p) for p in parts] + [extra(p.rejected_rewards, p) for p in parts]),
+        _cat([paired(p.rejected_emb, p) for p in parts] + [extra(p.rejected_emb, p) for p in parts]),
     )
 
 
 class PairBank:
-    """The responses of the last ``size`` micro-steps, detached (a FIFO)."""
+    """Detached copies of the responses of the earlier micro-steps of the current group of ``size + 1``.
+
+    :meth:`push` after the ``(size + 1)``-th micro-step of a group empties the
+    bank instead of storing it (the group is complete), so that a bank of
+    ``G - 1`` under ``G`` accumulation steps never holds responses from before
+    an optimizer step. Entries are copies: a caller that refills its input
+    buffers in place for the next micro-batch does not change them.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._entries: collections.deque = collections.deque(maxlen=size)
+        self._entries: List[Responses] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -169,8 +221,12 @@ class PairBank:
         return list(self._entries)
 
     def push(self, responses: Responses) -> None:
-        if self.size > 0:
-            self._entries.append(responses.detach())
+        if self.size <= 0:
+            return
+        if len(self._entries) >= self.size:  # this micro-step completed its group
+            self._entries.clear()
+            return
+        self._entries.append(Responses(*(t.detach().clone() for t in responses)))
 
     def clear(self) -> None:
         self._entries.clear()

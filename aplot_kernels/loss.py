@@ -22,7 +22,7 @@ from . import _checks, backends
 from ._precision import autocast_off, float32_or_wider
 from .backends import BACKENDS
 from .cost import NORM_EPS, aplot_cost_checked
-from .distributed import PairBank, Responses, concat_responses, gather_rows, is_distributed
+from .distributed import PairBank, Responses, concat_responses, gather_rows, is_distributed, mean_over_ranks
 from .sinkhorn import sinkhorn_checked
 
 __all__ = ["bt_loss", "aplot_margin", "aplot_loss", "APLOTLoss", "APLOTOutput"]
@@ -296,23 +296,40 @@ class APLOTLoss(torch.nn.Module):
 
     ``forward(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin=None, return_outputs=False,
     with_plan=True)`` returns the loss, or an :class:`APLOTOutput` (loss, margins, plan, cost) for logging
-    (plan and cost ``None`` with ``with_plan=False``).
+    (plan and cost ``None`` with ``with_plan=False``). Shapes: rewards ``[n]`` and ``[m >= n]``,
+    embeddings ``[n, D]`` and ``[m, D]``, ``margin`` ``[n]`` or a scalar.
+
+    ``detach=True`` (the default) computes the margin without gradient: the
+    loss's gradient reaches the rewards only, and ``chosen_emb.grad`` stays
+    ``None``. ``detach=False`` differentiates through the cost and the plan.
 
     Two options widen the transport problem (design in :mod:`aplot_kernels.distributed`):
 
     * ``gather_across_devices=True``: rewards and embeddings of all ranks of
       ``process_group`` (ranks may hold different numbers of pairs) form one
-      OT problem; each rank gets the margins of its own pairs and the loss
-      over its own pairs. The gather is differentiable when ``detach=False``.
-      Without an initialised process group of two or more ranks it does nothing.
-    * ``bank_size=K``: the responses of the last ``K`` calls (detached) join
-      the problem, banked chosen responses on the chosen side and banked
-      rejected ones on the rejected side. The bank is used and filled only in
-      training mode (``module.train()``, the default); ``reset_bank()`` empties it.
+      OT problem; each rank gets the margins of its own pairs. With
+      ``reduction="mean"`` each rank returns ``world_size / N`` times the sum
+      of its own pair losses (``N`` pairs over all ranks), so that DDP's
+      gradient averaging gives exactly the gradient of the mean over all pairs;
+      ``"sum"`` and ``"none"`` return this rank's pair losses as they are. The
+      gather is differentiable when ``detach=False``. Without an initialised
+      process group of two or more ranks it does nothing.
+    * ``bank_size=K``: detached copies of the responses of the earlier calls
+      of the current group of ``K + 1`` calls join the problem, banked chosen
+      responses on the chosen side and banked rejected ones on the rejected
+      side: call ``k = 0..K`` of a group sees calls ``0..k``, and the bank
+      empties itself after call ``K``. With ``K = G - 1`` under ``G``
+      gradient-accumulation steps a group is an effective batch, and no call
+      sees responses from before an optimizer step (as long as the calls stay
+      aligned with the optimizer steps; ``reset_bank()`` empties the bank, call
+      it at the first micro-step of an effective batch when they may not be).
+      The bank is used and filled only in training mode (``module.train()``,
+      the default).
 
     In both cases ``margins`` holds this call's local pairs only, while
-    ``plan`` and ``cost`` are those of the whole problem (local rows at
-    ``local_offset``).
+    ``plan`` and ``cost`` are those of the whole problem; the module's
+    attribute ``local_offset`` (not a field of :class:`APLOTOutput`) gives the
+    row of this call's first pair in them after each call.
     """
 
     def __init__(
@@ -338,6 +355,10 @@ class APLOTLoss(torch.nn.Module):
         _checks.finite_number("scale", scale)
         _checks.choice("reduction", reduction, REDUCTIONS)
         _checks.positive_int("bank_size", bank_size, minimum=0)
+        _checks.choice("backend", backend, BACKENDS)
+        for name, value in (("detach", detach), ("gather_across_devices", gather_across_devices)):
+            if not isinstance(value, bool):
+                raise _checks.ArgumentTypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}")
         self.alpha, self.temperature, self.eps, self.n_iters = alpha, temperature, eps, n_iters
         self.scale, self.detach, self.backend, self.reduction = scale, detach, backend, reduction
         self.gather_across_devices, self.process_group = bool(gather_across_devices), process_group
@@ -375,6 +396,8 @@ class APLOTLoss(torch.nn.Module):
             out = _widened_aplot_loss(
                 self, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, need_plan=need_plan
             )
+            if self.gather_across_devices and self.reduction == "mean":
+                out = out._replace(loss=mean_over_ranks(out.loss, chosen_rewards.shape[0], self.process_group))
         else:
             self.local_offset = 0
             out = _aplot_loss(

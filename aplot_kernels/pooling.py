@@ -60,23 +60,31 @@ def last_token_index(
       ``pad_token_id`` -- exactly the rule of Hugging Face's
       ``*ForSequenceClassification`` (left or right padding; when the pad token
       is also the EOS token, the trailing EOS counts as padding, as it does
-      there; a row of padding only gives index 0, as there).
+      there).
     * otherwise ``attention_mask`` given: the rightmost attended position
-      (OpenRLHF's rule; a row with no attended position gives 0).
+      (OpenRLHF's rule).
+
+    A row with no such token (only padding, or no attended position) raises
+    ``ValueError`` naming the argument: there is no token to pool (Hugging
+    Face would silently score token 0).
     * neither: the last position ``seq_len - 1`` (a ``[1]`` tensor, broadcast over the batch).
     """
     if input_ids is not None and pad_token_id is not None:
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must be 2-D [B, T], got shape {tuple(input_ids.shape)}")
         keep = input_ids != pad_token_id
+        empty = f"`input_ids` has a row made only of pad_token_id={pad_token_id}: it has no token to pool"
     elif attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"`attention_mask` must be 2-D [B, T], got shape {tuple(attention_mask.shape)}")
         keep = attention_mask != 0
+        empty = "`attention_mask` has a row with no attended position: it has no token to pool"
     else:
         if seq_len is None:
             raise ValueError("give `attention_mask`, `input_ids` with `pad_token_id`, or `seq_len`")
         return torch.full((1,), seq_len - 1, dtype=torch.long)
+    # A value check: one host read, skipped when value checks are off (aplot_kernels.set_value_checks).
+    _checks.require(lambda: keep.any(-1).all().float(), lambda every_row: every_row == 1.0, empty)
     positions = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.long)
     return (positions * keep.long()).argmax(-1)
 

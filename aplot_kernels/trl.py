@@ -15,22 +15,32 @@ keeps all of that (data preparation, collator, PEFT, metrics,
 * the OT margins' mean, min and max are logged as ``aplot_margin_mean``,
   ``aplot_margin_min``, ``aplot_margin_max`` beside TRL's metrics.
 
-Example::
+The APLOT options live in :class:`APLOTRewardConfig`, a ``trl.RewardConfig``
+with ``aplot_*`` fields, so that a script, a YAML config or ``trl.TrlParser``
+can set them (``examples/train_reward_model.py``)::
 
-    from aplot_kernels import APLOTLoss
-    from aplot_kernels.trl import APLOTRewardTrainer
+    from aplot_kernels.trl import APLOTRewardConfig, APLOTRewardTrainer
 
-    trainer = APLOTRewardTrainer(
-        model="Qwen/Qwen2.5-0.5B-Instruct", args=RewardConfig(...), train_dataset=dataset,
-        aplot_loss=APLOTLoss(alpha=0.9, scale=1.0, gather_across_devices=True),
-    )
+    args = APLOTRewardConfig(output_dir="rm", aplot_alpha=0.9, aplot_gather=True, aplot_bank=True,
+                             gradient_accumulation_steps=4)
+    trainer = APLOTRewardTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", args=args, train_dataset=dataset)
     trainer.train()
 
-APLOT options may also be given as keyword arguments (``alpha=0.9, eps=0.1, ...``).
+With a plain ``RewardConfig``, the options are given as an
+:class:`aplot_kernels.APLOTLoss` (``aplot_loss=...``) or as its keyword
+arguments (``alpha=0.9, eps=0.1, ...``).
+
+With a bank (``aplot_bank=True``: ``bank_size = gradient_accumulation_steps - 1``),
+the trainer empties the bank at the first micro-step of every optimizer step:
+micro-step ``k`` of an effective batch solves the OT problem of micro-steps
+``0..k`` of that batch, the last one that of the whole effective batch, and
+no micro-step sees responses embedded before an optimizer step (also when an
+epoch ends with a shorter effective batch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Optional
 
@@ -40,18 +50,82 @@ import trl as _trl
 from .loss import APLOTLoss
 from .pooling import capture_head_input, pad_token_id_of
 
-__all__ = ["APLOTRewardTrainer", "APLOT_OPTION_NAMES"]
+__all__ = ["APLOTRewardConfig", "APLOTRewardTrainer", "APLOT_OPTION_NAMES"]
 
 APLOT_OPTION_NAMES = tuple(
     name for name in inspect.signature(APLOTLoss.__init__).parameters if name not in ("self", "reduction")
 )
 
 
+@dataclasses.dataclass
+class APLOTRewardConfig(_trl.RewardConfig):
+    """``trl.RewardConfig`` plus the options of :class:`aplot_kernels.APLOTLoss`, read by :class:`APLOTRewardTrainer`.
+
+    Checked when the config is made (a bad value raises ``ValueError``/``TypeError`` naming the field).
+    """
+
+    aplot_alpha: float = dataclasses.field(
+        default=0.9,
+        metadata={"help": "APLOT: weight of the reward-gap term of the cost (1 - alpha weighs the embedding "
+                          "similarity), in [0, 1]."},
+    )
+    aplot_temperature: float = dataclasses.field(
+        default=1.0, metadata={"help": "APLOT: temperature of the reward gap in the cost (> 0)."}
+    )
+    aplot_eps: float = dataclasses.field(default=0.1, metadata={"help": "APLOT: Sinkhorn entropic regularisation (> 0)."})
+    aplot_n_iters: int = dataclasses.field(default=50, metadata={"help": "APLOT: Sinkhorn iterations."})
+    aplot_scale: float = dataclasses.field(
+        default=1.0, metadata={"help": "APLOT: multiplies the OT margins; 0 gives TRL's loss."}
+    )
+    aplot_detach: bool = dataclasses.field(
+        default=True, metadata={"help": "APLOT: compute the OT margin without gradient (False: differentiate through it)."}
+    )
+    aplot_backend: str = dataclasses.field(default="auto", metadata={"help": "APLOT: 'auto', 'torch', 'triton' or 'native'."})
+    aplot_gather: bool = dataclasses.field(
+        default=False, metadata={"help": "APLOT: one OT problem over the pairs of all processes (DDP)."}
+    )
+    aplot_bank: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "APLOT: one OT problem over the micro-steps of each effective batch so far "
+                          "(bank of gradient_accumulation_steps - 1 micro-steps, emptied at every optimizer step)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.aplot_bank and self.gradient_accumulation_steps < 2:
+            raise ValueError("`aplot_bank` needs `gradient_accumulation_steps` >= 2 (the bank holds the earlier "
+                             f"micro-steps of an effective batch), got {self.gradient_accumulation_steps}")
+        try:
+            APLOTLoss(**self.aplot_loss_kwargs())
+        except (TypeError, ValueError) as exc:  # name the config field, not the APLOTLoss argument
+            for option, field in _CONFIG_FIELDS.items():
+                message = str(exc).replace(f"`{option}`", f"`{field}`")
+                if message != str(exc):
+                    raise type(exc)(message) from None
+            raise
+
+    def aplot_loss_kwargs(self) -> dict:
+        """The :class:`aplot_kernels.APLOTLoss` keyword arguments these fields give."""
+        kwargs = {option: getattr(self, field) for option, field in _CONFIG_FIELDS.items() if option != "bank_size"}
+        kwargs["bank_size"] = self.gradient_accumulation_steps - 1 if self.aplot_bank else 0
+        return kwargs
+
+
+# APLOTLoss argument -> APLOTRewardConfig field.
+_CONFIG_FIELDS = {
+    "alpha": "aplot_alpha", "temperature": "aplot_temperature", "eps": "aplot_eps", "n_iters": "aplot_n_iters",
+    "scale": "aplot_scale", "detach": "aplot_detach", "backend": "aplot_backend",
+    "gather_across_devices": "aplot_gather", "bank_size": "aplot_bank",
+}
+
+
 class APLOTRewardTrainer(_trl.RewardTrainer):
     """``trl.RewardTrainer`` with the APLOT loss.
 
     Args:
-        *args, **kwargs: those of ``trl.RewardTrainer``.
+        *args, **kwargs: those of ``trl.RewardTrainer``. With ``args`` an
+            :class:`APLOTRewardConfig`, the APLOT options are its ``aplot_*``
+            fields (then neither ``aplot_loss`` nor option keywords may be given).
         aplot_loss: an :class:`aplot_kernels.APLOTLoss` holding the options
             (its ``reduction`` must be ``"mean"``, TRL's).
         score_head_name: attribute of the score head when it is not one of
@@ -68,6 +142,12 @@ class APLOTRewardTrainer(_trl.RewardTrainer):
         options = {name: kwargs.pop(name) for name in APLOT_OPTION_NAMES if name in kwargs}
         if aplot_loss is not None and options:
             raise ValueError(f"pass either `aplot_loss` or APLOT keyword arguments, not both (got {sorted(options)})")
+        config = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if isinstance(config, APLOTRewardConfig):
+            if aplot_loss is not None or options:
+                given = ["aplot_loss"] if aplot_loss is not None else sorted(options)
+                raise ValueError(f"with an APLOTRewardConfig the APLOT options are its aplot_* fields; got {given} as well")
+            aplot_loss = APLOTLoss(**config.aplot_loss_kwargs())
         if aplot_loss is None:
             aplot_loss = APLOTLoss(**options)
         if not isinstance(aplot_loss, APLOTLoss):
@@ -76,6 +156,7 @@ class APLOTRewardTrainer(_trl.RewardTrainer):
             raise ValueError(f"`aplot_loss.reduction` must be 'mean' (TRL averages over pairs), got {aplot_loss.reduction!r}")
         self.aplot_loss = aplot_loss
         self.score_head_name = score_head_name
+        self._bank_step: Optional[int] = None  # the optimizer step whose micro-steps the bank holds
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -91,8 +172,12 @@ class APLOTRewardTrainer(_trl.RewardTrainer):
         embeddings = head_input.pooled(inputs.get("input_ids"), inputs.get("attention_mask"), pad_token_id_of(model))
         emb_chosen, emb_rejected = torch.chunk(embeddings, chunks=2)
 
-        # The bank holds training micro-steps only.
+        # The bank holds training micro-steps only, of the current optimizer step only: global_step
+        # changes after each optimizer step, so its first micro-step starts from an empty bank.
         self.aplot_loss.train(mode == "train")
+        if mode == "train" and self.aplot_loss.bank_size > 0 and self._bank_step != self.state.global_step:
+            self.aplot_loss.reset_bank()
+            self._bank_step = self.state.global_step
         result = self.aplot_loss(
             rewards_chosen, rewards_rejected, emb_chosen, emb_rejected,
             margin=None if margin is None else margin.to(rewards_chosen.dtype), return_outputs=True, with_plan=False,

@@ -131,3 +131,19 @@ def test_layout_errors():
         split_pairs(torch.zeros(3))
     with pytest.raises(ValueError, match="hidden_states"):
         pool_last_token(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("by", ["input_ids", "attention_mask"])
+def test_row_of_padding_only_is_named(by):
+    ids, mask = batch([4, 2, 6], side="right", pad=PAD)
+    hidden = torch.randn(3, 6, 8)
+    ids[1], mask[1] = PAD, 0
+    with pytest.raises(ValueError, match=by):
+        if by == "input_ids":
+            pool_last_token(hidden, input_ids=ids, pad_token_id=PAD)
+        else:
+            pool_last_token(hidden, attention_mask=mask)
+    # The other rows alone are fine.
+    keep = torch.tensor([0, 2])
+    pooled = pool_last_token(hidden[keep], input_ids=ids[keep], pad_token_id=PAD)
+    torch.testing.assert_close(pooled, hidden[keep, torch.tensor([3, 5])])

@@ -157,3 +157,54 @@ def test_options_are_exclusive(tmp_path):
         make_trainer(tmp_path, aplot_loss=APLOTLoss(), alpha=0.5)
     with pytest.raises(ValueError, match="reduction"):
         make_trainer(tmp_path, aplot_loss=APLOTLoss(reduction="sum"))
+
+
+def config_trainer(tmp_path, rows=6, **fields):
+    from aplot_kernels.trl import APLOTRewardConfig
+
+    tok = tiny_tokenizer()
+    args = APLOTRewardConfig(
+        output_dir=str(tmp_path), learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
+        use_cpu=True, bf16=False, dataloader_num_workers=0, dataset_num_proc=None, disable_tqdm=True, **fields,
+    )
+    data = preference_data(False).select(range(rows))
+    return APLOTRewardTrainer(model=tiny_model(tok), args=args, train_dataset=data, processing_class=tok)
+
+
+def test_config_fields_reach_the_loss(tmp_path):
+    trainer = config_trainer(
+        tmp_path, aplot_alpha=0.7, aplot_temperature=0.5, aplot_eps=0.3, aplot_n_iters=17, aplot_scale=2.0,
+        aplot_detach=False, aplot_backend="torch", aplot_gather=True, aplot_bank=True, gradient_accumulation_steps=3,
+    )
+    loss = trainer.aplot_loss
+    got = (loss.alpha, loss.temperature, loss.eps, loss.n_iters, loss.scale, loss.detach, loss.backend,
+           loss.gather_across_devices, loss.bank_size)
+    assert got == (0.7, 0.5, 0.3, 17, 2.0, False, "torch", True, 2)
+    with pytest.raises(ValueError, match="aplot_"):
+        APLOTRewardTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
+                           processing_class=trainer.processing_class, alpha=0.5)
+
+
+@pytest.mark.parametrize("field, value, error", [
+    ("aplot_alpha", 1.5, ValueError), ("aplot_detach", "no", TypeError), ("aplot_n_iters", 10.5, TypeError),
+    ("aplot_backend", "cuda", ValueError),
+])
+def test_config_fields_are_checked(tmp_path, field, value, error):
+    from aplot_kernels.trl import APLOTRewardConfig
+
+    with pytest.raises(error, match=field):
+        APLOTRewardConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", **{field: value})
+    with pytest.raises(ValueError, match="gradient_accumulation_steps"):
+        APLOTRewardConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", aplot_bank=True)
+
+
+def test_bank_holds_only_the_current_optimizer_step(tmp_path):
+    """6 rows, micro-batches of 2, 2 accumulation steps: optimizer steps of micro-batches [0, 1], [2] (the
+    epoch's short last step), [0, 1], [2]. Each training call finds in the bank exactly the earlier
+    micro-steps of its own optimizer step."""
+    trainer = config_trainer(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4,
+                             aplot_bank=True, aplot_backend="torch", aplot_n_iters=20)
+    held = []
+    trainer.aplot_loss.register_forward_pre_hook(lambda module, _: held.append(len(module.bank)) if module.training else None)
+    assert trainer.train().global_step == 4
+    assert held == [0, 1, 0, 0, 1, 0]
