@@ -1,4 +1,4 @@
-"""``sinkhorn`` (SPEC section 2) held to POT and to the float64 torch reference (SPEC section 5)."""
+"""``sinkhorn`` (docs/contract.md) held to POT and to the float64 torch reference (its conformance figures)."""
 
 from __future__ import annotations
 
