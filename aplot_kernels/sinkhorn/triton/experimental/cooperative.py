@@ -152,7 +152,7 @@ def resident_programs(device: torch.device) -> int:
     Off a GPU, one: the Triton interpreter runs programs one after another, so
     a barrier between two of them would never open. Under MPS with a reduced
     share of the SMs the device still reports all of them, and a cooperative
-    launch could wait forever: that is one reason the strategy is opt-in.
+    launch could wait forever: one reason the strategy is experimental.
     """
     if device.type != "cuda":
         return 1
