@@ -60,7 +60,7 @@ def compile_for(fn, pointers, floats, constexprs, num_warps, arch, unit_strides=
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def _main_loop(sass: str):
+def main_loop(sass: str):
     """``(instructions, {opcode: count})`` of the Sinkhorn loop: of the loops (backward branches'
     bodies), the one with the most ``MUFU`` (``exp2``, reciprocals), then the longest."""
     label_at, instructions, pending = {}, [], []
@@ -101,7 +101,7 @@ def _stats(kernel, arch):
         sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    length, counts = _main_loop(sass)
+    length, counts = main_loop(sass)
     return dict(
         registers=int(registers.group(1)) if registers else None,
         spill_bytes=f"{spills.group(1)}/{spills.group(2)}" if spills else "?",
@@ -112,7 +112,7 @@ def _stats(kernel, arch):
 def _cases():
     """``(name, kernel, pointers, floats, constexprs, unit strides, aligned ints, warps)`` as ``"auto"`` launches."""
     from aplot_kernels import loss_triton
-    from aplot_kernels._triton_utils import num_warps_for
+    from aplot_kernels.triton_utils import num_warps_for
     from aplot_kernels.sinkhorn.triton import fused
     from aplot_kernels.sinkhorn.triton.experimental import fused_scaling
 

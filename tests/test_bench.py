@@ -192,7 +192,7 @@ def test_kernel_stats_counts_the_loop_with_the_exponentials():
     from its label to its backward branch, branch included."""
     from bench import kernel_stats
 
-    length, counts = kernel_stats._main_loop(SASS_LOOPS)
+    length, counts = kernel_stats.main_loop(SASS_LOOPS)
     assert length == 3 and counts == {"FADD": 1, "MUFU": 1, "BRA": 1}
 
 

@@ -21,7 +21,7 @@ SHARED_MEMORY_PER_BLOCK = {90: 232448, 80: 166912}  # H100, A100: cudaDevAttrMax
 
 def _compile_all(capability: int) -> None:
     from aplot_kernels import loss_triton as loss_mod
-    from aplot_kernels._triton_utils import num_warps_for
+    from aplot_kernels.triton_utils import num_warps_for
     from aplot_kernels.cost import triton_kernels as cost_mod
     from aplot_kernels.sinkhorn.triton import fused, streamed, tiled
     from aplot_kernels.sinkhorn.triton.experimental import cooperative, fused_scaling, onepass

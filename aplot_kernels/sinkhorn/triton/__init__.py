@@ -26,13 +26,13 @@ from typing import Optional
 import torch
 
 from ...backends import kernel_entry
-from ..._triton_utils import block_size
+from ...triton_utils import block_size
 from ..reference import SolveOutput
 from .fused import FUSED_MAX_ELEMENTS, solve_fused
 from .streamed import STREAMED_MAX_BYTES, STREAMED_MIN_BATCH, solve_streamed
 from .tiled import solve_graphed, solve_tiled, use_graph
 
-__all__ = ["solve", "row_transport_costs", "STRATEGIES", "EXPERIMENTAL_STRATEGIES", "auto_strategy"]
+__all__ = ["solve", "row_transport_costs", "run", "auto_strategy", "STRATEGIES", "EXPERIMENTAL_STRATEGIES"]
 
 # Experimental strategy -> (module under .experimental, its solve function).
 _EXPERIMENTAL = {
@@ -64,8 +64,9 @@ def _solver(strategy: str):
     return {"fused": solve_fused, "streamed": solve_streamed, "tiled": solve_tiled}[strategy]
 
 
-def _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan):
-    """Check the inputs, pick the strategy and run it (see :func:`solve` and :func:`row_transport_costs`)."""
+def run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan):
+    """Check the inputs, pick the strategy and run it: the one path of :func:`solve` (``write_plan=True``)
+    and :func:`row_transport_costs` (``False``), and the seam tests patch to see which ran."""
     if C.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the Triton Sinkhorn reads float16, bfloat16 or float32 `C`, got {C.dtype}")
     if strategy not in STRATEGIES:
@@ -74,10 +75,10 @@ def _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan):
     b = b.to(torch.float32)
     if strategy == "auto":
         strategy = auto_strategy(C)
-    run = _solver(strategy)
+    launch = _solver(strategy)
     if strategy in _HOST_LOOPED and use_graph(C):
-        run = functools.partial(solve_graphed, run)
-    return run(C, a, b, float(eps), int(n_iters), tol, int(check_every), write_plan)
+        launch = functools.partial(solve_graphed, launch)
+    return launch(C, a, b, float(eps), int(n_iters), tol, int(check_every), write_plan)
 
 
 @kernel_entry
@@ -104,7 +105,7 @@ def solve(
     Returns:
         :class:`SolveOutput` in float32 (``n_iters`` int64).
     """
-    return _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan=True)
+    return run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan=True)
 
 
 @kernel_entry
@@ -129,4 +130,4 @@ def row_transport_costs(
     Returns:
         ``[B, N]`` float32; 0 on zero-weight (padded) rows.
     """
-    return _run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan=False)
+    return run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan=False)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton_utils import LN2_K, LOG2E_K
+from ...triton_utils import LN2_K, LOG2E_K
 from ..reference import SolveOutput, column_violation
 
 # Tile shapes of the streaming passes (tiled and streamed): a row pass reads BLOCK_N rows x BLOCK_M

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton_utils import LOG2E_K, block_size, num_warps_for
+from ...triton_utils import LOG2E_K, block_size, num_warps_for
 from ..reference import SolveOutput
 from .common import absorbed_kernel, load_neg_cost, log_weight, logsumexp, plan_buffer, split_reciprocal
 

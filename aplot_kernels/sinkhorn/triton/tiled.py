@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._triton_utils import LOG2E_K, block_size, cdiv, num_warps_for
+from ...triton_utils import LOG2E_K, block_size, cdiv, num_warps_for
 from ..reference import SolveOutput
 from .common import (
     NEG_INF,

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...._triton_utils import LOG2E_K, cdiv, num_warps_for
+from ....triton_utils import LOG2E_K, cdiv, num_warps_for
 from ..common import (
     NEG_INF,
     TILED_ENTRIES_PER_THREAD,
