@@ -36,7 +36,9 @@ def _compile_all(capability: int) -> None:
                              num_stages=cost_mod.NUM_STAGES)  # as launched
         shared = kernel.metadata.shared
         print("compiled", fn.__name__, constexprs, f"shared memory {shared} B")
-        assert shared <= shared_limit, f"{fn.__name__} {constexprs}: {shared} B of shared memory, sm_{capability} has {shared_limit}"
+        assert shared <= shared_limit, (
+            f"{fn.__name__} {constexprs}: {shared} B of shared memory, sm_{capability} has {shared_limit}"
+        )
 
     f32 = "fp32"
     scaled = ("neg_inv_hi", "neg_inv_lo")

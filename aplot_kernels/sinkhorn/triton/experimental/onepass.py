@@ -17,7 +17,16 @@ import triton
 import triton.language as tl
 
 from ....triton_utils import LOG2E_K, block_size, cdiv, num_warps_for
-from ..common import NEG_INF, TILED_BLOCKS, TILED_ENTRIES_PER_THREAD, load_neg_cost, log_weight, logsumexp, potential, split_reciprocal
+from ..common import (
+    NEG_INF,
+    TILED_BLOCKS,
+    TILED_ENTRIES_PER_THREAD,
+    load_neg_cost,
+    log_weight,
+    logsumexp,
+    potential,
+    split_reciprocal,
+)
 from ..tiled import column_pass_kernel, plan_epilogue
 from .cooperative import resident_programs
 
