@@ -53,7 +53,7 @@ def test_sinkhorn_fixed_iterations(strategy, case, small_tiles):
     assert_matches_reference(out, C, a, b, eps, n_iters, None, 10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_strategy_accuracy_rule(strategy, dtype, small_tiles):
     """FlashAttention's rule for each strategy: error against float64 at most a small multiple of the
