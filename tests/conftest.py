@@ -13,8 +13,8 @@ The Triton interpreter is slow and Triton has no float64, so:
   ``float64_backend`` fixture keep float64 cases on the backends that compute
   float64 (torch; native on the CPU); ``widest_dtype(backend)`` picks float64
   where it can;
-* float32 kernel results are held to the float64 ``torch`` reference with
-  the float32 bound of docs/contract.md (conformance figures) ``max |plan diff| <= 1e-5 * max plan entry``.
+* float32 kernel results are held to the float64 ``torch`` reference with the
+  float32 bound of docs/contract.md, ``max |plan diff| <= 1e-5 * max plan entry``.
 
 ``APLOT_TEST_BACKENDS=native`` (a comma-separated list) restricts a run to
 ``torch`` and those backends.
