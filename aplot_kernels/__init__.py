@@ -1,6 +1,6 @@
 """aplot-kernels: fused kernels for optimal-transport reward-model losses (APLOT).
 
-Public API (see SPEC in the README):
+Public API (the contract: docs/contract.md):
 
 * :func:`cosine_cost`, :func:`aplot_cost` (module :mod:`aplot_kernels.cost`)
 * :func:`sinkhorn` -> :class:`SinkhornResult` (module :mod:`aplot_kernels.sinkhorn`, itself callable)
@@ -11,7 +11,8 @@ Public API (see SPEC in the README):
   :mod:`aplot_kernels.trl` (``APLOTRewardTrainer``, imports TRL)
 """
 
-from . import backends, cost, distributed, loss, pooling, sinkhorn
+# The op modules, reachable as attributes (aplot_kernels.cost.cosine_cost, ...).
+from . import backends, cost, distributed, loss, pooling, sinkhorn  # noqa: F401
 from ._checks import ArgumentTypeError, set_value_checks, value_checks
 from .backends import BackendUnavailableError, available_backends
 from .cost import aplot_cost, cosine_cost

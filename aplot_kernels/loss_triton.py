@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .backends import kernel_entry
-from ._triton_utils import MIN_DOT_BLOCK, block_size, num_warps_for
+from .triton_utils import MIN_DOT_BLOCK, block_size, num_warps_for
 from .cost import triton_kernels as cost_kernels
 from .sinkhorn import triton_kernels as sinkhorn_kernels
 

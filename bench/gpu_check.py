@@ -8,8 +8,8 @@ Run by ``bench/gpu_check.sh`` (which also builds and runs the GPU tests), or::
 Cases (``K`` = Sinkhorn iterations, fixed count, ``tol=None``; costs in [0, 2]):
 
 * ``sinkhorn_small``: B=64, N=M=128, K=50, float32 ``C`` (every Triton
-  strategy, so that the thresholds of ``strategy="auto"`` can be set from the
-  numbers; "fused" spills registers at 128 x 128, see FUSED_MAX_ELEMENTS);
+  strategy, the experimental ones included, so that ``strategy="auto"`` can be
+  set from the numbers; 128 x 128 is the fused kernel's largest tile);
 * ``aplot_margin``: n=512, D=4096, K=50, bfloat16 embeddings (cost kernel +
   Sinkhorn + row costs, ``detach=True``);
 * ``sinkhorn_large``: B=4, N=M=4096, K=50, float32 ``C`` (tiled strategy).
@@ -49,7 +49,7 @@ strategies ("fused", "streamed": 64 programs on 64 of the 132 SMs) have an exp
 floor near 1.1 us per iteration (~57 us for K=50; "streamed" also reads its
 64 KB of C from L2 twice per iteration, ~8 MB per iteration for the batch,
 ~1.5 us at ~5.5 TB/s of L2 bandwidth), while the tiled strategy is bound by
-its two kernel launches per iteration (a few us each, ~0.3-0.5 ms for K=50).
+its two passes per iteration, launched from a CUDA graph (docs/design.md has the measurements).
 """
 
 from __future__ import annotations
@@ -217,7 +217,8 @@ class Runner:
         is also timed at several warp counts at B=64, 128 x 128.
         """
         torch = self.torch
-        from aplot_kernels.sinkhorn import triton_kernels as tk
+        from aplot_kernels.sinkhorn.triton import fused, solve, tiled
+        from aplot_kernels.sinkhorn.triton.experimental import fused_scaling
 
         def problem(batch, n):
             gen = torch.Generator(device=self.device).manual_seed(2)
@@ -226,30 +227,29 @@ class Runner:
 
         C, a = problem(64, 128)
         for warps in (4, 8, 16, 32):
-            for scaling, name in ((False, "triton-fused"), (True, "triton-fused-scaling")):
+            for name, launch in (("triton-fused", fused.solve_fused), ("triton-fused-scaling", fused_scaling.solve_fused_scaling)):
                 self.add("fused_warps", f"{name} num_warps={warps}", "B=64 N=128 M=128", torch.float32, 50,
-                         lambda w=warps, sc=scaling: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True, num_warps=w, scaling=sc),
-                         repeats=5)
+                         lambda w=warps, f=launch: f(C, a, a, 0.1, 50, None, 10, True, num_warps=w), repeats=5)
         # Per-iteration cost: K=1 and K=101 at the default warps (the difference / 100 is one iteration).
         for n_iters in (1, 101):
-            for scaling, name in ((False, "triton-fused"), (True, "triton-fused-scaling")):
-                self.add("fused_iteration", name, "B=64 N=128 M=128", torch.float32, n_iters,
-                         lambda k=n_iters, sc=scaling: tk._solve_fused(C, a, a, 0.1, k, None, 10, True, scaling=sc), repeats=5)
+            for strategy in ("fused", "fused-scaling"):
+                self.add("fused_iteration", f"triton-{strategy}", "B=64 N=128 M=128", torch.float32, n_iters,
+                         lambda k=n_iters, s=strategy: solve(C, a, a, 0.1, k, None, 10, strategy=s), repeats=5)
         for batch, n in ((64, 64), (64, 256), (16, 512), (1, 512), (8, 1024), (1, 1024), (1, 2048)):
             C, a = problem(batch, n)
             shape = f"B={batch} N={n} M={n}"
             runs = {
-                "triton-streamed": lambda: tk._solve_streamed(C, a, a, 0.1, 50, None, 10, True),
-                "triton-tiled": lambda: tk.solve(C, a, a, 0.1, 50, None, 10, strategy="tiled"),
-                "triton-tiled no graph": lambda: tk._solve_tiled(C, a, a, 0.1, 50, None, 10, True),
-                "triton-auto": lambda: tk.solve(C, a, a, 0.1, 50, None, 10),
+                "triton-streamed": lambda: solve(C, a, a, 0.1, 50, None, 10, strategy="streamed"),
+                "triton-tiled": lambda: solve(C, a, a, 0.1, 50, None, 10, strategy="tiled"),
+                "triton-tiled no graph": lambda: tiled.solve_tiled(C, a, a, 0.1, 50, None, 10, True),
+                "triton-auto": lambda: solve(C, a, a, 0.1, 50, None, 10),
             }
             if n * n <= 128 * 256:  # larger fused programs take minutes to compile and spill heavily
-                runs["triton-fused"] = lambda: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True)
-                runs["triton-fused-scaling"] = lambda: tk._solve_fused(C, a, a, 0.1, 50, None, 10, True, scaling=True)
+                runs["triton-fused"] = lambda: solve(C, a, a, 0.1, 50, None, 10, strategy="fused")
+                runs["triton-fused-scaling"] = lambda: solve(C, a, a, 0.1, 50, None, 10, strategy="fused-scaling")
             if self.cooperative_ok:
-                runs["triton-cooperative"] = lambda: tk._solve_cooperative(C, a, a, 0.1, 50, None, 10, True)
-            runs["triton-onepass"] = lambda: tk.solve(C, a, a, 0.1, 50, None, 10, strategy="onepass")
+                runs["triton-cooperative"] = lambda: solve(C, a, a, 0.1, 50, None, 10, strategy="cooperative")
+            runs["triton-onepass"] = lambda: solve(C, a, a, 0.1, 50, None, 10, strategy="onepass")
             if self.native_ok:
                 from aplot_kernels.sinkhorn import native
 
@@ -303,7 +303,7 @@ class Runner:
     def sinkhorn_case(self, case, *, batch, n, m, n_iters, strategies, pot_loop=True, repeats=None, eps=0.1):
         torch = self.torch
         from aplot_kernels.sinkhorn import reference
-        from aplot_kernels.sinkhorn import triton_kernels
+        from aplot_kernels.sinkhorn import triton as triton_sinkhorn
 
         gen = torch.Generator(device=self.device).manual_seed(0)
         C = torch.rand(batch, n, m, device=self.device, generator=gen) * 2
@@ -313,7 +313,9 @@ class Runner:
         with torch.no_grad():
             ref64 = reference.solve(C.double(), a.double(), b.double(), eps, n_iters, None, 10).plan
         for strategy in strategies:
-            run = lambda s=strategy: triton_kernels.solve(C, a, b, eps, n_iters, None, 10, strategy=s)
+            def run(s=strategy):
+                return triton_sinkhorn.solve(C, a, b, eps, n_iters, None, 10, strategy=s)
+
             self.add(case, f"triton-{strategy}", shape, dtype, n_iters, run, reference_plan=ref64,
                      plan_of=lambda r=run: r().plan, repeats=repeats)
         # The public entry point: the same kernels plus argument checks (one host synchronisation).
@@ -325,13 +327,17 @@ class Runner:
         if self.native_ok:
             from aplot_kernels.sinkhorn import native
 
-            run_native = lambda: native.solve(C, a, b, eps, n_iters, None, 10)
+            def run_native():
+                return native.solve(C, a, b, eps, n_iters, None, 10)
+
             self.add(case, "native (CUDA)", shape, dtype, n_iters, run_native, reference_plan=ref64,
                      plan_of=lambda: run_native().plan, repeats=repeats)
         else:
             self.skip(case, "native (CUDA)", shape, dtype, n_iters, self.native_why)
         # Tolerance mode: device-side stop flags, no host sync in the loop (tol reached well before the cap).
-        tol_run = lambda: triton_kernels.solve(C, a, b, eps, n_iters, 1e-6, 10)
+        def tol_run():
+            return triton_sinkhorn.solve(C, a, b, eps, n_iters, 1e-6, 10)
+
         try:
             tol_note = "n_iters per problem: " + _summary(tol_run().n_iters)
         except Exception as exc:  # recorded by add() as a failed row
@@ -344,7 +350,9 @@ class Runner:
             self.skip(case, "POT", shape, dtype, n_iters, self.pot_note)
             return
         ot = self.ot
-        batch_solve = lambda: ot.batch.solve_batch(C, eps, a=a, b=b, max_iter=n_iters, tol=0.0, method="log_sinkhorn")
+        def batch_solve():
+            return ot.batch.solve_batch(C, eps, a=a, b=b, max_iter=n_iters, tol=0.0, method="log_sinkhorn")
+
         self.add(case, "POT solve_batch log_sinkhorn", shape, dtype, n_iters, batch_solve, repeats=repeats,
                  note="row update first: same iteration count, not the same iterates")
         if pot_loop:
@@ -372,7 +380,9 @@ class Runner:
             if backend == "native" and not self.native_ok:
                 self.skip(case, "native aplot_margin", shape, dtype, n_iters, self.native_why)
                 continue
-            run = lambda be=backend: aplot_margin(r_c, r_r, emb_c, emb_r, backend=be, **kwargs)
+            def run(be=backend):
+                return aplot_margin(r_c, r_r, emb_c, emb_r, backend=be, **kwargs)
+
             try:
                 note = f"margin rel err vs float64 torch {((run().double() - want).abs().max() / want.abs().max()).item():.2e}"
             except Exception as exc:  # recorded by add() as a failed row
@@ -380,7 +390,7 @@ class Runner:
             self.add(case, f"{backend} aplot_margin", shape, dtype, n_iters, run, note=note)
         from aplot_kernels import loss_triton
         from aplot_kernels.cost import triton_kernels as cost_kernels
-        from aplot_kernels.sinkhorn import triton_kernels as sinkhorn_kernels
+        from aplot_kernels.sinkhorn import triton as sinkhorn_kernels
 
         if self.cooperative_ok and not loss_triton.fits(n, n):
             uniform = torch.full((1, n), 1.0 / n, device=self.device)
@@ -425,7 +435,9 @@ class Runner:
         for backend in ("triton", "native", "torch"):
             if backend == "native" and not self.native_ok:
                 continue
-            run = lambda be=backend: aplot_cost(emb_c, emb_r, r_c, r_r, backend=be)
+            def run(be=backend):
+                return aplot_cost(emb_c, emb_r, r_c, r_r, backend=be)
+
             try:
                 note = f"cost max abs err vs float64 torch {(run().double() - cost_want).abs().max().item():.2e}"
             except Exception as exc:  # recorded by add() as a failed row

@@ -17,7 +17,8 @@
 #   1. the C++/CUDA extension is compiled in place (setup.py build_ext), in the
 #      background while step 2 runs;
 #   2. the test suite on the GPU for the torch and Triton backends (with
-#      pytest-xdist when installed; else tests/test_triton.py alone);
+#      pytest-xdist when installed; else the Triton test files alone), the experimental
+#      strategies' tests included;
 #   3. once the build is done, the native backend's tests on the GPU;
 #   4. bench/gpu_check.py: the issue-level shapes, every Triton strategy, the
 #      CUDA kernels, the torch reference and POT -> gpu_check.csv, then a summary;
@@ -95,14 +96,15 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [[ $DRY != 1 ]]; then
   run 90 cooperative.txt "$PY" -c "
 import torch
-from aplot_kernels.sinkhorn import triton_kernels as tk
+from aplot_kernels.sinkhorn.triton import solve
+from aplot_kernels.sinkhorn.triton.experimental import cooperative
 C = torch.rand(1, 512, 512, device='cuda')
 a = torch.full((1, 512), 1 / 512, device='cuda')
-out = tk._solve_cooperative(C, a, a, 0.1, 20, 1e-9, 5, True)
-ref = tk._solve_tiled(C, a, a, 0.1, 20, 1e-9, 5, True)
+out = solve(C, a, a, 0.1, 20, 1e-9, 5, strategy='cooperative')
+ref = solve(C, a, a, 0.1, 20, 1e-9, 5, strategy='tiled')
 torch.cuda.synchronize()
 diff = (out.plan - ref.plan).abs().max().item() / ref.plan.max().item()
-print('cooperative smoke: parts', tk._cooperative_parts(C), 'plan vs tiled', diff)
+print('cooperative smoke: parts', cooperative.cooperative_parts(C), 'plan vs tiled', diff)
 assert diff < 1e-5, diff
 "
   grep -q "cooperative smoke: parts" "$OUT/cooperative.txt" || export APLOT_TEST_SKIP_COOPERATIVE=1
@@ -111,12 +113,13 @@ fi
 XDIST=()
 [[ $DRY != 1 ]] && "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 if [[ $DRY == 1 ]]; then
-  run 240 pytest_triton.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py
+  run 240 pytest_triton.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_sinkhorn_triton.py tests/test_margin_triton.py tests/test_cost_triton.py
 elif ((${#XDIST[@]})); then
   # The whole suite on the GPU except the native backend, whose build is still running.
-  run 150 pytest_suite.txt env APLOT_TEST_BACKENDS=triton APLOT_KERNELS_NO_JIT=1 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" --durations=10 tests
+  # The experimental strategies' tests too (-m replaces the default "not slow and not experimental").
+  run 150 pytest_suite.txt env APLOT_TEST_BACKENDS=triton APLOT_KERNELS_NO_JIT=1 "$PY" -m pytest -q -p no:cacheprovider -m "not slow" "${XDIST[@]}" --durations=10 tests
 else
-  run 100 pytest_suite.txt "$PY" -m pytest -q -p no:cacheprovider tests/test_triton.py
+  run 100 pytest_suite.txt "$PY" -m pytest -q -p no:cacheprovider -m "not slow" tests/test_sinkhorn_triton.py tests/test_sinkhorn_triton_experimental.py tests/test_margin_triton.py tests/test_cost_triton.py
 fi
 if [[ -n $BUILD_PID ]]; then
   wait "$BUILD_PID"

@@ -60,7 +60,7 @@ def compile_for(fn, pointers, floats, constexprs, num_warps, arch, unit_strides=
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def _main_loop(sass: str):
+def main_loop(sass: str):
     """``(instructions, {opcode: count})`` of the Sinkhorn loop: of the loops (backward branches'
     bodies), the one with the most ``MUFU`` (``exp2``, reciprocals), then the longest."""
     label_at, instructions, pending = {}, [], []
@@ -101,7 +101,7 @@ def _stats(kernel, arch):
         sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
     registers = re.search(r"Used (\d+) registers", report)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
-    length, counts = _main_loop(sass)
+    length, counts = main_loop(sass)
     return dict(
         registers=int(registers.group(1)) if registers else None,
         spill_bytes=f"{spills.group(1)}/{spills.group(2)}" if spills else "?",
@@ -112,22 +112,23 @@ def _stats(kernel, arch):
 def _cases():
     """``(name, kernel, pointers, floats, constexprs, unit strides, aligned ints, warps)`` as ``"auto"`` launches."""
     from aplot_kernels import loss_triton
-    from aplot_kernels._triton_utils import num_warps_for
-    from aplot_kernels.sinkhorn import triton_kernels as sinkhorn
+    from aplot_kernels.triton_utils import num_warps_for
+    from aplot_kernels.sinkhorn.triton import fused
+    from aplot_kernels.sinkhorn.triton.experimental import fused_scaling
 
     f32 = "fp32"
-    fused = dict(c_ptr=f32, a_ptr=f32, b_ptr=f32, plan_ptr=f32, row_cost_ptr=f32, f_ptr=f32, g_ptr=f32, cost_ptr=f32,
+    pointers = dict(c_ptr=f32, a_ptr=f32, b_ptr=f32, plan_ptr=f32, row_cost_ptr=f32, f_ptr=f32, g_ptr=f32, cost_ptr=f32,
                  reg_ptr=f32, iters_ptr="i64", err_ptr=f32)
     floats = ("eps", "tol", "neg_inv_hi", "neg_inv_lo")
     for block_n, block_m in ((128, 128), (64, 128), (64, 64), (32, 32)):
-        warps = num_warps_for(block_n * block_m, per_thread=sinkhorn.FUSED_ENTRIES_PER_THREAD)
-        for scaling in (False, True):
-            yield (f"sinkhorn {'fused-scaling' if scaling else 'fused'} {block_n}x{block_m}", sinkhorn._solve_fused_kernel,
-                   fused, floats, dict(HAS_TOL=False, WRITE_PLAN=True, SCALING=scaling, BLOCK_N=block_n, BLOCK_M=block_m),
+        warps = num_warps_for(block_n * block_m, per_thread=fused.FUSED_ENTRIES_PER_THREAD)
+        for name, kernel in (("fused", fused.fused_kernel), ("fused-scaling", fused_scaling.fused_scaling_kernel)):
+            yield (f"sinkhorn {name} {block_n}x{block_m}", kernel,
+                   pointers, floats, dict(HAS_TOL=False, WRITE_PLAN=True, BLOCK_N=block_n, BLOCK_M=block_m),
                    ("stride_cm", "stride_an", "stride_bm", "stride_pm"),
                    ("stride_cb", "stride_cn", "stride_ab", "stride_bb", "stride_pb", "stride_pn"), warps)
     for emb, ieee, block_d in (("bf16", False, loss_triton.HALF_BLOCK_D), ("fp32", True, loss_triton.FP32_BLOCK_D)):
-        warps = num_warps_for(128 * 128, per_thread=sinkhorn.FUSED_ENTRIES_PER_THREAD)
+        warps = num_warps_for(128 * 128, per_thread=fused.FUSED_ENTRIES_PER_THREAD)
         yield (f"margin {emb} 128x128", loss_triton._aplot_margin_kernel,
                dict(x_ptr=emb, y_ptr=emb, rx_ptr=emb, ry_ptr=emb, out_ptr=f32),
                ("alpha", "inv_temperature", "norm_eps", "eps", "neg_inv_hi", "neg_inv_lo", "row_weight", "col_weight",

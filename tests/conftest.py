@@ -13,8 +13,8 @@ The Triton interpreter is slow and Triton has no float64, so:
   ``float64_backend`` fixture keep float64 cases on the backends that compute
   float64 (torch; native on the CPU); ``widest_dtype(backend)`` picks float64
   where it can;
-* float32 kernel results are held to the float64 ``torch`` reference with
-  SPEC section 5's bound ``max |plan diff| <= 1e-5 * max plan entry``.
+* float32 kernel results are held to the float64 ``torch`` reference with the
+  float32 bound of docs/contract.md, ``max |plan diff| <= 1e-5 * max plan entry``.
 
 ``APLOT_TEST_BACKENDS=native`` (a comma-separated list) restricts a run to
 ``torch`` and those backends.
@@ -46,11 +46,12 @@ import pytest  # noqa: E402
 from aplot_kernels import backends  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-KERNEL_MODULES = {"triton": "triton_kernels", "native": "native"}
+# Where an op's kernels for a backend live: a module or package beside the op's dispatch.
+KERNEL_MODULES = {"triton": ("triton", "triton_kernels"), "native": ("native",)}
 
 
 def _kernel_module_exists(backend: str, op: str) -> bool:
-    return importlib.util.find_spec(f"aplot_kernels.{op}.{KERNEL_MODULES[backend]}") is not None
+    return any(importlib.util.find_spec(f"aplot_kernels.{op}.{name}") is not None for name in KERNEL_MODULES[backend])
 
 
 def backends_for(op: str, device: torch.device = DEVICE) -> list:
@@ -90,7 +91,7 @@ def small(backend: str, big, tiny):
 
 
 def has_float64(backend: str, device: torch.device = DEVICE) -> bool:
-    """SPEC section 2: float64 runs on the torch backend and the native CPU backend (Triton has none)."""
+    """docs/contract.md: float64 runs on the torch backend and the native CPU backend (Triton has none)."""
     return backend == "torch" or (backend == "native" and device.type == "cpu")
 
 
@@ -210,7 +211,7 @@ def max_abs(x, y) -> float:
 
 
 def assert_plan_close_relative(plan, reference_plan, bound=1e-5):
-    """SPEC section 5, float32 row: ``max |plan diff| <= bound * max plan entry`` (per problem)."""
+    """docs/contract.md, conformance figures, float32 row: ``max |plan diff| <= bound * max plan entry`` (per problem)."""
     plan, reference_plan = _np(plan), _np(reference_plan)
     if plan.ndim == 2:
         plan, reference_plan = plan[None], reference_plan[None]
@@ -223,6 +224,7 @@ def assert_plan_close_relative(plan, reference_plan, bound=1e-5):
 # most ERROR_MULTIPLE times plain PyTorch's error in the same dtype, plus ERROR_FLOOR.
 ERROR_MULTIPLE = 3.0
 ERROR_FLOOR = 2.5e-7  # about two float32 ulps of the largest entry
+
 
 def relative_error(x: torch.Tensor, reference: torch.Tensor) -> float:
     """``max |x - reference| / max |reference|`` in float64."""

@@ -5,7 +5,8 @@ inputs) may be at most ``ERROR_MULTIPLE`` times the error of plain PyTorch
 in the same input dtype (the ``torch`` backend, which computes half inputs in
 float32), plus ``ERROR_FLOOR`` for the cases where PyTorch happens to be
 exact (both in ``conftest.py``, which also holds :func:`assert_within_rule`;
-``test_triton.py`` applies it to each Triton strategy). SPEC section 5's absolute bounds are tested elsewhere; this rule
+``test_sinkhorn_triton.py`` applies it to each Triton strategy). The absolute bounds of
+docs/contract.md (conformance figures) are tested elsewhere; this rule
 catches a kernel that is within them but sloppier than it needs to be (a
 lost float32 accumulation, an early rounding to half, a cruder ``exp``).
 

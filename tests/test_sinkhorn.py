@@ -1,4 +1,4 @@
-"""``sinkhorn`` (SPEC section 2) held to POT and to the float64 torch reference (SPEC section 5)."""
+"""``sinkhorn`` (docs/contract.md) held to POT and to the float64 torch reference (its conformance figures)."""
 
 from __future__ import annotations
 
@@ -146,6 +146,31 @@ def test_half_precision_returns_float32(sinkhorn_backend, gen, dtype):
     torch.testing.assert_close(result.g, as_float.g, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(result.reg_cost, as_float.reg_cost, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(result.cost, as_float.cost, rtol=1e-5, atol=1e-6)
+
+
+# The dtype of C -> bounds against the float64 torch reference on the same (rounded) inputs: plan
+# (relative to its largest entry), then rtol and atol of cost and dual value (docs/contract.md,
+# conformance figures). Half-precision costs are widened exactly, so they hold float32's bounds.
+DTYPE_TOLERANCES = [
+    pytest.param(torch.float64, 1e-10, 1e-10, 1e-12, marks=pytest.mark.float64_only, id="fp64"),
+    pytest.param(torch.float32, 1e-5, 1e-4, 1e-5, id="fp32"),
+    pytest.param(torch.bfloat16, 1e-5, 1e-4, 1e-5, id="bf16"),
+    pytest.param(torch.float16, 1e-5, 1e-4, 1e-5, id="fp16"),
+]
+
+
+@pytest.mark.parametrize("dtype, plan_bound, rtol, atol", DTYPE_TOLERANCES)
+def test_every_dtype_within_its_bound(sinkhorn_backend, gen, dtype, plan_bound, rtol, atol):
+    C = random_cost(gen, 2, 13, 17, scale=2.0, dtype=dtype)
+    weights = torch.float64 if dtype == torch.float64 else torch.float32
+    a = random_marginal(gen, 2, 13, dtype=weights)
+    b = random_marginal(gen, 2, 17, dtype=weights)
+    result = sinkhorn(C, a, b, eps=0.05, n_iters=20, backend=sinkhorn_backend)
+    reference = sinkhorn(C.double(), a.double(), b.double(), eps=0.05, n_iters=20, backend="torch")
+    assert result.plan.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_plan_close_relative(result.plan, reference.plan, bound=plan_bound)
+    torch.testing.assert_close(result.cost.double(), reference.cost, rtol=rtol, atol=atol)
+    torch.testing.assert_close(result.reg_cost.double(), reference.reg_cost, rtol=rtol, atol=atol)
 
 
 # ---------------------------------------------------------------------------

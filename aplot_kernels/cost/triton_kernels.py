@@ -35,7 +35,7 @@ import triton.language as tl
 
 from ..backends import kernel_entry, triton_interpreter_on
 from .._precision import float32_or_wider
-from .._triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, cdiv
+from ..triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, cdiv
 
 # Tiles. Half-precision products run on the tensor cores (wgmma on sm_90): 128 x 128 output tiles
 # with BLOCK_D = 64 once the grid has enough tiles to fill the GPU, 64 x 64 below that (a 512 x 512
