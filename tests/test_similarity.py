@@ -33,7 +33,7 @@ def _by_spec(c, r, rc, rr, alpha, temperature, similarity, eps=1e-8):
 
 
 @pytest.mark.parametrize("similarity", ["unit", "cosine"])
-@pytest.mark.parametrize("alpha,temperature", [(0.9, 1.0), (0.0, 0.5), (0.3, 0.05)])
+@pytest.mark.parametrize("alpha,temperature", [(0.9, 1.0), (0.3, 0.05)])
 @pytest.mark.parametrize("batch,n,m,d", [(None, 1, 1, 1), (None, 6, 9, 4), (3, 17, 13, 24), (2, 16, 8, 32)])
 @pytest.mark.parametrize("width", ["widest", "float32"])
 def test_aplot_cost_similarity_follows_spec(cost_backend, gen, batch, n, m, d, alpha, temperature, similarity, width):
