@@ -22,22 +22,42 @@ constexpr int kRowsPerBlock = 8;
 __device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
 
-// out[r, :] = x[r, :] / max(||x[r, :]||, eps); a warp per row.
+// A power of two sigma with max |sigma x| in [0.5, 1) for the row's peak (1 for a zero row), kept a normal
+// number. Scaling by it is exact, so the squared norm of sigma x is that of x times sigma^2 to the bit where
+// the latter is finite and normal, and never overflows (entries near 1e19 would in float32).
+__device__ __forceinline__ float pow2_scale(float peak) {
+  if (peak == 0.f) return 1.f;
+  int e = 0;
+  frexpf(peak, &e);
+  return ldexpf(1.f, -min(max(e, -127), 126));
+}
+__device__ __forceinline__ double pow2_scale(double peak) {
+  if (peak == 0.0) return 1.0;
+  int e = 0;
+  frexp(peak, &e);
+  return ldexp(1.0, -min(max(e, -1023), 1022));
+}
+
+// out[r, :] = x[r, :] / max(||x[r, :]||, eps), computed as (sigma x) / (sigma max(||x||, eps)); a warp per row.
 template <typename T, typename scalar_t>
 __global__ void normalize_kernel(const scalar_t* __restrict__ x, int64_t rows, int width, T eps, T* __restrict__ out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= rows) return;
   const int lane = threadIdx.x % kWarpSize;
   const scalar_t* x_row = x + row * width;
+  T peak = 0;
+  for (int d = lane; d < width; d += kWarpSize) peak = max(peak, absolute(static_cast<T>(x_row[d])));
+  const T scale = pow2_scale(warp_max(peak));
   T squares = 0;
   for (int d = lane; d < width; d += kWarpSize) {
-    const T value = static_cast<T>(x_row[d]);
+    const T value = static_cast<T>(x_row[d]) * scale;
     squares += value * value;
   }
   squares = warp_sum(squares);
   const T norm = sqrt_(squares);
-  const T denom = norm > eps ? norm : eps;
-  for (int d = lane; d < width; d += kWarpSize) out[row * width + d] = static_cast<T>(x_row[d]) / denom;
+  const T floor = eps * scale;  // exact; inf only for rows far below eps, whose x_hat then reads 0
+  const T denom = norm > floor ? norm : floor;
+  for (int d = lane; d < width; d += kWarpSize) out[row * width + d] = (static_cast<T>(x_row[d]) * scale) / denom;
 }
 
 template <typename T>
@@ -47,10 +67,10 @@ __global__ void cosine_epilogue_kernel(T* __restrict__ s, int64_t total) {
     s[idx] = T(1) - s[idx];
 }
 
-// s <- alpha * sigmoid(-|r_c[i] - r_r[j]| / temperature) + coef * (1 + s), in place over [B, N, M].
+// s <- alpha * sigmoid(-|r_c[i] - r_r[j]| / temperature) + coef * (offset + s), in place over [B, N, M].
 template <typename T>
 __global__ void aplot_epilogue_kernel(T* __restrict__ s, const T* __restrict__ r_c, const T* __restrict__ r_r, int n,
-                                      int m, int64_t total, T alpha, T temperature, T coef) {
+                                      int m, int64_t total, T alpha, T temperature, T coef, T offset) {
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = idx / m;  // b * n + i
@@ -58,7 +78,7 @@ __global__ void aplot_epilogue_kernel(T* __restrict__ s, const T* __restrict__ r
     const int64_t problem = row / n;
     const T delta = absolute(r_c[row] - r_r[problem * m + j]);
     const T gap = T(1) / (T(1) + exp_(delta / temperature));
-    s[idx] = alpha * gap + coef * (T(1) + s[idx]);
+    s[idx] = alpha * gap + coef * (offset + s[idx]);
   }
 }
 
@@ -111,7 +131,8 @@ at::Tensor cosine_cost_cuda(const at::Tensor& x, const at::Tensor& y, double eps
 }
 
 at::Tensor aplot_cost_cuda(const at::Tensor& chosen_emb, const at::Tensor& rejected_emb, const at::Tensor& chosen_rewards,
-                           const at::Tensor& rejected_rewards, double alpha, double temperature, double eps) {
+                           const at::Tensor& rejected_rewards, double alpha, double temperature, double eps,
+                           double sim_weight, double sim_offset) {
   TORCH_CHECK(chosen_emb.dim() == 3 && rejected_emb.dim() == 3 && chosen_emb.size(0) == rejected_emb.size(0) &&
                   chosen_emb.size(2) == rejected_emb.size(2),
               "aplot_cost: embeddings must be [B, N, D] and [B, M, D]");
@@ -125,7 +146,8 @@ at::Tensor aplot_cost_cuda(const at::Tensor& chosen_emb, const at::Tensor& rejec
   AT_DISPATCH_FLOATING_TYPES(type, "aplot_cost_cuda", [&] {
     aplot_epilogue_kernel<scalar_t><<<grid_for(total), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         cost.mutable_data_ptr<scalar_t>(), r_c.const_data_ptr<scalar_t>(), r_r.const_data_ptr<scalar_t>(), n, m, total,
-        static_cast<scalar_t>(alpha), static_cast<scalar_t>(temperature), static_cast<scalar_t>((1.0 - alpha) * 0.5));
+        static_cast<scalar_t>(alpha), static_cast<scalar_t>(temperature), static_cast<scalar_t>(sim_weight),
+        static_cast<scalar_t>(sim_offset));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return cost;
