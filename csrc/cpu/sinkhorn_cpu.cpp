@@ -12,9 +12,13 @@
 // kernel is the plan at the last absorption, exp(-C/eps + alpha_i + beta_j),
 // each half-iteration is a matrix-vector product (a row update and the next
 // column update's sums share one pass over the kernel), and the scalings are
-// absorbed back into the log potentials whenever one leaves [1e-4, 1e4], so no
-// kernel entry that matters can underflow. The plan, potentials and err are
-// always formed in the log domain exactly as the reference forms them.
+// absorbed back into the log potentials whenever one leaves [1e-4, 1e4]. Kernel
+// entries below the smallest normal number are flushed to zero, so a row or
+// column sum is trusted only while it is large enough that the flushed entries
+// cannot change it by more than an ulp; a smaller one (a tiny weight, or a column
+// that a row update left almost empty) sends the problem back to the log domain
+// for its remaining iterations. The plan, potentials and err are always formed
+// in the log domain exactly as the reference forms them.
 //
 // Threads go over problems when there are enough of them, otherwise over the
 // rows or column blocks of each pass. Every value is computed by the same loop
@@ -180,11 +184,23 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
     return total;
   };
   bool scaled = false, absorb = true;
+  bool log_domain = false;      // a sum fell below sum_floor: every later iteration runs in the log domain
   bool col_sums_ready = false;  // ws.sums[0, m) already holds the column sums for the current scale_u
+  // A sum of `count` kernel entries weighted by `scales`: each entry is exact to within the smallest
+  // normal number (exp flushes below it), so the sum is exact to an ulp if it is at least this.
+  auto sum_floor = [&](const std::vector<T>& scales, int64_t count) {
+    T total = T(count);
+    for (int64_t k2 = 0; k2 < count; ++k2) total += scales[k2];
+    return total * (std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon());
+  };
+  auto trusted = [](T sum, T floor) { return sum >= floor && sum <= std::numeric_limits<T>::max(); };
+  auto sync_log_v = [&] {
+    for (int64_t j = 0; j < m; ++j) ws.log_v[j] = p.b[j] > 0 ? ws.beta[j] + std::log(ws.scale_v[j]) : neg_inf;
+  };
   const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
   auto sync_potentials = [&] {  // log_u, log_v from the scalings
     for (int64_t i = 0; i < n; ++i) ws.log_u[i] = p.a[i] > 0 ? ws.alpha[i] + std::log(ws.scale_u[i]) : neg_inf;
-    for (int64_t j = 0; j < m; ++j) ws.log_v[j] = p.b[j] > 0 ? ws.beta[j] + std::log(ws.scale_v[j]) : neg_inf;
+    sync_log_v();
   };
   auto out_of_range = [&](const std::vector<T>& scale, const T* w, int64_t count) {
     for (int64_t k2 = 0; k2 < count; ++k2)
@@ -192,7 +208,8 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
     return false;
   };
   for (int64_t it = 1; it <= opt.n_iters; ++it) {
-    if (it >= 2) {
+    bool in_log_domain = it == 1 || log_domain;
+    if (!in_log_domain) {
       if (absorb) {
         if (scaled) sync_potentials();
         std::copy(ws.log_u.begin(), ws.log_u.begin() + n, ws.alpha.begin());
@@ -219,7 +236,16 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
           k.weighted_col_sums(ws.kernel.data(), m_pad, n, ws.scale_u.data(), ws.sums.data(), begin, end);
         });
       }
+      const T col_floor = sum_floor(ws.scale_u, n);
+      for (int64_t j = 0; j < m && !log_domain; ++j) log_domain = p.b[j] > 0 && !trusted(ws.sums[j], col_floor);
+      if (log_domain) {  // this whole iteration in the log domain, from the (trusted) row scalings
+        sync_potentials();
+        in_log_domain = true;
+      }
+    }
+    if (!in_log_domain) {
       for (int64_t j = 0; j < m; ++j) ws.scale_v[j] = p.b[j] > 0 ? p.b[j] / ws.sums[j] : T(0);
+      const T row_floor = sum_floor(ws.scale_v, m);
       if (it < opt.n_iters) {
         // The kernel is memory-bound: one pass over its rows gives the row
         // update and the column sums the next column update needs.
@@ -237,35 +263,39 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
           for (int64_t j = 0; j < m; ++j) ws.sums[j] += partial[j];
         }
         col_sums_ready = true;
+        // The row sums themselves are not kept: a_i / scale_u_i gives them back to within rounding.
+        for (int64_t i = 0; i < n && !log_domain; ++i)
+          log_domain = p.a[i] > 0 && !trusted(p.a[i] / ws.scale_u[i], row_floor);
       } else {
         for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
           k.dot_rows(ws.kernel.data(), m_pad, ws.scale_v.data(), ws.sums.data(), begin, end);
         });
-        for (int64_t i = 0; i < n; ++i) ws.scale_u[i] = p.a[i] > 0 ? p.a[i] / ws.sums[i] : T(0);
+        for (int64_t i = 0; i < n && !log_domain; ++i) log_domain = p.a[i] > 0 && !trusted(ws.sums[i], row_floor);
+        if (!log_domain)
+          for (int64_t i = 0; i < n; ++i) ws.scale_u[i] = p.a[i] > 0 ? p.a[i] / ws.sums[i] : T(0);
       }
-      absorb = out_of_range(ws.scale_u, p.a, n) || out_of_range(ws.scale_v, p.b, m);
-      if (with_tol && it % opt.check_every == 0) {
-        sync_potentials();
-        err = column_violation();
-        measured = true;
-        if (err <= tol) {
-          iters = it;
-          break;
-        }
+      if (log_domain) {  // redo the row update in the log domain from the (trusted) column scalings
+        sync_log_v();
+        for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
+          k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
+        });
+      } else {
+        absorb = out_of_range(ws.scale_u, p.a, n) || out_of_range(ws.scale_v, p.b, m);
       }
-      continue;
+    } else {
+      // The log-domain iteration (the first, and every one after a sum fell below its floor). Its
+      // column update streams the rows of -C / eps with vector lanes along the columns, so no
+      // transposed copy of the cost is built for one pass (at 1024 x 1024 that copy took longer
+      // than the 49 scaling-domain iterations after it).
+      for_columns(m, n, [&](int64_t begin, int64_t end) {
+        k.lse_cols(ws.neg_c.data(), m_pad, n, ws.log_u.data(), ws.log_b.data(), ws.log_v.data(), begin, end);
+      });
+      for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
+        k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
+      });
     }
-    // The first iteration, in the log domain; every later one is in the scaling domain above. Its
-    // column update streams the rows of -C / eps with vector lanes along the columns, so no
-    // transposed copy of the cost is built for one pass (at 1024 x 1024 that copy took longer
-    // than the 49 scaling-domain iterations after it).
-    for_columns(m, n, [&](int64_t begin, int64_t end) {
-      k.lse_cols(ws.neg_c.data(), m_pad, n, ws.log_u.data(), ws.log_b.data(), ws.log_v.data(), begin, end);
-    });
-    for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
-      k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
-    });
     if (with_tol && it % opt.check_every == 0) {
+      if (scaled && !log_domain) sync_potentials();
       err = column_violation();
       measured = true;
       if (err <= tol) {
@@ -274,7 +304,7 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
       }
     }
   }
-  if (scaled) sync_potentials();
+  if (scaled && !log_domain) sync_potentials();
 
   for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
     std::vector<T> row(m_pad);
