@@ -171,6 +171,53 @@ def positive(name: str, value, *, allow_zero: bool = False) -> float:
     return value
 
 
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype an op computes in for these inputs (``None`` skipped): float64 if any is, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def normal_number(name: str, value: float, dtype: torch.dtype) -> float:
+    """``value`` (a positive option the computation divides by: eps, temperature, a norm clamp) must be a
+    normal number of the compute ``dtype``: below that, ``1 / value`` overflows, and below the smallest
+    subnormal the value itself rounds to 0, so that ``0 / value`` is NaN."""
+    tiny = torch.finfo(dtype).tiny
+    if value < tiny:
+        raise ValueError(
+            f"`{name}` must be at least {tiny:.4g}, the smallest normal {_dtype_name(dtype)} number "
+            f"(smaller values give NaN or inf in {_dtype_name(dtype)} arithmetic), got {value:g}"
+        )
+    return value
+
+
+def sinkhorn_eps(name: str, eps: float, dtype: torch.dtype, C: Optional[torch.Tensor] = None, max_cost: float = 1.0):
+    """``eps`` must be normal in ``dtype`` and resolve the cost: ``max |C| / eps <= 1 / machine epsilon``
+    (2^23 in float32, 2^52 in float64). Beyond that, ``-C / eps`` is rounded by more than 1, the plan's
+    exponents are wrong by more than a factor e, and overflow to inf and NaN follows. ``C`` (a tensor:
+    a value check on its largest magnitude) or ``max_cost`` (a known bound, checked now) gives ``max |C|``."""
+    normal_number(name, eps, dtype)
+    limit = 1.0 / torch.finfo(dtype).eps
+    message = (
+        f"`{name}` is too small for the magnitude of `C` in {_dtype_name(dtype)}: max|C| / {name} must be at most "
+        f"{limit:.4g} (1 / machine epsilon); pass a larger `{name}` or a rescaled `C`"
+        + (", or float64 inputs" if dtype != torch.float64 else "")
+    )
+    if C is None:
+        if max_cost / eps > limit:
+            raise ValueError(f"{message}; got {name}={eps:g} with max|C| up to {max_cost:g}")
+    elif torch.finfo(C.dtype).max / eps > limit:  # only a large enough C can fail: read its magnitude
+        require(lambda: _max_abs(C), lambda magnitude: magnitude / eps <= limit, message)
+    return eps
+
+
+def _max_abs(t: torch.Tensor) -> torch.Tensor:
+    low, high = torch.aminmax(t)  # one pass, no |t| temporary
+    return torch.maximum(high, -low)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 def finite_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ArgumentTypeError(f"`{name}` must be a number, got {type(value).__name__}")

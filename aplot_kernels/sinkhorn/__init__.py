@@ -133,6 +133,7 @@ def sinkhorn(
             tol = _checks.positive("tol", tol, allow_zero=True)
         _checks.choice("grad", grad, GRAD_MODES)
         compute_dtype = float32_or_wider(C)
+        _checks.sinkhorn_eps("eps", eps, compute_dtype, C)
         impl = backends.resolve(backend, C.device, C.dtype, needs_reference=grad == "unrolled")
 
         unbatched = C.dim() == 2
