@@ -47,16 +47,20 @@ def _tiny_weight_case(name):
         a = torch.tensor([0.0, 1e-37, 0.3, 1e-20, 0.7])
         b = torch.tensor([0.2, 0.0, 1e-36, 0.3, 0.1, 0.0, 0.4])
         return 3 * torch.rand(5, 7, generator=g), a, _balanced(a, b), 0.02, 25
-    if name == "float64-1e-160":  # all NaN
-        a = torch.tensor([1e-160, 0.5, 0.5], dtype=torch.float64)
-        return torch.rand(3, 4, generator=g, dtype=torch.float64), a, torch.full((4,), 0.25, dtype=torch.float64), 1e-3, 20
+    if name == "float64-1e-160":  # all NaN: the same underflow below exp(-708)
+        a = torch.tensor([1e-160, 1.0], dtype=torch.float64)
+        return torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64), a, a.clone(), 1e-3, 20
+    if name == "float64-1e-300":
+        a = torch.tensor([1e-300, 0.2, 0.3, 0.5], dtype=torch.float64)
+        b = torch.tensor([0.0, 0.25, 1e-290, 0.25, 0.5], dtype=torch.float64)
+        return torch.rand(4, 5, generator=g, dtype=torch.float64), a, _balanced(a, b), 2e-3, 15
     if name == "4x1000-1e-37":  # f shifted by 0.05 through subnormal kernel entries
         a, b = torch.tensor([1e-37, 0.4, 0.3, 0.3]), torch.full((1000,), 1e-3)
         return torch.rand(4, 1000, generator=g), a, _balanced(a, b), 0.05, 30
     raise KeyError(name)
 
 
-TINY_CASES = ["2x2-2", "2x2-3", "2x2-12", "3x3-1e-38", "5x7-padding", "float64-1e-160", "4x1000-1e-37"]
+TINY_CASES = ["2x2-2", "2x2-3", "2x2-12", "3x3-1e-38", "5x7-padding", "float64-1e-160", "float64-1e-300", "4x1000-1e-37"]
 
 
 @pytest.mark.parametrize("case", TINY_CASES)
