@@ -184,31 +184,27 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
     return total;
   };
   bool scaled = false, absorb = true;
-  bool log_domain = false;      // a sum fell below sum_floor: every later iteration runs in the log domain
+  bool log_domain = false;      // a sum fell below its floor: every later iteration runs in the log domain
   bool col_sums_ready = false;  // ws.sums[0, m) already holds the column sums for the current scale_u
-  // A sum of `count` kernel entries weighted by `scales`: each entry is exact to within the smallest
-  // normal number (exp flushes below it), so the sum is exact to an ulp if it is at least this.
-  auto sum_floor = [&](const std::vector<T>& scales, int64_t count) {
-    T total = T(count);
-    for (int64_t k2 = 0; k2 < count; ++k2) total += scales[k2];
-    return total * (std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon());
-  };
-  auto trusted = [](T sum, T floor) { return sum >= floor && sum <= std::numeric_limits<T>::max(); };
+  // A sum of `count` kernel entries times scalings s_k: each entry is exact to within the smallest
+  // normal number (exp flushes below it), so the sum is exact to an ulp once it is at least
+  // (count + sum_k s_k) * kFloor.
+  constexpr T kFloor = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
+  constexpr T kMin = std::numeric_limits<T>::min(), kMax = std::numeric_limits<T>::max();
+  T sum_scale_u = 0;  // sum of ws.scale_u, for the column sums' floor
+  const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
   auto sync_log_v = [&] {
     for (int64_t j = 0; j < m; ++j) ws.log_v[j] = p.b[j] > 0 ? ws.beta[j] + std::log(ws.scale_v[j]) : neg_inf;
   };
-  const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
   auto sync_potentials = [&] {  // log_u, log_v from the scalings
     for (int64_t i = 0; i < n; ++i) ws.log_u[i] = p.a[i] > 0 ? ws.alpha[i] + std::log(ws.scale_u[i]) : neg_inf;
     sync_log_v();
   };
-  auto out_of_range = [&](const std::vector<T>& scale, const T* w, int64_t count) {
-    for (int64_t k2 = 0; k2 < count; ++k2)
-      if (w[k2] > 0 && !(scale[k2] < kRange && scale[k2] > 1 / kRange)) return true;
-    return false;
-  };
+  auto in_range = [](T scale) { return scale < kRange && scale > 1 / kRange; };
   for (int64_t it = 1; it <= opt.n_iters; ++it) {
     bool in_log_domain = it == 1 || log_domain;
+    bool outside_v = false;  // a column scaling left [1 / kRange, kRange]
+    T sum_scale_v = 0;       // sum of ws.scale_v, for the row sums' floor
     if (!in_log_domain) {
       if (absorb) {
         if (scaled) sync_potentials();
@@ -224,7 +220,8 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
             }
           }
         });
-        for (int64_t i = 0; i < n; ++i) ws.scale_u[i] = p.a[i] > 0 ? T(1) : T(0);
+        sum_scale_u = 0;
+        for (int64_t i = 0; i < n; ++i) sum_scale_u += ws.scale_u[i] = p.a[i] > 0 ? T(1) : T(0);
         std::fill(ws.scale_v.begin(), ws.scale_v.end(), T(0));
         for (int64_t j = 0; j < m; ++j) ws.scale_v[j] = p.b[j] > 0 ? T(1) : T(0);
         scaled = true;
@@ -236,16 +233,24 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
           k.weighted_col_sums(ws.kernel.data(), m_pad, n, ws.scale_u.data(), ws.sums.data(), begin, end);
         });
       }
-      const T col_floor = sum_floor(ws.scale_u, n);
-      for (int64_t j = 0; j < m && !log_domain; ++j) log_domain = p.b[j] > 0 && !trusted(ws.sums[j], col_floor);
-      if (log_domain) {  // this whole iteration in the log domain, from the (trusted) row scalings
+      // The column update, with the check of its sums and the scalings' sum and range in the same loop.
+      const T col_floor = (T(n) + sum_scale_u) * kFloor;
+      bool bad = false;
+      for (int64_t j = 0; j < m; ++j) {
+        const bool positive = p.b[j] > 0;
+        const T sum = ws.sums[j], scale = positive ? p.b[j] / sum : T(0);
+        bad |= positive & !(sum >= col_floor && sum <= kMax && scale >= kMin);
+        outside_v |= positive & !in_range(scale);
+        ws.scale_v[j] = scale;
+        sum_scale_v += scale;
+      }
+      if (bad) {  // this whole iteration in the log domain, from the (trusted) row scalings
+        log_domain = in_log_domain = true;
         sync_potentials();
-        in_log_domain = true;
       }
     }
     if (!in_log_domain) {
-      for (int64_t j = 0; j < m; ++j) ws.scale_v[j] = p.b[j] > 0 ? p.b[j] / ws.sums[j] : T(0);
-      const T row_floor = sum_floor(ws.scale_v, m);
+      const T row_floor = (T(m) + sum_scale_v) * kFloor;
       if (it < opt.n_iters) {
         // The kernel is memory-bound: one pass over its rows gives the row
         // update and the column sums the next column update needs.
@@ -263,24 +268,31 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
           for (int64_t j = 0; j < m; ++j) ws.sums[j] += partial[j];
         }
         col_sums_ready = true;
-        // The row sums themselves are not kept: a_i / scale_u_i gives them back to within rounding.
-        for (int64_t i = 0; i < n && !log_domain; ++i)
-          log_domain = p.a[i] > 0 && !trusted(p.a[i] / ws.scale_u[i], row_floor);
       } else {
         for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
           k.dot_rows(ws.kernel.data(), m_pad, ws.scale_v.data(), ws.sums.data(), begin, end);
         });
-        for (int64_t i = 0; i < n && !log_domain; ++i) log_domain = p.a[i] > 0 && !trusted(ws.sums[i], row_floor);
-        if (!log_domain)
-          for (int64_t i = 0; i < n; ++i) ws.scale_u[i] = p.a[i] > 0 ? p.a[i] / ws.sums[i] : T(0);
+        for (int64_t i = 0; i < n; ++i) ws.scale_u[i] = p.a[i] > 0 ? p.a[i] / ws.sums[i] : T(0);
       }
-      if (log_domain) {  // redo the row update in the log domain from the (trusted) column scalings
+      // The row sums are a_i / scale_u_i: row_floor <= sum, and a normal scale_u_i (so sum < inf),
+      // written without a division.
+      bool bad = false, outside = false;
+      sum_scale_u = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const bool positive = p.a[i] > 0;
+        const T scale = ws.scale_u[i];
+        bad |= positive & !(scale * row_floor <= p.a[i] && scale >= kMin);
+        outside |= positive & !in_range(scale);
+        sum_scale_u += scale;
+      }
+      if (bad) {  // redo the row update in the log domain from the (trusted) column scalings
+        log_domain = true;
         sync_log_v();
         for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
           k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
         });
       } else {
-        absorb = out_of_range(ws.scale_u, p.a, n) || out_of_range(ws.scale_v, p.b, m);
+        absorb = outside || outside_v;
       }
     } else {
       // The log-domain iteration (the first, and every one after a sum fell below its floor). Its
