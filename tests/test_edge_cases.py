@@ -10,9 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import (
-    COST_BACKENDS,
     DEVICE,
-    SINKHORN_BACKENDS,
+    KERNEL_SINKHORN_BACKENDS,
     assert_finite,
     assert_plan_close_relative,
     has_float64,
@@ -70,11 +69,11 @@ def test_tiny_positive_weights_match_reference(sinkhorn_backend, case):
     C, a, b, eps, n_iters = _tiny_weight_case(case)
     if C.dtype == torch.float64 and not has_float64(sinkhorn_backend):
         pytest.skip("float64 case")
-    if interpreted(sinkhorn_backend) and C.numel() > 64:
-        pytest.skip("too large for the Triton interpreter")
+    if (interpreted(sinkhorn_backend) or sinkhorn_backend == "torch") and C.numel() > 64:
+        pytest.skip("large case: the Triton interpreter is slow; torch (the reference) slows down on subnormals")
     C, a, b = (t.to(DEVICE) for t in (C, a, b))
     for tol in (None, 1e-9):
-        options = dict(eps=eps, n_iters=n_iters, tol=tol, check_every=4)
+        options = {"eps": eps, "n_iters": n_iters, "tol": tol, "check_every": 4}
         r = sinkhorn(C, a, b, backend=sinkhorn_backend, **options)
         ref = sinkhorn(C.double(), a.double(), b.double(), backend="torch", **options)
         assert_finite(**r._asdict())
@@ -87,7 +86,7 @@ def test_tiny_positive_weights_match_reference(sinkhorn_backend, case):
         assert bool((r.plan[a == 0] == 0).all()) and bool((r.plan[:, b == 0] == 0).all())
 
 
-@pytest.mark.parametrize("backend", [b for b in SINKHORN_BACKENDS if not interpreted(b)])
+@pytest.mark.parametrize("backend", [b for b in KERNEL_SINKHORN_BACKENDS if not interpreted(b)])
 def test_tiny_weight_problem_beside_ordinary_ones(backend):
     """One problem of a batch that needs the log domain leaves its neighbours' numbers alone."""
     g = _gen(3)
