@@ -46,6 +46,9 @@ def _tiny_weight_case(name):
         a = torch.tensor([0.0, 1e-37, 0.3, 1e-20, 0.7])
         b = torch.tensor([0.2, 0.0, 1e-36, 0.3, 0.1, 0.0, 0.4])
         return 3 * torch.rand(5, 7, generator=g), a, _balanced(a, b), 0.02, 25
+    if name == "mass-1e30":  # weights from 1e-8 to 1e30 in one problem
+        a, b = torch.tensor([1e30, 1e-8, 3e29, 7e29]), torch.tensor([1e-6, 1e30, 1e30])
+        return torch.rand(4, 3, generator=g), a, _balanced(a, b), 0.02, 20
     if name == "float64-1e-160":  # all NaN: the same underflow below exp(-708)
         a = torch.tensor([1e-160, 1.0], dtype=torch.float64)
         return torch.tensor([[0.0, 0.0], [1.0, 0.0]], dtype=torch.float64), a, a.clone(), 1e-3, 20
@@ -59,7 +62,8 @@ def _tiny_weight_case(name):
     raise KeyError(name)
 
 
-TINY_CASES = ["2x2-2", "2x2-3", "2x2-12", "3x3-1e-38", "5x7-padding", "float64-1e-160", "float64-1e-300", "4x1000-1e-37"]
+TINY_CASES = ["2x2-2", "2x2-3", "2x2-12", "3x3-1e-38", "5x7-padding", "mass-1e30", "float64-1e-160", "float64-1e-300",
+              "4x1000-1e-37"]
 
 
 @pytest.mark.parametrize("case", TINY_CASES)

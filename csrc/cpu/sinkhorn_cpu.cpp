@@ -239,7 +239,7 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
       for (int64_t j = 0; j < m; ++j) {
         const bool positive = p.b[j] > 0;
         const T sum = ws.sums[j], scale = positive ? p.b[j] / sum : T(0);
-        bad |= positive & !(sum >= col_floor && sum <= kMax && scale >= kMin);
+        bad |= positive & !(sum >= col_floor && sum <= kMax && scale >= kMin && scale <= kMax);
         outside_v |= positive & !in_range(scale);
         ws.scale_v[j] = scale;
         sum_scale_v += scale;
