@@ -12,6 +12,7 @@ import torch
 from conftest import (
     DEVICE,
     KERNEL_SINKHORN_BACKENDS,
+    SINKHORN_BACKENDS,
     assert_finite,
     assert_plan_close_relative,
     has_float64,
@@ -103,6 +104,30 @@ def test_tiny_weight_problem_beside_ordinary_ones(backend):
     assert_finite(**r._asdict())
     assert_plan_close_relative(r.plan, ref.plan)
     assert max_abs(r.f, ref.f) <= 1e-5 and max_abs(r.g, ref.g) <= 1e-5
+
+
+@pytest.mark.skipif("native" not in SINKHORN_BACKENDS or DEVICE.type != "cpu", reason="native CPU solver")
+@pytest.mark.parametrize("batch, n, m", [(1, 300, 260), (5, 40, 33)])
+def test_native_log_domain_fallback_does_not_depend_on_the_thread_count(batch, n, m):
+    """Whether a problem leaves the scaling domain is decided from sums formed in a fixed order."""
+    from aplot_kernels.sinkhorn import native
+
+    g = _gen(batch * n)
+    C = torch.rand(batch, n, m, generator=g)
+    a, b = torch.rand(batch, n, generator=g) + 0.1, torch.rand(batch, m, generator=g) + 0.1
+    a[:, 1], b[:, 2], a[-1, 3] = 1e-33, 1e-36, 0.0
+    a, b = a / a.double().sum(-1, keepdim=True).float(), b / b.double().sum(-1, keepdim=True).float()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.solve(C, a, b, 0.02, 30, 1e-6, 7)
+        torch.set_num_threads(2)
+        two = native.solve(C, a, b, 0.02, 30, 1e-6, 7)
+    finally:
+        torch.set_num_threads(before)
+    for name, value in one._asdict().items():
+        assert torch.equal(value, getattr(two, name)), name
+    assert_finite(**{k: v for k, v in one._asdict().items() if k != "n_iters"})
 
 
 # ---------------------------------------------------------------------------
