@@ -188,10 +188,10 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
   bool col_sums_ready = false;  // ws.sums[0, m) already holds the column sums for the current scale_u
   // A sum of `count` kernel entries times scalings s_k: each entry is exact to within the smallest
   // normal number (exp flushes below it), so the sum is exact to an ulp once it is at least
-  // (count + sum_k s_k) * kFloor.
+  // (count + sum_k s_k) * kFloor. Scalings in use lie below kRange (else they are absorbed), except
+  // the column ones of the current iteration: those are summed when one is outside.
   constexpr T kFloor = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
   constexpr T kMin = std::numeric_limits<T>::min(), kMax = std::numeric_limits<T>::max();
-  T sum_scale_u = 0;  // sum of ws.scale_u, for the column sums' floor
   const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
   auto sync_log_v = [&] {
     for (int64_t j = 0; j < m; ++j) ws.log_v[j] = p.b[j] > 0 ? ws.beta[j] + std::log(ws.scale_v[j]) : neg_inf;
@@ -200,11 +200,10 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
     for (int64_t i = 0; i < n; ++i) ws.log_u[i] = p.a[i] > 0 ? ws.alpha[i] + std::log(ws.scale_u[i]) : neg_inf;
     sync_log_v();
   };
-  auto in_range = [](T scale) { return scale < kRange && scale > 1 / kRange; };
+  auto in_range = [](T scale) { return static_cast<int>(scale < kRange) & static_cast<int>(scale > 1 / kRange); };
   for (int64_t it = 1; it <= opt.n_iters; ++it) {
     bool in_log_domain = it == 1 || log_domain;
     bool outside_v = false;  // a column scaling left [1 / kRange, kRange]
-    T sum_scale_v = 0;       // sum of ws.scale_v, for the row sums' floor
     if (!in_log_domain) {
       if (absorb) {
         if (scaled) sync_potentials();
@@ -220,8 +219,7 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
             }
           }
         });
-        sum_scale_u = 0;
-        for (int64_t i = 0; i < n; ++i) sum_scale_u += ws.scale_u[i] = p.a[i] > 0 ? T(1) : T(0);
+        for (int64_t i = 0; i < n; ++i) ws.scale_u[i] = p.a[i] > 0 ? T(1) : T(0);
         std::fill(ws.scale_v.begin(), ws.scale_v.end(), T(0));
         for (int64_t j = 0; j < m; ++j) ws.scale_v[j] = p.b[j] > 0 ? T(1) : T(0);
         scaled = true;
@@ -233,23 +231,29 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
           k.weighted_col_sums(ws.kernel.data(), m_pad, n, ws.scale_u.data(), ws.sums.data(), begin, end);
         });
       }
-      // The column update, with the check of its sums and the scalings' sum and range in the same loop.
-      const T col_floor = (T(n) + sum_scale_u) * kFloor;
-      bool bad = false;
+      // The column update, with the check of its sums and the scalings' range in the same loop.
+      const T col_floor = T(n) * (1 + kRange) * kFloor;
+      int bad = 0, outside = 0;  // int flags and & | (no branches): the loop vectorises
       for (int64_t j = 0; j < m; ++j) {
-        const bool positive = p.b[j] > 0;
-        const T sum = ws.sums[j], scale = positive ? p.b[j] / sum : T(0);
-        bad |= positive & !(sum >= col_floor && sum <= kMax && scale >= kMin && scale <= kMax);
-        outside_v |= positive & !in_range(scale);
+        const T sum = ws.sums[j], weight = p.b[j];
+        const int positive = weight > 0;
+        const T scale = positive ? weight / sum : T(0);
+        bad |= positive & !((sum >= col_floor) & (sum <= kMax) & (scale >= kMin) & (scale <= kMax));
+        outside |= positive & !in_range(scale);
         ws.scale_v[j] = scale;
-        sum_scale_v += scale;
       }
+      outside_v = outside;
       if (bad) {  // this whole iteration in the log domain, from the (trusted) row scalings
         log_domain = in_log_domain = true;
         sync_potentials();
       }
     }
     if (!in_log_domain) {
+      T sum_scale_v = T(m) * kRange;
+      if (outside_v) {
+        sum_scale_v = 0;
+        for (int64_t j = 0; j < m; ++j) sum_scale_v += ws.scale_v[j];
+      }
       const T row_floor = (T(m) + sum_scale_v) * kFloor;
       if (it < opt.n_iters) {
         // The kernel is memory-bound: one pass over its rows gives the row
@@ -276,14 +280,12 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
       }
       // The row sums are a_i / scale_u_i: row_floor <= sum, and a normal scale_u_i (so sum < inf),
       // written without a division.
-      bool bad = false, outside = false;
-      sum_scale_u = 0;
+      int bad = 0, outside = 0;
       for (int64_t i = 0; i < n; ++i) {
-        const bool positive = p.a[i] > 0;
-        const T scale = ws.scale_u[i];
-        bad |= positive & !(scale * row_floor <= p.a[i] && scale >= kMin);
+        const T scale = ws.scale_u[i], weight = p.a[i];
+        const int positive = weight > 0;
+        bad |= positive & !((scale * row_floor <= weight) & (scale >= kMin));
         outside |= positive & !in_range(scale);
-        sum_scale_u += scale;
       }
       if (bad) {  // redo the row update in the log domain from the (trusted) column scalings
         log_domain = true;
