@@ -122,8 +122,11 @@ def _run(checks: List[_Check]) -> None:
             raise ValueError(message)
 
 
-def tensor(name: str, value, *, ndims: Sequence[int], allow_none: bool = False) -> Optional[torch.Tensor]:
-    """Check that ``value`` is a finite floating tensor with one of ``ndims`` dimensions."""
+def tensor(
+    name: str, value, *, ndims: Sequence[int], allow_none: bool = False, check_finite: bool = True
+) -> Optional[torch.Tensor]:
+    """Check that ``value`` is a finite floating tensor with one of ``ndims`` dimensions (``check_finite=False``:
+    the caller checks finiteness itself, e.g. :func:`sinkhorn_eps` with the reduction it needs anyway)."""
     if value is None:
         if allow_none:
             return None
@@ -139,13 +142,18 @@ def tensor(name: str, value, *, ndims: Sequence[int], allow_none: bool = False) 
         raise ValueError(f"`{name}` must be {want}, got shape {tuple(value.shape)}")
     if value.numel() == 0:
         raise ValueError(f"`{name}` must not have an empty dimension, got shape {tuple(value.shape)}")
+    if check_finite:
+        _finite(name, value)
+    return value
+
+
+def _finite(name: str, value: torch.Tensor) -> None:
     # One reduction on the device: NaN and inf propagate into the sum, whose finiteness is tested on
     # the host. A non-finite sum can also be an overflow of finite values, so confirm exactly.
     require(
         lambda: value.sum(dtype=_sum_dtype(value.dtype)), math.isfinite, f"`{name}` contains NaN or inf",
         confirm=lambda: not bool(torch.isfinite(value).all()),
     )
-    return value
 
 
 def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -169,6 +177,64 @@ def positive(name: str, value, *, allow_zero: bool = False) -> float:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"`{name}` must be finite and {bound}, got {value}")
     return value
+
+
+def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype an op computes in for these inputs (``None`` skipped): float64 if any is, else float32."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def normal_number(name: str, value: float, dtype: torch.dtype) -> float:
+    """``value`` (a positive option the computation divides by: eps, temperature, a norm clamp) must be a
+    normal number of the compute ``dtype``: below that, ``1 / value`` overflows, and below the smallest
+    subnormal the value itself rounds to 0, so that ``0 / value`` is NaN."""
+    tiny = torch.finfo(dtype).tiny
+    if value < tiny:
+        raise ValueError(
+            f"`{name}` must be at least {tiny:.4g}, the smallest normal {_dtype_name(dtype)} number "
+            f"(smaller values give NaN or inf in {_dtype_name(dtype)} arithmetic), got {value:g}"
+        )
+    return value
+
+
+def sinkhorn_eps(name: str, eps: float, dtype: torch.dtype, C: Optional[torch.Tensor] = None, max_cost: float = 1.0):
+    """``eps`` must be normal in ``dtype`` and resolve the cost: ``max |C| / eps <= 1 / machine epsilon``
+    (2^23 in float32, 2^52 in float64). Beyond that, ``-C / eps`` is rounded by more than 1, the plan's
+    exponents are wrong by more than a factor e, and overflow to inf and NaN follows. ``C`` (a tensor,
+    also checked finite: one reduction gives both) or ``max_cost`` (a known bound, checked now) gives
+    ``max |C|``."""
+    normal_number(name, eps, dtype)
+    limit = 1.0 / torch.finfo(dtype).eps
+    message = (
+        f"`{name}` is too small for the magnitude of `C` in {_dtype_name(dtype)}: max|C| / {name} must be at most "
+        f"{limit:.4g} (1 / machine epsilon); pass a larger `{name}` or a rescaled `C`"
+        + (", or float64 inputs" if dtype != torch.float64 else "")
+    )
+    if C is None:
+        if max_cost / eps > limit:
+            raise ValueError(f"{message}; got {name}={eps:g} with max|C| up to {max_cost:g}")
+    elif torch.finfo(C.dtype).max / eps > limit:  # only a large enough C can fail: read its magnitude
+        magnitude = _once(lambda: _max_abs(C))
+        require(magnitude, math.isfinite, "`C` contains NaN or inf")
+        require(magnitude, lambda largest: largest / eps <= limit, message)
+    else:
+        _finite("C", C)
+    return eps
+
+
+def _once(make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``make`` called on first use only: two checks of one reduction launch it once."""
+    made: List[torch.Tensor] = []
+    return lambda: made[0] if made else made.append(make()) or made[0]
+
+
+def _max_abs(t: torch.Tensor) -> torch.Tensor:
+    """``max |t|`` in one reduction (no ``|t|`` temporary); NaN and inf propagate."""
+    return torch.linalg.vector_norm(t, ord=math.inf)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def finite_number(name: str, value) -> float:

@@ -145,6 +145,8 @@ def _margin_and_plan(
     """
     n = chosen_rewards.shape[0]
     dtype = float32_or_wider(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
+    _checks.normal_number("temperature", temperature, dtype)
+    _checks.sinkhorn_eps("eps", eps, dtype, max_cost=1.0)  # the APLOT cost lies in [-1, 1]
     impl = backends.resolve(backend, chosen_emb.device, dtype)
     if detach and not need_plan and impl == "triton":
         from . import loss_triton  # only importable where Triton is installed

@@ -252,8 +252,8 @@ def test_value_checks_of_one_call_are_read_with_one_synchronisation(monkeypatch)
         (lambda: bt_loss(rc, rr[:n], t(n)), [3]),
         (lambda: aplot_cost(x, y, rc, rr, backend="torch"), [4]),
         (lambda: cosine_cost(x, y, backend="torch"), [2]),
-        (lambda: sinkhorn(t(n, m), backend="torch"), [1]),  # uniform weights: no mass check needed
-        (lambda: sinkhorn(t(n, m), a, b, backend="torch"), [8]),  # C; a, b: finite, >= 0, mass > 0; equal masses
+        (lambda: sinkhorn(t(n, m), backend="torch"), [2]),  # C finite, max|C| / eps; uniform weights: no mass check
+        (lambda: sinkhorn(t(n, m), a, b, backend="torch"), [9]),  # C (2); a, b: finite, >= 0, mass > 0; equal masses
     ]
     for call, want in expected:
         reads.clear()
@@ -326,6 +326,11 @@ def test_value_checks_cost_one_reduction_per_tensor_and_one_stack():
     with DeviceOps() as recorded:
         aplot_margin(*margin_args, backend="torch", n_iters=1)
     assert recorded.ops[:5] == ["aten.sum"] * 4 + ["aten.stack"]  # then the cost: no check after the stack
+    cost = tensors[1].float()
+    with DeviceOps() as recorded:  # C: one reduction for its finiteness and its magnitude (max|C| / eps)
+        sinkhorn(cost, n_iters=1, backend="torch")
+    before_read_back = recorded.ops[:recorded.ops.index("aten.stack")]
+    assert [op for op in before_read_back if op != "aten.full"] == ["aten.linalg_vector_norm"]  # full: uniform a, b
 
 
 def test_value_checks_read_back_mixed_dtypes_exactly():

@@ -100,6 +100,39 @@ def test_envelope_matches_finite_differences(float64_backend, gen):
         torch.testing.assert_close(grad.sum(-1), torch.zeros(2, dtype=grad.dtype, device=DEVICE), rtol=0, atol=1e-12)
 
 
+def test_envelope_second_derivatives(sinkhorn_backend, gen):
+    """``create_graph=True`` through the envelope gradient gives the implicit second derivatives
+    (a gradient that silently stopped at ``P`` was off by 1e-2), checked by finite differences."""
+    dtype = widest_dtype(sinkhorn_backend)
+    C, a, b = _problem(gen, n=5, m=7, dtype=dtype)
+    W = _weights(gen, C)
+    options = dict(eps=0.5, n_iters=small(sinkhorn_backend, 400, 60), tol=1e-14, check_every=1)
+
+    def loss(C, a, grad, create_graph, backend=sinkhorn_backend):
+        r = sinkhorn(C, a, b.to(C.dtype), grad=grad, backend=backend, **options)
+        grad_c, grad_a = torch.autograd.grad(r.reg_cost.sum(), (C, a), create_graph=create_graph)
+        return (grad_c * W).sum() + grad_a.square().sum()
+
+    second = {}
+    for grad in ("envelope", "implicit"):
+        inputs = [C.clone().requires_grad_(), a.clone().requires_grad_()]
+        value = loss(*inputs, grad, True)
+        assert value.requires_grad, grad
+        second[grad] = torch.autograd.grad(value, inputs)
+    # Finite differences of the first derivatives in float64 on the reference.
+    d_c, d_a, step = _weights(gen, C).double(), _sum_zero(gen, a).double(), 1e-4
+    C64, a64 = C.double(), a.double()
+    measured = (loss((C64 + step * d_c).requires_grad_(), (a64 + step * d_a).requires_grad_(), "envelope", False, "torch")
+                - loss((C64 - step * d_c).requires_grad_(), (a64 - step * d_a).requires_grad_(), "envelope", False, "torch"))
+    measured = float(measured) / (2 * step)
+    rtol = 1e-6 if dtype == torch.float64 else 1e-3
+    for grad, (g_c, g_a) in second.items():
+        predicted = float((g_c.double() * d_c).sum() + (g_a.double() * d_a).sum())
+        assert abs(predicted - measured) <= rtol * max(1.0, abs(measured)), (grad, predicted, measured)
+    tight = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(second["envelope"][0], second["implicit"][0], rtol=tight, atol=tight * float(W.abs().max()))
+
+
 def test_envelope_only_reg_cost_carries_gradient(sinkhorn_backend, gen):
     dtype = widest_dtype(sinkhorn_backend)
     C = random_cost(gen, 2, 5, 4, dtype=dtype).requires_grad_()

@@ -93,6 +93,7 @@ def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float
         _checks.tensor("x", x, ndims=(2, 3))
         _checks.tensor("y", y, ndims=(2, 3), allow_none=True)
         eps = _checks.positive("eps", eps)
+        _checks.normal_number("eps", eps, _checks.compute_dtype(x, y))
         y_given = y is not None
         if y is None:
             y = x
@@ -156,6 +157,9 @@ def aplot_cost(
         temperature = _checks.positive("temperature", temperature)
         eps = _checks.positive("eps", eps)
         similarity = _checks.choice("similarity", similarity, reference.SIMILARITIES)
+        compute = _checks.compute_dtype(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
+        _checks.normal_number("temperature", temperature, compute)
+        _checks.normal_number("eps", eps, compute)
     return aplot_cost_checked(
         chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, backend, similarity
     )

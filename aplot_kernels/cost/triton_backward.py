@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .._precision import float32_or_wider
-from .._triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, cdiv
+from ..triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, cdiv
 from ..backends import kernel_entry
 from . import reference
 from . import triton_kernels as forward

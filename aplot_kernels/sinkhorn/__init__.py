@@ -125,7 +125,7 @@ def sinkhorn(
         :class:`SinkhornResult`. Half-precision inputs return float32.
     """
     with _checks.one_sync():
-        _checks.tensor("C", C, ndims=(2, 3))
+        _checks.tensor("C", C, ndims=(2, 3), check_finite=False)  # finite: checked with eps below
         eps = _checks.positive("eps", eps)
         n_iters = _checks.positive_int("n_iters", n_iters)
         check_every = _checks.positive_int("check_every", check_every)
@@ -133,6 +133,7 @@ def sinkhorn(
             tol = _checks.positive("tol", tol, allow_zero=True)
         _checks.choice("grad", grad, GRAD_MODES)
         compute_dtype = float32_or_wider(C)
+        _checks.sinkhorn_eps("eps", eps, compute_dtype, C)
         impl = backends.resolve(backend, C.device, C.dtype, needs_reference=grad == "unrolled")
 
         unbatched = C.dim() == 2

@@ -33,24 +33,45 @@ def centred(potential: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
 
 
 class EnvelopeSinkhorn(torch.autograd.Function):
-    """Only ``reg_cost`` carries gradient: ``d/dC = P``, ``d/da = f``, ``d/db = g`` (centred)."""
+    """Only ``reg_cost`` carries gradient: ``d/dC = P``, ``d/da = f``, ``d/db = g`` (centred).
+
+    Under ``create_graph=True`` that gradient is itself differentiable: ``P``,
+    ``f`` and ``g`` are then taken from the solution through
+    :class:`ImplicitSinkhorn` (no new solve), so second derivatives are those
+    of ``grad="implicit"``, exact at the fixed point.
+    """
 
     @staticmethod
     def forward(ctx, C, a, b, solve: Callable[..., SolveOutput]):
         out = solve(C, a, b)
-        ctx.save_for_backward(out.plan, out.f, out.g, a, b)
+        ctx.save_for_backward(out.plan, out.f, out.g, a, b, C)
         ctx.c_dtype = C.dtype
+        ctx.eps = solve.eps
         ctx.mark_non_differentiable(out.plan, out.f, out.g, out.cost, out.n_iters, out.err)
         return tuple(out)
 
     @staticmethod
     @autocast_off
     def backward(ctx, _plan, _f, _g, _cost, grad_reg, _n, _err):
-        plan, f, g, a, b = ctx.saved_tensors
+        plan, f, g, a, b, C = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must carry the solution's own derivative
+            plan, f, g = ImplicitSinkhorn.apply(C, a, b, _Solved(plan, f, g, ctx.eps))[:3]
         grad_c = (grad_reg[:, None, None] * plan).to(ctx.c_dtype)
         grad_a = grad_reg[:, None] * centred(f, a > 0) if ctx.needs_input_grad[1] else None
         grad_b = grad_reg[:, None] * centred(g, b > 0) if ctx.needs_input_grad[2] else None
         return grad_c, grad_a, grad_b, None
+
+
+class _Solved:
+    """A ``solve`` that returns a solution already computed (copies: autograd takes ownership of outputs)."""
+
+    def __init__(self, plan, f, g, eps):
+        self.plan, self.f, self.g, self.eps = plan, f, g, eps
+
+    def __call__(self, C, a, b) -> SolveOutput:
+        zeros = self.f.new_zeros(self.f.shape[0])
+        iters = torch.zeros(self.f.shape[0], dtype=torch.int64, device=self.f.device)
+        return SolveOutput(self.plan.clone(), self.f.clone(), self.g.clone(), zeros, zeros.clone(), iters, zeros.clone())
 
 
 class ImplicitSinkhorn(torch.autograd.Function):

@@ -12,9 +12,13 @@
 // kernel is the plan at the last absorption, exp(-C/eps + alpha_i + beta_j),
 // each half-iteration is a matrix-vector product (a row update and the next
 // column update's sums share one pass over the kernel), and the scalings are
-// absorbed back into the log potentials whenever one leaves [1e-4, 1e4], so no
-// kernel entry that matters can underflow. The plan, potentials and err are
-// always formed in the log domain exactly as the reference forms them.
+// absorbed back into the log potentials whenever one leaves [1e-4, 1e4]. Kernel
+// entries below the smallest normal number are flushed to zero, so a row or
+// column sum is trusted only while it is large enough that the flushed entries
+// cannot change it by more than an ulp; a smaller one (a tiny weight, or a column
+// that a row update left almost empty) sends the problem back to the log domain
+// for its remaining iterations. The plan, potentials and err are always formed
+// in the log domain exactly as the reference forms them.
 //
 // Threads go over problems when there are enough of them, otherwise over the
 // rows or column blocks of each pass. Every value is computed by the same loop
@@ -180,19 +184,27 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
     return total;
   };
   bool scaled = false, absorb = true;
+  bool log_domain = false;      // a sum fell below its floor: every later iteration runs in the log domain
   bool col_sums_ready = false;  // ws.sums[0, m) already holds the column sums for the current scale_u
+  // A sum of `count` kernel entries times scalings s_k: each entry is exact to within the smallest
+  // normal number (exp flushes below it), so the sum is exact to an ulp once it is at least
+  // (count + sum_k s_k) * kFloor. Scalings in use lie below kRange (else they are absorbed), except
+  // the column ones of the current iteration: those are summed when one is outside.
+  constexpr T kFloor = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
+  constexpr T kMin = std::numeric_limits<T>::min(), kMax = std::numeric_limits<T>::max();
   const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
-  auto sync_potentials = [&] {  // log_u, log_v from the scalings
-    for (int64_t i = 0; i < n; ++i) ws.log_u[i] = p.a[i] > 0 ? ws.alpha[i] + std::log(ws.scale_u[i]) : neg_inf;
+  auto sync_log_v = [&] {
     for (int64_t j = 0; j < m; ++j) ws.log_v[j] = p.b[j] > 0 ? ws.beta[j] + std::log(ws.scale_v[j]) : neg_inf;
   };
-  auto out_of_range = [&](const std::vector<T>& scale, const T* w, int64_t count) {
-    for (int64_t k2 = 0; k2 < count; ++k2)
-      if (w[k2] > 0 && !(scale[k2] < kRange && scale[k2] > 1 / kRange)) return true;
-    return false;
+  auto sync_potentials = [&] {  // log_u, log_v from the scalings
+    for (int64_t i = 0; i < n; ++i) ws.log_u[i] = p.a[i] > 0 ? ws.alpha[i] + std::log(ws.scale_u[i]) : neg_inf;
+    sync_log_v();
   };
+  auto in_range = [](T scale) { return static_cast<int>(scale < kRange) & static_cast<int>(scale > 1 / kRange); };
   for (int64_t it = 1; it <= opt.n_iters; ++it) {
-    if (it >= 2) {
+    bool in_log_domain = it == 1 || log_domain;
+    bool outside_v = false;  // a column scaling left [1 / kRange, kRange]
+    if (!in_log_domain) {
       if (absorb) {
         if (scaled) sync_potentials();
         std::copy(ws.log_u.begin(), ws.log_u.begin() + n, ws.alpha.begin());
@@ -219,7 +231,30 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
           k.weighted_col_sums(ws.kernel.data(), m_pad, n, ws.scale_u.data(), ws.sums.data(), begin, end);
         });
       }
-      for (int64_t j = 0; j < m; ++j) ws.scale_v[j] = p.b[j] > 0 ? p.b[j] / ws.sums[j] : T(0);
+      // The column update, with the check of its sums and the scalings' range in the same loop.
+      const T col_floor = T(n) * (1 + kRange) * kFloor;
+      int bad = 0, outside = 0;  // int flags and & | (no branches): the loop vectorises
+      for (int64_t j = 0; j < m; ++j) {
+        const T sum = ws.sums[j], weight = p.b[j];
+        const int positive = weight > 0;
+        const T scale = positive ? weight / sum : T(0);
+        bad |= positive & !((sum >= col_floor) & (sum <= kMax) & (scale >= kMin) & (scale <= kMax));
+        outside |= positive & !in_range(scale);
+        ws.scale_v[j] = scale;
+      }
+      outside_v = outside;
+      if (bad) {  // this whole iteration in the log domain, from the (trusted) row scalings
+        log_domain = in_log_domain = true;
+        sync_potentials();
+      }
+    }
+    if (!in_log_domain) {
+      T sum_scale_v = T(m) * kRange;
+      if (outside_v) {
+        sum_scale_v = 0;
+        for (int64_t j = 0; j < m; ++j) sum_scale_v += ws.scale_v[j];
+      }
+      const T row_floor = (T(m) + sum_scale_v) * kFloor;
       if (it < opt.n_iters) {
         // The kernel is memory-bound: one pass over its rows gives the row
         // update and the column sums the next column update needs.
@@ -243,29 +278,38 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
         });
         for (int64_t i = 0; i < n; ++i) ws.scale_u[i] = p.a[i] > 0 ? p.a[i] / ws.sums[i] : T(0);
       }
-      absorb = out_of_range(ws.scale_u, p.a, n) || out_of_range(ws.scale_v, p.b, m);
-      if (with_tol && it % opt.check_every == 0) {
-        sync_potentials();
-        err = column_violation();
-        measured = true;
-        if (err <= tol) {
-          iters = it;
-          break;
-        }
+      // The row sums are a_i / scale_u_i: row_floor <= sum, and a normal scale_u_i (so sum < inf),
+      // written without a division.
+      int bad = 0, outside = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const T scale = ws.scale_u[i], weight = p.a[i];
+        const int positive = weight > 0;
+        bad |= positive & !((scale * row_floor <= weight) & (scale >= kMin));
+        outside |= positive & !in_range(scale);
       }
-      continue;
+      if (bad) {  // redo the row update in the log domain from the (trusted) column scalings
+        log_domain = true;
+        sync_log_v();
+        for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
+          k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
+        });
+      } else {
+        absorb = outside || outside_v;
+      }
+    } else {
+      // The log-domain iteration (the first, and every one after a sum fell below its floor). Its
+      // column update streams the rows of -C / eps with vector lanes along the columns, so no
+      // transposed copy of the cost is built for one pass (at 1024 x 1024 that copy took longer
+      // than the 49 scaling-domain iterations after it).
+      for_columns(m, n, [&](int64_t begin, int64_t end) {
+        k.lse_cols(ws.neg_c.data(), m_pad, n, ws.log_u.data(), ws.log_b.data(), ws.log_v.data(), begin, end);
+      });
+      for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
+        k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
+      });
     }
-    // The first iteration, in the log domain; every later one is in the scaling domain above. Its
-    // column update streams the rows of -C / eps with vector lanes along the columns, so no
-    // transposed copy of the cost is built for one pass (at 1024 x 1024 that copy took longer
-    // than the 49 scaling-domain iterations after it).
-    for_columns(m, n, [&](int64_t begin, int64_t end) {
-      k.lse_cols(ws.neg_c.data(), m_pad, n, ws.log_u.data(), ws.log_b.data(), ws.log_v.data(), begin, end);
-    });
-    for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
-      k.lse_rows(ws.neg_c.data(), m_pad, ws.log_v.data(), ws.log_a.data(), ws.log_u.data(), begin, end);
-    });
     if (with_tol && it % opt.check_every == 0) {
+      if (scaled && !log_domain) sync_potentials();
       err = column_violation();
       measured = true;
       if (err <= tol) {
@@ -274,7 +318,7 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
       }
     }
   }
-  if (scaled) sync_potentials();
+  if (scaled && !log_domain) sync_potentials();
 
   for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
     std::vector<T> row(m_pad);
