@@ -260,6 +260,13 @@ def positive_int(name: str, value, *, minimum: int = 1) -> int:
     return value
 
 
+def boolean(name: str, value) -> bool:
+    """A real ``bool``: a string such as ``"no"`` would be truthy, so it is rejected rather than converted."""
+    if not isinstance(value, bool):
+        raise ArgumentTypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def choice(name: str, value, options: Sequence[str]) -> str:
     if value not in options:
         raise ValueError(f"`{name}` must be one of {', '.join(map(repr, options))}; got {value!r}")

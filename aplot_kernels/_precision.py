@@ -1,4 +1,4 @@
-"""The ops compute in the precision the SPEC gives, inside or outside an autocast region.
+"""The ops compute in the precision docs/contract.md gives, inside or outside an autocast region.
 
 A training step usually runs under ``torch.autocast``; its rewards and
 embeddings then reach the loss as float32 or bfloat16/float16 tensors, which

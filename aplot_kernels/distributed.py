@@ -50,7 +50,9 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "rank_and_world_size", "gather_rows", "mean_over_ranks", "PairBank", "Responses"]
+__all__ = [
+    "is_distributed", "rank_and_world_size", "gather_rows", "gather_responses", "mean_over_ranks", "PairBank", "Responses",
+]
 
 
 def is_distributed(group=None) -> bool:
@@ -233,3 +235,20 @@ class PairBank:
 
     def __repr__(self) -> str:
         return f"PairBank(size={self.size}, held={len(self)})"
+
+
+def gather_responses(local: Responses, *, differentiable: bool, group):
+    """All ranks' responses as one problem (paired rows of all ranks first, then their extra rejected rows)."""
+    n = local.n_pairs
+    chosen_rewards, offset, sizes = gather_rows(local.chosen_rewards, differentiable=differentiable, group=group)
+    gather = lambda t, s=sizes: gather_rows(t, differentiable=differentiable, group=group, sizes=s)[0]  # noqa: E731
+    chosen_emb = gather(local.chosen_emb)
+    paired_rewards, paired_emb = gather(local.rejected_rewards[:n]), gather(local.rejected_emb[:n])
+    extra_rewards, _, extra_sizes = gather_rows(local.rejected_rewards[n:], differentiable=differentiable, group=group)
+    extra_emb = gather(local.rejected_emb[n:], extra_sizes)
+    gathered = Responses(
+        chosen_rewards, chosen_emb,
+        torch.cat([paired_rewards, extra_rewards]) if extra_rewards.shape[0] else paired_rewards,
+        torch.cat([paired_emb, extra_emb]) if extra_emb.shape[0] else paired_emb,
+    )
+    return gathered, offset

@@ -72,6 +72,10 @@ class APLOTRewardConfig(_trl.RewardConfig):
     aplot_temperature: float = dataclasses.field(
         default=1.0, metadata={"help": "APLOT: temperature of the reward gap in the cost (> 0)."}
     )
+    aplot_similarity: str = dataclasses.field(
+        default="unit",
+        metadata={"help": "APLOT: the cost's semantic term, 'unit' ((1 + S) / 2) or 'cosine' (S, the authors' form)."},
+    )
     aplot_eps: float = dataclasses.field(default=0.1, metadata={"help": "APLOT: Sinkhorn entropic regularisation (> 0)."})
     aplot_n_iters: int = dataclasses.field(default=50, metadata={"help": "APLOT: Sinkhorn iterations."})
     aplot_scale: float = dataclasses.field(
@@ -113,7 +117,8 @@ class APLOTRewardConfig(_trl.RewardConfig):
 
 # APLOTLoss argument -> APLOTRewardConfig field.
 _CONFIG_FIELDS = {
-    "alpha": "aplot_alpha", "temperature": "aplot_temperature", "eps": "aplot_eps", "n_iters": "aplot_n_iters",
+    "alpha": "aplot_alpha", "temperature": "aplot_temperature", "similarity": "aplot_similarity", "eps": "aplot_eps",
+    "n_iters": "aplot_n_iters",
     "scale": "aplot_scale", "detach": "aplot_detach", "backend": "aplot_backend",
     "gather_across_devices": "aplot_gather", "bank_size": "aplot_bank",
 }

@@ -388,8 +388,8 @@ class Runner:
             except Exception as exc:  # recorded by add() as a failed row
                 note = f"no error measured ({type(exc).__name__})"
             self.add(case, f"{backend} aplot_margin", shape, dtype, n_iters, run, note=note)
-        from aplot_kernels import loss_triton
-        from aplot_kernels.cost import triton_kernels as cost_kernels
+        from aplot_kernels.margin import triton as loss_triton
+        from aplot_kernels.cost import triton as cost_kernels
         from aplot_kernels.sinkhorn import triton as sinkhorn_kernels
 
         if self.cooperative_ok and not loss_triton.fits(n, n):

@@ -111,7 +111,7 @@ def _stats(kernel, arch):
 
 def _cases():
     """``(name, kernel, pointers, floats, constexprs, unit strides, aligned ints, warps)`` as ``"auto"`` launches."""
-    from aplot_kernels import loss_triton
+    from aplot_kernels.margin import triton as loss_triton
     from aplot_kernels.triton_utils import num_warps_for
     from aplot_kernels.sinkhorn.triton import fused
     from aplot_kernels.sinkhorn.triton.experimental import fused_scaling
@@ -131,7 +131,7 @@ def _cases():
         warps = num_warps_for(128 * 128, per_thread=fused.FUSED_ENTRIES_PER_THREAD)
         yield (f"margin {emb} 128x128", loss_triton._aplot_margin_kernel,
                dict(x_ptr=emb, y_ptr=emb, rx_ptr=emb, ry_ptr=emb, out_ptr=f32),
-               ("alpha", "inv_temperature", "norm_eps", "eps", "neg_inv_hi", "neg_inv_lo", "row_weight", "col_weight",
+               ("alpha", "inv_temperature", "sim_weight", "sim_offset", "norm_eps", "eps", "neg_inv_hi", "neg_inv_lo", "row_weight", "col_weight",
                 "margin_scale"),
                dict(IEEE_FP32=ieee, SCALING=False, BLOCK_N=128, BLOCK_M=128, BLOCK_D=block_d),
                ("stride_xd", "stride_yd", "stride_rx", "stride_ry"), ("stride_xn", "stride_ym", "D"), warps)

@@ -47,7 +47,7 @@ from aplot_kernels import backends  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Where an op's kernels for a backend live: a module or package beside the op's dispatch.
-KERNEL_MODULES = {"triton": ("triton", "triton_kernels"), "native": ("native",)}
+KERNEL_MODULES = {"triton": ("triton",), "native": ("native",)}
 
 
 def _kernel_module_exists(backend: str, op: str) -> bool:

@@ -7,7 +7,7 @@ the float64 torch reference's plan and potentials (computed from the same rounde
 contract's bound, and leave its inputs untouched.
 
 Bounds (docs/precision.md): float32, float16 and bfloat16 all compute in float32 (a half input is
-widened exactly), so all three get SPEC section 5's float32 bound, ``max |plan diff| <= 1e-5 * max plan
+widened exactly), so all three get docs/contract.md section 5's float32 bound, ``max |plan diff| <= 1e-5 * max plan
 entry``; float64 gets 1e-10. Potentials: float32 rounds a log potential of magnitude ``L`` to
 ``L * 6e-8``, so ``|f - f_ref| <= 2e-5 * eps * (1 + max |f_ref| / eps)`` (the log of a 1e-38 weight is 87).
 

@@ -1,4 +1,4 @@
-"""Bad input (SPEC section 4): every public function rejects it before any kernel runs, naming the argument.
+"""Bad input (docs/contract.md section 4): every public function rejects it before any kernel runs, naming the argument.
 
 Value errors raise ``ValueError``; wrong types (and integer dtypes) raise
 ``TypeError`` (``ArgumentTypeError`` is both). Inputs are never modified.

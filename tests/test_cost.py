@@ -1,4 +1,4 @@
-"""``cosine_cost`` and ``aplot_cost`` (SPEC section 1): values, shapes, dtypes and gradients."""
+"""``cosine_cost`` and ``aplot_cost`` (docs/contract.md section 1): values, shapes, dtypes and gradients."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _aplot_inputs(gen, batch, n, m, d, dtype=torch.float64):
 
 
 def _aplot_by_spec(c, r, rc, rr, alpha, temperature, eps=1e-8):
-    """SPEC section 1 written out in float64."""
+    """docs/contract.md section 1 written out in float64."""
     c, r, rc, rr = (t.double() for t in (c, r, rc, rr))
     s = F.normalize(c, dim=-1, eps=eps) @ F.normalize(r, dim=-1, eps=eps).transpose(-1, -2)
     delta = rc[..., :, None] - rr[..., None, :]

@@ -1,4 +1,4 @@
-"""Costs of finite embeddings with very large or very small norms (SPEC sections 1 and 4).
+"""Costs of finite embeddings with very large or very small norms (docs/contract.md sections 1 and 4).
 
 ``x = [[3e19, 4e19]]`` is finite in float32 but its squared norm is not: the
 costs must still be those of the normalised vectors, ``x_hat = x / max(||x||, eps)``,

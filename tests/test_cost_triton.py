@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not TRITON_OK, reason="Triton unavailable")
 
 if TRITON_OK:
     from aplot_kernels.cost import reference as cost_reference
-    from aplot_kernels.cost import triton_kernels as cost_kernels
+    from aplot_kernels.cost import triton as cost_kernels
 
 
 COST_SHAPES = [(1, 5, 7, 3), (2, 17, 24, 32), (3, 16, 16, 16), (1, 24, 9, 33)]

@@ -1,4 +1,4 @@
-"""Sinkhorn gradient modes (SPEC section 2, ``grad=``) against finite differences and each other.
+"""Sinkhorn gradient modes (docs/contract.md section 2, ``grad=``) against finite differences and each other.
 
 Potentials are defined up to a constant (``f + t, g - t`` gives the same
 plan), so only gauge-invariant functions of ``f`` and ``g`` have well-defined

@@ -1,4 +1,4 @@
-"""The reward-model losses (SPEC section 3): ``bt_loss``, ``aplot_margin``, ``aplot_loss``, ``APLOTLoss``."""
+"""The reward-model losses (docs/contract.md section 3): ``bt_loss``, ``aplot_margin``, ``aplot_loss``, ``APLOTLoss``."""
 
 from __future__ import annotations
 
@@ -256,7 +256,7 @@ def test_half_precision_rewards_are_subtracted_in_float32(loss_backend, dtype, g
 def test_fused_margin_scaling_loop_is_chosen_by_argument_only(monkeypatch, gen):
     """The environment does not switch the fused margin kernel's Sinkhorn loop; ``scaling=True`` does,
     with the margins of the log-domain loop."""
-    from aplot_kernels import loss_triton
+    from aplot_kernels.margin import triton as loss_triton
 
     seen = []
     real = loss_triton._aplot_margin_kernel

@@ -17,7 +17,7 @@ from triton_cases import DEVICE, TRITON_OK, embeddings, generator
 pytestmark = pytest.mark.skipif(not TRITON_OK, reason="Triton unavailable")
 
 if TRITON_OK:
-    from aplot_kernels.cost import triton_kernels as cost_kernels
+    from aplot_kernels.cost import triton as cost_kernels
     from aplot_kernels.sinkhorn import triton as triton_sinkhorn
 
 
@@ -114,7 +114,7 @@ def test_fused_margin_kernel_matches_reference(case, monkeypatch):
 def test_fused_margin_kernel_in_scaling_domain(case):
     """The margin kernel with the scaling-domain loop (recomputing the cost on a fallback) matches the reference."""
     import aplot_kernels
-    from aplot_kernels import loss_triton
+    from aplot_kernels.margin import triton as loss_triton
 
     n, m, d, dtype = case
     x, y, rx, ry = (t[0] for t in embeddings(1, n, m, d, dtype, seed=3 * n + m + d))
@@ -130,7 +130,7 @@ def test_fused_margin_with_underflowing_column(scaling):
     1 - alpha / 2 = 0.95 throughout, exp(-C / eps) underflows at eps = 0.01, and the scaling-domain loop
     must fall back to log-domain iterations (recomputing the cost tile from the embeddings)."""
     import aplot_kernels
-    from aplot_kernels import loss_triton
+    from aplot_kernels.margin import triton as loss_triton
 
     gen = generator(73)
     n, m, d = 11, 14, 24
@@ -156,7 +156,7 @@ def test_fused_margin_with_underflowing_column(scaling):
 def test_fused_margin_kernel_at_its_largest_size(n, m, d, dtype, scaling):
     """The sizes a training step uses (up to 128 pairs on a side), with the default 50 iterations."""
     import aplot_kernels
-    from aplot_kernels import loss_triton
+    from aplot_kernels.margin import triton as loss_triton
 
     x, y, rx, ry = (t[0] for t in embeddings(1, n, m, d, dtype, seed=n + m + d))
     assert loss_triton.fits(n, m)
@@ -168,7 +168,7 @@ def test_fused_margin_kernel_at_its_largest_size(n, m, d, dtype, scaling):
 def test_fused_margin_only_where_it_fits(monkeypatch):
     """Past the fused size the margin takes the cost kernel and the row-cost Sinkhorn, with the same numbers."""
     import aplot_kernels
-    from aplot_kernels import loss_triton
+    from aplot_kernels.margin import triton as loss_triton
 
     x, y, rx, ry = (t[0] for t in embeddings(1, 20, 24, 16, torch.float32, seed=41))
     options = dict(eps=0.08, n_iters=15, backend="triton")
@@ -190,7 +190,7 @@ def test_fused_margin_falls_back_when_it_cannot_launch(monkeypatch):
     import triton
 
     import aplot_kernels
-    from aplot_kernels import loss_triton
+    from aplot_kernels.margin import triton as loss_triton
 
     monkeypatch.setattr(loss_triton, "_unavailable_reason", None)
     launches = []
@@ -219,7 +219,7 @@ def test_fused_margin_call_runs_its_checks_and_one_kernel(monkeypatch):
     import aplot_kernels
     from conftest import DeviceOps
 
-    from aplot_kernels import loss_triton
+    from aplot_kernels.margin import triton as loss_triton
 
     launches = []
     monkeypatch.setattr(loss_triton, "_aplot_margin_kernel", type("Records", (), {

@@ -64,7 +64,7 @@ def test_float64_matches_reference_and_pot(batch, n, m, eps, n_iters):
     out = native.solve(C, a, b, eps, n_iters, None, 10)
     assert out.plan.dtype == torch.float64
     _assert_same_as_reference(out, reference.solve(C, a, b, eps, n_iters, None, 10), 1e-12)
-    for i in range(batch):  # SPEC section 5: fixed iterations vs POT sinkhorn_log, float64, each problem on its support
+    for i in range(batch):  # docs/contract.md section 5: fixed iterations vs POT sinkhorn_log, float64, each problem on its support
         rows, cols = a[i] > 0, b[i] > 0
         plan, f, g = pot_sinkhorn_log(C[i][rows][:, cols], a[i][rows], b[i][cols], eps, n_iters)
         assert max_abs(out.plan[i][rows][:, cols], plan) <= 1e-10

@@ -1,4 +1,4 @@
-"""``similarity="cosine"`` (SPEC section 1): ``sim = S`` instead of ``(1 + S) / 2``, on every backend and in the loss."""
+"""``similarity="cosine"`` (docs/contract.md section 1): ``sim = S`` instead of ``(1 + S) / 2``, on every backend and in the loss."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _inputs(gen, batch, n, m, d, dtype=torch.float64):
 
 
 def _by_spec(c, r, rc, rr, alpha, temperature, similarity, eps=1e-8):
-    """SPEC section 1 written out in float64."""
+    """docs/contract.md section 1 written out in float64."""
     c, r, rc, rr = (t.double() for t in (c, r, rc, rr))
     s = F.normalize(c, dim=-1, eps=eps) @ F.normalize(r, dim=-1, eps=eps).transpose(-1, -2)
     sim = (1 + s) / 2 if similarity == "unit" else s

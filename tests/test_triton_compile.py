@@ -20,9 +20,9 @@ SHARED_MEMORY_PER_BLOCK = {90: 232448, 80: 166912}  # H100, A100: cudaDevAttrMax
 
 
 def _compile_all(capability: int) -> None:
-    from aplot_kernels import loss_triton as loss_mod
+    from aplot_kernels.margin import triton as loss_mod
     from aplot_kernels.triton_utils import num_warps_for
-    from aplot_kernels.cost import triton_kernels as cost_mod
+    from aplot_kernels.cost import triton as cost_mod
     from aplot_kernels.sinkhorn.triton import fused, streamed, tiled
     from aplot_kernels.sinkhorn.triton.experimental import cooperative, fused_scaling, onepass
     from bench.kernel_stats import compile_for
@@ -86,7 +86,8 @@ def _compile_all(capability: int) -> None:
                 continue
             warps = num_warps_for(block_n * block_m, per_thread=fused.FUSED_ENTRIES_PER_THREAD)
             build(loss_mod._aplot_margin_kernel, dict(x_ptr=emb_type, y_ptr=emb_type, rx_ptr=emb_type, ry_ptr=f32,
-                  out_ptr=f32), ("alpha", "inv_temperature", "norm_eps", "eps", "row_weight", "col_weight", "margin_scale")
+                  out_ptr=f32), ("alpha", "inv_temperature", "sim_weight", "sim_offset", "norm_eps", "eps", "row_weight",
+                  "col_weight", "margin_scale")
                   + scaled, dict(IEEE_FP32=ieee, SCALING=scaling, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d), warps)
     # k == 1 and flags of 0/1 may arrive as compile-time constants.
     build(tiled.check_kernel, dict(col_lse_ptr=f32, log_v_ptr=f32, b_ptr=f32, active_ptr="i32", err_ptr=f32, iters_ptr="i64"),
@@ -95,7 +96,7 @@ def _compile_all(capability: int) -> None:
                                  ("bf16", False, cost_mod.HALF_TILES["large"])):
         block_n, block_m, block_d, warps = tile
         build(cost_mod._aplot_cost_kernel, dict(x_ptr=emb_type, y_ptr=emb_type, x_norm_ptr=f32, y_norm_ptr=f32, rx_ptr=emb_type,
-              ry_ptr=f32, out_ptr=f32), ("alpha", "inv_temperature"),
+              ry_ptr=f32, out_ptr=f32), ("alpha", "inv_temperature", "sim_weight", "sim_offset"),
               dict(IEEE_FP32=ieee, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d), warps)
     build(cost_mod._cosine_cost_kernel, dict(x_ptr="fp16", y_ptr="fp16", x_norm_ptr=f32, y_norm_ptr=f32, out_ptr=f32), (),
           dict(IEEE_FP32=False, BLOCK_N=128, BLOCK_M=128, BLOCK_D=64), 8)

@@ -173,13 +173,14 @@ def config_trainer(tmp_path, rows=6, **fields):
 
 def test_config_fields_reach_the_loss(tmp_path):
     trainer = config_trainer(
-        tmp_path, aplot_alpha=0.7, aplot_temperature=0.5, aplot_eps=0.3, aplot_n_iters=17, aplot_scale=2.0,
-        aplot_detach=False, aplot_backend="torch", aplot_gather=True, aplot_bank=True, gradient_accumulation_steps=3,
+        tmp_path, aplot_alpha=0.7, aplot_temperature=0.5, aplot_similarity="cosine", aplot_eps=0.3, aplot_n_iters=17,
+        aplot_scale=2.0, aplot_detach=False, aplot_backend="torch", aplot_gather=True, aplot_bank=True,
+        gradient_accumulation_steps=3,
     )
     loss = trainer.aplot_loss
-    got = (loss.alpha, loss.temperature, loss.eps, loss.n_iters, loss.scale, loss.detach, loss.backend,
+    got = (loss.alpha, loss.temperature, loss.similarity, loss.eps, loss.n_iters, loss.scale, loss.detach, loss.backend,
            loss.gather_across_devices, loss.bank_size)
-    assert got == (0.7, 0.5, 0.3, 17, 2.0, False, "torch", True, 2)
+    assert got == (0.7, 0.5, "cosine", 0.3, 17, 2.0, False, "torch", True, 2)
     with pytest.raises(ValueError, match="aplot_"):
         APLOTRewardTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
                            processing_class=trainer.processing_class, alpha=0.5)
@@ -187,7 +188,7 @@ def test_config_fields_reach_the_loss(tmp_path):
 
 @pytest.mark.parametrize("field, value, error", [
     ("aplot_alpha", 1.5, ValueError), ("aplot_detach", "no", TypeError), ("aplot_n_iters", 10.5, TypeError),
-    ("aplot_backend", "cuda", ValueError),
+    ("aplot_backend", "cuda", ValueError), ("aplot_similarity", "dot", ValueError),
 ])
 def test_config_fields_are_checked(tmp_path, field, value, error):
     from aplot_kernels.trl import APLOTRewardConfig

@@ -1,10 +1,10 @@
-"""Cost matrices between two sets of embeddings (SPEC section 1).
+"""Cost matrices between two sets of embeddings (docs/contract.md section 1).
 
 This module is the one dispatch point for the costs: it checks arguments,
 turns 2-D inputs into a batch of one, picks the backend, and wraps kernel
 backends in an autograd function. The math lives in
 :mod:`aplot_kernels.cost.reference`; kernels live beside it
-(``triton_kernels.py``, ``native.py``) and implement the same functions.
+(``triton.py``, ``native.py``) and implement the same functions.
 
 Half-precision inputs are computed with float32 accumulation and return
 float32 (the dtype Sinkhorn consumes); float32 and float64 return their own
@@ -29,7 +29,7 @@ NORM_EPS = 1e-8  # the default norm clamp of both costs
 
 def _kernels(backend: str):
     """The module holding a backend's cost kernels."""
-    return importlib.import_module(f"{__name__}.{'triton_kernels' if backend == 'triton' else backend}")
+    return importlib.import_module(f"{__name__}.{backend}")
 
 
 class _CosineCostKernel(torch.autograd.Function):

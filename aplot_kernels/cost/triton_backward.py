@@ -1,7 +1,7 @@
 """Triton backward passes of the cost matrices: the closed forms of :mod:`aplot_kernels.cost.reference`.
 
 ``cosine_cost_backward`` and ``aplot_cost_backward`` take the row scales and
-norms of :func:`aplot_kernels.cost.triton_kernels._row_norms`, then one tiled
+norms of :func:`aplot_kernels.cost.triton._row_norms`, then one tiled
 product kernel launched twice: ``G @ y_hat`` and, with ``G``'s strides
 swapped, ``G^T @ x_hat`` (``G`` the incoming ``[B, N, M]`` gradient; each
 loaded tile of ``y`` is scaled and divided by its norms, so ``y_hat`` is never
@@ -23,7 +23,7 @@ from .._precision import float32_or_wider
 from ..triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, cdiv
 from ..backends import kernel_entry
 from . import reference
-from . import triton_kernels as forward
+from . import triton as forward
 
 # Backward product G @ y_hat: a 64 x 64 float32 output tile (rows x embedding columns) walking the
 # reduced side of G in steps of 32, the shape of FP32_TILE (exact float32 FMA, no TF32).

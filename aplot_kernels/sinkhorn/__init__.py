@@ -1,10 +1,10 @@
-"""Entropic optimal transport by log-domain Sinkhorn (SPEC section 2).
+"""Entropic optimal transport by log-domain Sinkhorn (docs/contract.md section 2).
 
 This module is the one dispatch point for Sinkhorn: :func:`sinkhorn` checks
 arguments, broadcasts marginals to a batch, picks the backend and the
 gradient mode. The iteration itself lives in
 :mod:`aplot_kernels.sinkhorn.reference` (the ground truth) and in the kernel
-modules beside it (``triton_kernels.py``, ``native.py``), which all implement
+modules beside it (the ``triton`` package, ``native.py``), which all implement
 ``solve(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput``. The
 gradient modes that need no stored iterates are in ``gradients.py`` and work
 with every backend.
@@ -56,7 +56,7 @@ class SinkhornResult(NamedTuple):
 
 
 def _kernels(backend: str):
-    return importlib.import_module(f"{__name__}.{'triton_kernels' if backend == 'triton' else backend}")
+    return importlib.import_module(f"{__name__}.{backend}")
 
 
 class _Solver:

@@ -101,7 +101,7 @@ def _check_args(args) -> None:
 
 def _warm_up(options: dict) -> float:
     """One tiny APLOT call before the timed runs: the kernel backend may compile itself on first use."""
-    from ..loss import aplot_margin
+    from ..margin import aplot_margin
 
     started = time.perf_counter()
     aplot_margin(torch.zeros(2), torch.ones(2), torch.eye(2), torch.eye(2), **options)

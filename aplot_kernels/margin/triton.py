@@ -4,12 +4,12 @@
 pairs, see :func:`fits`) runs as this single kernel: one program computes the row
 norms and the product ``chosen_emb @ rejected_emb^T`` (tensor cores for
 half inputs, exact fp32 FMA for float32), forms the APLOT cost tile in
-registers (the epilogue of :mod:`aplot_kernels.cost.triton_kernels`), runs
+registers (the epilogue of :mod:`aplot_kernels.cost.triton`), runs
 every Sinkhorn iteration on it (the fused strategy's loop, uniform weights)
 and writes only the ``[n]`` margins. Neither the ``[n, m]`` cost nor the
 plan touches memory, and the step is one launch instead of four (two norm
 passes, the cost, the solve). Larger problems take the cost kernel and the
-row-cost Sinkhorn (:func:`aplot_kernels.sinkhorn.triton_kernels.row_transport_costs`).
+row-cost Sinkhorn (:func:`aplot_kernels.sinkhorn.triton.row_transport_costs`).
 
 The math is that of the separate kernels, whose jit helpers it calls; the
 only difference is the last reduction, ``sum_j P_ij C_ij``, which takes
@@ -33,11 +33,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .backends import kernel_entry
-from .triton_utils import MIN_DOT_BLOCK, block_size, num_warps_for
-from .cost import reference as cost_reference
-from .cost import triton_kernels as cost_kernels
-from .sinkhorn import triton_kernels as sinkhorn_kernels
+from ..backends import kernel_entry
+from ..cost import reference as cost_reference
+from ..cost import triton as cost_kernels
+from ..sinkhorn.triton import common, fused
+from ..sinkhorn.triton.experimental import fused_scaling
+from ..triton_utils import MIN_DOT_BLOCK, block_size, num_warps_for
 
 # The product's step along D: as the cost kernels' tiles (tensor cores for half, FMA for float32).
 HALF_BLOCK_D = cost_kernels.HALF_TILES["large"][2]
@@ -62,7 +63,7 @@ def _margin_neg_cost(source, IEEE_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
     s = cost_kernels._normalized(product, x_norm, y_norm)
     c = cost_kernels._aplot_combine(s, rx, ry, alpha, inv_temperature, sim_weight, sim_offset)
     inside = row_ok[:, None] & col_ok[None, :]
-    return tl.where(inside, sinkhorn_kernels._scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
+    return tl.where(inside, common.scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
 
 
 @triton.jit
@@ -90,13 +91,13 @@ def _aplot_margin_kernel(
     wa = tl.where(row_ok, row_weight, 0.0)
     wb = tl.where(col_ok, col_weight, 0.0)
     if SCALING:
-        log_u, log_v, iters, err, plan = sinkhorn_kernels._scaling_iterations(
+        log_u, log_v, iters, err, plan = fused_scaling.scaling_iterations(
             neg_c, _margin_neg_cost, source, IEEE_FP32, BLOCK_D, wa, wb, n_iters, 1, 0.0, False,
         )
         neg_c = _margin_neg_cost(source, IEEE_FP32, BLOCK_D)  # not kept through the loop: formed again
     else:
-        log_u, log_v, iters, err = sinkhorn_kernels._fused_iterations(neg_c, wa, wb, n_iters, 1, 0.0, False)
-        plan = sinkhorn_kernels._absorbed_kernel(neg_c, log_u, log_v)
+        log_u, log_v, iters, err = fused.fused_iterations(neg_c, wa, wb, n_iters, 1, 0.0, False)
+        plan = common.absorbed_kernel(neg_c, log_u, log_v)
     row_cost = tl.sum(plan * tl.where(inside, neg_c * -eps, 0.0), axis=1)
     tl.store(out_ptr + rows, margin_scale * row_cost, mask=row_ok)
 
@@ -138,7 +139,7 @@ def fits(n: int, m: int) -> bool:
     """Whether an ``n x m`` margin problem runs as the single fused kernel."""
     block_n = block_size(n, lo=MIN_DOT_BLOCK, hi=1 << 30)
     block_m = block_size(m, lo=MIN_DOT_BLOCK, hi=1 << 30)
-    return max(block_n, block_m) <= MAX_SIDE and block_n * block_m <= sinkhorn_kernels.FUSED_MAX_ELEMENTS
+    return max(block_n, block_m) <= MAX_SIDE and block_n * block_m <= fused.FUSED_MAX_ELEMENTS
 
 
 @kernel_entry
@@ -180,14 +181,14 @@ def aplot_margin(
     block_m = block_size(m, lo=MIN_DOT_BLOCK, hi=1 << 30)
     block_d = block_size(d, lo=MIN_DOT_BLOCK, hi=FP32_BLOCK_D if ieee else HALF_BLOCK_D)
     out = torch.empty(n, dtype=torch.float32, device=x.device)
-    hi, lo = sinkhorn_kernels._split_reciprocal(eps)
+    hi, lo = common.split_reciprocal(eps)
     sim_weight, sim_offset = cost_reference.similarity_terms(float(alpha), similarity)
     _aplot_margin_kernel[(1,)](
         x, y, chosen_rewards, rejected_rewards, out, n, m, d,
         *x.stride(), *y.stride(), chosen_rewards.stride(0), rejected_rewards.stride(0),
         float(alpha), 1.0 / float(temperature), sim_weight, sim_offset, float(norm_eps), float(eps), hi, lo, int(n_iters), 1.0 / n, 1.0 / m, float(scale) * n,
         IEEE_FP32=ieee, SCALING=scaling, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=num_warps_for(block_n * block_m, per_thread=sinkhorn_kernels.FUSED_ENTRIES_PER_THREAD),
+        num_warps=num_warps_for(block_n * block_m, per_thread=fused.FUSED_ENTRIES_PER_THREAD),
         num_stages=cost_kernels.NUM_STAGES,
     )
     return out
