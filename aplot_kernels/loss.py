@@ -22,6 +22,7 @@ from . import _checks, backends
 from ._precision import autocast_off, float32_or_wider
 from .backends import BACKENDS
 from .cost import NORM_EPS, aplot_cost_checked
+from .cost.reference import SIMILARITIES
 from .distributed import PairBank, Responses, concat_responses, gather_rows, is_distributed
 from .sinkhorn import sinkhorn_checked
 
@@ -110,6 +111,7 @@ def _check_margin_options(options: dict) -> dict:
         options,
         alpha=_checks.unit_interval("alpha", options["alpha"]),
         temperature=_checks.positive("temperature", options["temperature"]),
+        similarity=_checks.choice("similarity", options["similarity"], SIMILARITIES),
         eps=_checks.positive("eps", options["eps"]),
         n_iters=_checks.positive_int("n_iters", options["n_iters"]),
         scale=_checks.finite_number("scale", options["scale"]),
@@ -129,8 +131,8 @@ def _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_
 
 
 def _margin_and_plan(
-    chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, *, alpha, temperature, eps, n_iters, scale, detach, backend,
-    need_plan=True,
+    chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, *, alpha, temperature, similarity, eps, n_iters, scale,
+    detach, backend, need_plan=True,
 ):
     """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked (no check, no host sync here).
 
@@ -151,7 +153,7 @@ def _margin_and_plan(
             try:
                 margins = loss_triton.aplot_margin(
                     chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, NORM_EPS, eps, n_iters,
-                    scale,
+                    scale, similarity=similarity,
                 )
                 return margins, None, None
             except loss_triton.KERNEL_UNAVAILABLE as exc:  # cannot run on this GPU: the two-kernel path below
@@ -164,7 +166,7 @@ def _margin_and_plan(
             from .sinkhorn import native as kernels
         with torch.no_grad():
             cost = aplot_cost_checked(
-                chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, NORM_EPS, impl
+                chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, NORM_EPS, impl, similarity
             )
             m = cost.shape[1]
             weights_dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
@@ -174,7 +176,7 @@ def _margin_and_plan(
         return scale * n * row_costs, None, cost
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
         cost = aplot_cost_checked(
-            chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, NORM_EPS, backend
+            chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, NORM_EPS, backend, similarity
         )
         result = sinkhorn_checked(cost, eps=eps, n_iters=n_iters, grad="none" if detach else "implicit", backend=backend)
         margins = scale * n * (result.plan * cost).sum(-1)
@@ -190,6 +192,7 @@ def aplot_margin(
     *,
     alpha: float = 0.9,
     temperature: float = 1.0,
+    similarity: str = "unit",
     eps: float = 0.1,
     n_iters: int = 50,
     scale: float = 1.0,
@@ -203,7 +206,8 @@ def aplot_margin(
         rejected_rewards: ``[m]``, ``m >= n`` (the first ``n`` pair with the chosen ones).
         chosen_emb: ``[n, D]``.
         rejected_emb: ``[m, D]``.
-        alpha, temperature: options of :func:`aplot_kernels.aplot_cost`.
+        alpha, temperature, similarity: options of :func:`aplot_kernels.aplot_cost`
+            (``similarity``: ``"unit"``, ``(1 + S) / 2``, or ``"cosine"``, ``S``).
         eps, n_iters: Sinkhorn regularisation and iteration count.
         scale: multiplies the margins; ``0`` switches APLOT off.
         detach: ``True`` computes without gradient; ``False`` lets gradients
@@ -216,7 +220,8 @@ def aplot_margin(
     with _checks.one_sync():
         _check_margin_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
     options = _check_margin_options(dict(
-        alpha=alpha, temperature=temperature, eps=eps, n_iters=n_iters, scale=scale, detach=detach, backend=backend,
+        alpha=alpha, temperature=temperature, similarity=similarity, eps=eps, n_iters=n_iters, scale=scale,
+        detach=detach, backend=backend,
     ))
     return _margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, **options, need_plan=False)[0]
 
@@ -245,7 +250,9 @@ def _aplot_loss(
         n = chosen_rewards.shape[0]
         margin = _check_margin(margin, n, chosen_rewards)
     _checks.choice("reduction", reduction, REDUCTIONS)
-    options = dict(alpha=0.9, temperature=1.0, eps=0.1, n_iters=50, scale=1.0, detach=True, backend="auto")
+    options = dict(
+        alpha=0.9, temperature=1.0, similarity="unit", eps=0.1, n_iters=50, scale=1.0, detach=True, backend="auto"
+    )
     unknown = set(margin_kwargs) - set(options)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; aplot_margin takes {sorted(options)}")
@@ -320,6 +327,7 @@ class APLOTLoss(torch.nn.Module):
         *,
         alpha: float = 0.9,
         temperature: float = 1.0,
+        similarity: str = "unit",
         eps: float = 0.1,
         n_iters: int = 50,
         scale: float = 1.0,
@@ -333,12 +341,14 @@ class APLOTLoss(torch.nn.Module):
         super().__init__()
         _checks.unit_interval("alpha", alpha)
         _checks.positive("temperature", temperature)
+        _checks.choice("similarity", similarity, SIMILARITIES)
         _checks.positive("eps", eps)
         _checks.positive_int("n_iters", n_iters)
         _checks.finite_number("scale", scale)
         _checks.choice("reduction", reduction, REDUCTIONS)
         _checks.positive_int("bank_size", bank_size, minimum=0)
         self.alpha, self.temperature, self.eps, self.n_iters = alpha, temperature, eps, n_iters
+        self.similarity = similarity
         self.scale, self.detach, self.backend, self.reduction = scale, detach, backend, reduction
         self.gather_across_devices, self.process_group = bool(gather_across_devices), process_group
         self.bank = PairBank(bank_size)
@@ -353,7 +363,7 @@ class APLOTLoss(torch.nn.Module):
 
     def margin_options(self) -> dict:
         return dict(
-            alpha=self.alpha, temperature=self.temperature, eps=self.eps, n_iters=self.n_iters,
+            alpha=self.alpha, temperature=self.temperature, similarity=self.similarity, eps=self.eps, n_iters=self.n_iters,
             scale=self.scale, detach=self.detach, backend=self.backend,
         )
 

@@ -20,8 +20,8 @@ ulps) rather than keeping a second tile live through the loop.
 (no ``exp`` per iteration); where that loop falls back to a log-domain
 iteration it needs ``-C / eps`` again, and this kernel recomputes the tile
 from the embeddings instead of storing it. Off by default until a GPU run
-has timed it against the log-domain loop (``bench/gpu_check.py`` does);
-``APLOT_KERNELS_TRITON_SCALING=1`` switches it on.
+has timed it against the log-domain loop (``bench/gpu_check.py`` does); only
+the explicit argument switches it on.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .backends import kernel_entry
 from ._triton_utils import MIN_DOT_BLOCK, block_size, num_warps_for
+from .cost import reference as cost_reference
 from .cost import triton_kernels as cost_kernels
 from .sinkhorn import triton_kernels as sinkhorn_kernels
 
@@ -52,12 +53,13 @@ def _margin_neg_cost(source, IEEE_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
     loop, which recomputes the tile rather than keep it.
     """
     (x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_norm, y_norm, rx, ry,
-     alpha, inv_temperature, neg_inv_hi, neg_inv_lo) = source
+     alpha, inv_temperature, sim_weight, sim_offset, neg_inv_hi, neg_inv_lo) = source
     product = cost_kernels._product_tile(
         x_rows[:, None], y_rows[:, None], row_ok, col_ok, D, stride_xd, stride_yd, IEEE_FP32,
         row_ok.shape[0], col_ok.shape[0], BLOCK_D,
     )
-    c = cost_kernels._aplot_combine(cost_kernels._normalized(product, x_norm, y_norm), rx, ry, alpha, inv_temperature)
+    s = cost_kernels._normalized(product, x_norm, y_norm)
+    c = cost_kernels._aplot_combine(s, rx, ry, alpha, inv_temperature, sim_weight, sim_offset)
     inside = row_ok[:, None] & col_ok[None, :]
     return tl.where(inside, sinkhorn_kernels._scaled_neg_cost(c, neg_inv_hi, neg_inv_lo), float("-inf"))
 
@@ -66,7 +68,7 @@ def _margin_neg_cost(source, IEEE_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
 def _aplot_margin_kernel(
     x_ptr, y_ptr, rx_ptr, ry_ptr, out_ptr, N, M, D,
     stride_xn, stride_xd, stride_ym, stride_yd, stride_rx, stride_ry,
-    alpha, inv_temperature, norm_eps, eps, neg_inv_hi, neg_inv_lo, n_iters, row_weight, col_weight, margin_scale,
+    alpha, inv_temperature, sim_weight, sim_offset, norm_eps, eps, neg_inv_hi, neg_inv_lo, n_iters, row_weight, col_weight, margin_scale,
     IEEE_FP32: tl.constexpr, SCALING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -82,7 +84,7 @@ def _aplot_margin_kernel(
     rx = tl.load(rx_ptr + rows * stride_rx, mask=row_ok, other=0.0).to(tl.float32)
     ry = tl.load(ry_ptr + cols * stride_ry, mask=col_ok, other=0.0).to(tl.float32)
     source = (x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_norm, y_norm, rx, ry,
-              alpha, inv_temperature, neg_inv_hi, neg_inv_lo)
+              alpha, inv_temperature, sim_weight, sim_offset, neg_inv_hi, neg_inv_lo)
     neg_c = _margin_neg_cost(source, IEEE_FP32, BLOCK_D)
     wa = tl.where(row_ok, row_weight, 0.0)
     wb = tl.where(col_ok, col_weight, 0.0)
@@ -150,19 +152,19 @@ def aplot_margin(
     eps: float,
     n_iters: int,
     scale: float,
-    scaling: Optional[bool] = None,
+    scaling: bool = False,
+    similarity: str = "unit",
 ) -> torch.Tensor:
     """Detached APLOT margins ``scale * n * sum_j P_ij C_ij`` in one kernel (arguments already checked).
 
     Args:
         chosen_rewards: ``[n]``; rejected_rewards: ``[m]``.
         chosen_emb: ``[n, D]``; rejected_emb: ``[m, D]`` (float32, float16 or bfloat16; any strides).
-        alpha, temperature, norm_eps: the APLOT cost's options.
+        alpha, temperature, norm_eps, similarity: the APLOT cost's options.
         eps, n_iters: Sinkhorn's (fixed iterations, uniform weights).
         scale: the margin scale.
         scaling: run the Sinkhorn loop in the scaling domain (the ``"fused-scaling"``
             strategy's loop; on a fallback it recomputes the cost tile from the embeddings).
-            ``None``: as ``APLOT_KERNELS_TRITON_SCALING`` says (off by default).
 
     Returns:
         ``[n]`` float32 margins. Requires ``fits(n, m)``.
@@ -171,8 +173,6 @@ def aplot_margin(
     m = rejected_emb.shape[0]
     if not fits(n, m):
         raise ValueError(f"the fused margin kernel takes problems of up to {MAX_SIDE} x {MAX_SIDE}, got {n} x {m}")
-    if scaling is None:
-        scaling = sinkhorn_kernels.use_scaling_domain()
     x, y = cost_kernels._dot_operands(chosen_emb, rejected_emb)
     ieee = cost_kernels._dot_in_float32(x)
     block_n = block_size(n, lo=MIN_DOT_BLOCK, hi=1 << 30)
@@ -180,10 +180,11 @@ def aplot_margin(
     block_d = block_size(d, lo=MIN_DOT_BLOCK, hi=FP32_BLOCK_D if ieee else HALF_BLOCK_D)
     out = torch.empty(n, dtype=torch.float32, device=x.device)
     hi, lo = sinkhorn_kernels._split_reciprocal(eps)
+    sim_weight, sim_offset = cost_reference.similarity_terms(float(alpha), similarity)
     _aplot_margin_kernel[(1,)](
         x, y, chosen_rewards, rejected_rewards, out, n, m, d,
         *x.stride(), *y.stride(), chosen_rewards.stride(0), rejected_rewards.stride(0),
-        float(alpha), 1.0 / float(temperature), float(norm_eps), float(eps), hi, lo, int(n_iters), 1.0 / n, 1.0 / m, float(scale) * n,
+        float(alpha), 1.0 / float(temperature), sim_weight, sim_offset, float(norm_eps), float(eps), hi, lo, int(n_iters), 1.0 / n, 1.0 / m, float(scale) * n,
         IEEE_FP32=ieee, SCALING=scaling, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
         num_warps=num_warps_for(block_n * block_m, per_thread=sinkhorn_kernels.FUSED_ENTRIES_PER_THREAD),
         num_stages=cost_kernels.NUM_STAGES,

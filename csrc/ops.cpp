@@ -17,9 +17,11 @@ TORCH_LIBRARY(aplot_kernels, m) {
       "sinkhorn_row_costs(Tensor C, Tensor a, Tensor b, float eps, int n_iters, float tol, int check_every) -> "
       "Tensor");
   m.def("cosine_cost(Tensor x, Tensor y, float eps) -> Tensor");
+  // C = alpha * (1 - sigmoid(|delta| / temperature)) + sim_weight * (sim_offset + S): sim_weight = (1 - alpha) / 2,
+  // sim_offset = 1 for the "unit" similarity (1 + S) / 2; 1 - alpha and 0 for the raw cosine S.
   m.def(
       "aplot_cost(Tensor chosen_emb, Tensor rejected_emb, Tensor chosen_rewards, Tensor rejected_rewards, "
-      "float alpha, float temperature, float eps) -> Tensor");
+      "float alpha, float temperature, float eps, float sim_weight, float sim_offset) -> Tensor");
 }
 
 namespace aplot_kernels {

@@ -55,11 +55,13 @@ class _CosineCostKernel(torch.autograd.Function):
 
 class _APLOTCostKernel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, backend):
+    def forward(ctx, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, similarity, backend):
         kernels = _kernels(backend)
         ctx.save_for_backward(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
-        ctx.args, ctx.kernels = (alpha, temperature, eps), kernels
-        return kernels.aplot_cost(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps)
+        ctx.args, ctx.kernels = (alpha, temperature, eps, similarity), kernels
+        return kernels.aplot_cost(
+            chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, similarity
+        )
 
     @staticmethod
     @autocast_off
@@ -71,7 +73,7 @@ class _APLOTCostKernel(torch.autograd.Function):
             grads = reference.aplot_cost_backward(grad_cost.to(dtype), *(t.to(dtype) for t in inputs), *ctx.args)
         else:
             grads = backward(grad_cost, *inputs, *ctx.args)
-        return tuple(g.to(t.dtype) for g, t in zip(grads, inputs)) + (None, None, None, None)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, inputs)) + (None,) * 5
 
 
 @autocast_off
@@ -116,14 +118,17 @@ def aplot_cost(
     *,
     alpha: float = 0.9,
     temperature: float = 1.0,
+    similarity: str = "unit",
     eps: float = NORM_EPS,
     backend: str = "auto",
 ) -> torch.Tensor:
     """APLOT cost between chosen and rejected responses.
 
-    ``C[i, j] = alpha * (1 - sigmoid(|r_c[i] - r_r[j]| / temperature)) + (1 - alpha) * (1 + S[i, j]) / 2``
-    with ``S`` the cosine similarity of the embeddings. ``C`` lies in ``[0, 1]``
-    and is high for hard pairs (similar responses, small reward gap).
+    ``C[i, j] = alpha * (1 - sigmoid(|r_c[i] - r_r[j]| / temperature)) + (1 - alpha) * sim[i, j]``
+    with ``S`` the cosine similarity of the embeddings and ``sim = (1 + S) / 2``
+    (``similarity="unit"``: ``C`` in ``[0, 1]``) or ``sim = S`` (``"cosine"``:
+    ``C`` in ``[-(1 - alpha), 1]``). ``C`` is high for hard pairs (similar
+    responses, small reward gap).
 
     Args:
         chosen_emb: ``[N, D]`` or ``[B, N, D]``.
@@ -132,6 +137,7 @@ def aplot_cost(
         rejected_rewards: ``[M]`` or ``[B, M]``.
         alpha: weight of the reward-gap term, in ``[0, 1]``.
         temperature: scale of the reward gap, ``> 0``.
+        similarity: ``"unit"`` (``(1 + S) / 2``) or ``"cosine"`` (``S``).
         eps: norm clamp of the cosine similarity.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"``.
 
@@ -149,10 +155,15 @@ def aplot_cost(
         alpha = _checks.unit_interval("alpha", alpha)
         temperature = _checks.positive("temperature", temperature)
         eps = _checks.positive("eps", eps)
-    return aplot_cost_checked(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, backend)
+        similarity = _checks.choice("similarity", similarity, reference.SIMILARITIES)
+    return aplot_cost_checked(
+        chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, backend, similarity
+    )
 
 
-def aplot_cost_checked(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, backend):
+def aplot_cost_checked(
+    chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, backend, similarity="unit"
+):
     """:func:`aplot_cost` on arguments already checked (the loss checks its inputs once for all its steps)."""
     inputs = (chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
     dtype = float32_or_wider(*inputs)
@@ -161,7 +172,7 @@ def aplot_cost_checked(chosen_emb, rejected_emb, chosen_rewards, rejected_reward
     if unbatched:
         inputs = tuple(t.unsqueeze(0) for t in inputs)
     if impl == "torch":
-        cost = reference.aplot_cost(*(t.to(dtype) for t in inputs), alpha, temperature, eps)
+        cost = reference.aplot_cost(*(t.to(dtype) for t in inputs), alpha, temperature, eps, similarity)
     else:
-        cost = _APLOTCostKernel.apply(*inputs, alpha, temperature, eps, impl)
+        cost = _APLOTCostKernel.apply(*inputs, alpha, temperature, eps, similarity, impl)
     return cost.squeeze(0) if unbatched else cost

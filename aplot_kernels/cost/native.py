@@ -11,6 +11,7 @@ import torch
 
 from .. import _native
 from ..backends import kernel_entry
+from . import reference
 
 __all__ = ["cosine_cost", "aplot_cost"]
 
@@ -30,8 +31,11 @@ def aplot_cost(
     alpha: float,
     temperature: float,
     eps: float,
+    similarity: str = "unit",
 ) -> torch.Tensor:
     """``[B, N, D], [B, M, D], [B, N], [B, M] -> [B, N, M]``: the APLOT cost."""
+    sim_weight, sim_offset = reference.similarity_terms(float(alpha), similarity)
     return _native.ops().aplot_cost(
-        chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, float(alpha), float(temperature), float(eps)
+        chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, float(alpha), float(temperature), float(eps),
+        sim_weight, sim_offset,
     )

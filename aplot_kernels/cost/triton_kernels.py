@@ -36,6 +36,7 @@ import triton.language as tl
 from ..backends import kernel_entry, triton_interpreter_on
 from .._precision import float32_or_wider
 from .._triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, cdiv
+from . import reference
 
 # Tiles. Half-precision products run on the tensor cores (wgmma on sm_90): 128 x 128 output tiles
 # with BLOCK_D = 64 once the grid has enough tiles to fill the GPU, 64 x 64 below that (a 512 x 512
@@ -84,14 +85,17 @@ def _normalized(product, x_norm, y_norm):
 
 
 @triton.jit
-def _aplot_combine(s, rx, ry, alpha, inv_temperature):
-    """The APLOT cost from the similarity tile ``s`` and the rewards ``rx [BLOCK_N]``, ``ry [BLOCK_M]`` (fp32)."""
+def _aplot_combine(s, rx, ry, alpha, inv_temperature, sim_weight, sim_offset):
+    """The APLOT cost from the similarity tile ``s`` and the rewards ``rx [BLOCK_N]``, ``ry [BLOCK_M]`` (fp32).
+
+    ``(1 - alpha) * sim = sim_weight * (sim_offset + s)`` (see ``reference.similarity_terms``).
+    """
     gap = tl.abs(rx[:, None] - ry[None, :]) * inv_temperature
     # 1 - sigmoid(|delta| / T) = sigmoid(-|delta| / T) = e / (1 + e) with e = exp(-|delta| / T) in (0, 1]:
     # no overflow, and a huge gap underflows to exactly 0.
     e = tl.math.exp2(-gap * LOG2E_K)
     reward_term = e / (1.0 + e)
-    return alpha * reward_term + (1.0 - alpha) * 0.5 * (1.0 + s)
+    return alpha * reward_term + sim_weight * (sim_offset + s)
 
 
 @triton.jit
@@ -195,7 +199,7 @@ def _aplot_cost_kernel(
     stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
     stride_rxb, stride_rxn, stride_ryb, stride_rym,
     stride_ob, stride_on, stride_om,
-    alpha, inv_temperature,
+    alpha, inv_temperature, sim_weight, sim_offset,
     IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -210,7 +214,7 @@ def _aplot_cost_kernel(
     )
     rx = tl.load(rx_ptr + pid_b * stride_rxb + rows * stride_rxn, mask=row_ok, other=0.0).to(tl.float32)
     ry = tl.load(ry_ptr + pid_b * stride_ryb + cols * stride_rym, mask=col_ok, other=0.0).to(tl.float32)
-    cost = _aplot_combine(s, rx, ry, alpha, inv_temperature)
+    cost = _aplot_combine(s, rx, ry, alpha, inv_temperature, sim_weight, sim_offset)
     out = out_ptr + pid_b * stride_ob + rows[:, None] * stride_on + cols[None, :] * stride_om
     tl.store(out, cost, mask=row_ok[:, None] & col_ok[None, :])
 
@@ -277,13 +281,15 @@ def aplot_cost(
     alpha: float,
     temperature: float,
     eps: float,
+    similarity: str = "unit",
 ) -> torch.Tensor:
     """APLOT cost ``[B, N, M]`` from embeddings ``[B, N, D]``, ``[B, M, D]`` and rewards ``[B, N]``, ``[B, M]``."""
     out_dtype = float32_or_wider(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
+    sim_weight, sim_offset = reference.similarity_terms(float(alpha), similarity)
     return _launch(
         _aplot_cost_kernel, chosen_emb, rejected_emb,
         (chosen_rewards, rejected_rewards), (*chosen_rewards.stride(), *rejected_rewards.stride()),
-        (float(alpha), 1.0 / float(temperature)), eps, out_dtype,
+        (float(alpha), 1.0 / float(temperature), sim_weight, sim_offset), eps, out_dtype,
     )
 
 
@@ -459,11 +465,13 @@ def aplot_cost_backward(
     alpha: float,
     temperature: float,
     eps: float,
+    similarity: str = "unit",
 ):
     """Gradients ``(d_chosen_emb [B, N, D], d_rejected_emb [B, M, D], d_chosen_rewards [B, N], d_rejected_rewards [B, M])``
     of :func:`aplot_cost` for ``grad_cost [B, N, M]`` (float32 for half inputs)."""
     out_dtype = float32_or_wider(grad_cost, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
+    sim_weight, _ = reference.similarity_terms(float(alpha), similarity)
     return _embedding_grads(
         grad_cost, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards,
-        0.5 * (1.0 - float(alpha)), 1.0 / float(temperature), -float(alpha) / float(temperature), eps, out_dtype,
+        sim_weight, 1.0 / float(temperature), -float(alpha) / float(temperature), eps, out_dtype,
     )

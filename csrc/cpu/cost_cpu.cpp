@@ -91,7 +91,8 @@ at::Tensor cosine_cost_cpu(const at::Tensor& x, const at::Tensor& y, double eps)
 }
 
 at::Tensor aplot_cost_cpu(const at::Tensor& chosen_emb, const at::Tensor& rejected_emb, const at::Tensor& chosen_rewards,
-                          const at::Tensor& rejected_rewards, double alpha, double temperature, double eps) {
+                          const at::Tensor& rejected_rewards, double alpha, double temperature, double eps,
+                          double sim_weight, double sim_offset) {
   check_embeddings(chosen_emb, rejected_emb, "aplot_cost");
   const int64_t batch = chosen_emb.size(0), n = chosen_emb.size(1), m = rejected_emb.size(1);
   TORCH_CHECK(chosen_rewards.dim() == 2 && chosen_rewards.size(0) == batch && chosen_rewards.size(1) == n,
@@ -106,11 +107,11 @@ at::Tensor aplot_cost_cpu(const at::Tensor& chosen_emb, const at::Tensor& reject
     const Kernels<scalar_t>& k = kernels<scalar_t>();
     const scalar_t* rc = r_c.const_data_ptr<scalar_t>();
     const scalar_t* rr = r_r.const_data_ptr<scalar_t>();
-    // The reference's grouping: alpha * gap + ((1 - alpha) * 0.5) * (1 + S), coefficients in double.
-    const scalar_t coef = static_cast<scalar_t>((1.0 - alpha) * 0.5);
+    // The reference's grouping: alpha * gap + sim_weight * (sim_offset + S), coefficients from double.
+    const scalar_t coef = static_cast<scalar_t>(sim_weight), offset = static_cast<scalar_t>(sim_offset);
     cost = similarity<scalar_t>(chosen_emb, rejected_emb, eps, [&](int64_t row, scalar_t* s, int64_t count) {
       k.aplot_epilogue_row(s, rc[row], rr + (row / n) * m, static_cast<scalar_t>(alpha),
-                           static_cast<scalar_t>(temperature), coef, count);
+                           static_cast<scalar_t>(temperature), coef, offset, count);
     });
   });
   return cost;

@@ -24,8 +24,8 @@ struct Kernels {
                             int64_t col_end);
   // out[c] = exp(shift + vec[c] + row[c]).
   void (*exp_row)(const T* row, T shift, const T* vec, T* out, int64_t stride);
-  // s[j] <- alpha * sigmoid(-|r_i - q[j]| / temperature) + coef * (1 + s[j]).
-  void (*aplot_epilogue_row)(T* s, T r_i, const T* q, T alpha, T temperature, T coef, int64_t count);
+  // s[j] <- alpha * sigmoid(-|r_i - q[j]| / temperature) + coef * (offset + s[j]).
+  void (*aplot_epilogue_row)(T* s, T r_i, const T* q, T alpha, T temperature, T coef, T offset, int64_t count);
 };
 
 // Kernels for the best instruction set of this CPU (chosen once).

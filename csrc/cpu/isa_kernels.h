@@ -327,7 +327,7 @@ void exp_row(const T* row, T shift, const T* vec, T* out, int64_t stride) {
 // The APLOT epilogue on one row, in place over the similarities s[0, count):
 //   s[j] <- alpha * sigmoid(-|r_i - q[j]| / temperature) + coef * (1 + s[j]).
 template <typename T>
-void aplot_epilogue_row(T* s, T r_i, const T* q, T alpha, T temperature, T coef, int64_t count) {
+void aplot_epilogue_row(T* s, T r_i, const T* q, T alpha, T temperature, T coef, T offset, int64_t count) {
   typedef typename Vec<T>::type V;
   constexpr int W = Vec<T>::width;
   int64_t j = 0;
@@ -335,12 +335,12 @@ void aplot_epilogue_row(T* s, T r_i, const T* q, T alpha, T temperature, T coef,
     V delta = r_i - load<V>(q + j);
     delta = delta < T(0) ? -delta : delta;
     const V gap = T(1) / (T(1) + vexp(delta / temperature));
-    store(s + j, alpha * gap + coef * (T(1) + load<V>(s + j)));
+    store(s + j, alpha * gap + coef * (offset + load<V>(s + j)));
   }
   for (; j < count; ++j) {
     const T delta = std::abs(r_i - q[j]);
     const T gap = T(1) / (T(1) + std::exp(delta / temperature));
-    s[j] = alpha * gap + coef * (T(1) + s[j]);
+    s[j] = alpha * gap + coef * (offset + s[j]);
   }
 }
 
@@ -359,8 +359,8 @@ template void weighted_col_sums<float>(const float*, int64_t, int64_t, const flo
 template void weighted_col_sums<double>(const double*, int64_t, int64_t, const double*, double*, int64_t, int64_t);
 template void exp_row<float>(const float*, float, const float*, float*, int64_t);
 template void exp_row<double>(const double*, double, const double*, double*, int64_t);
-template void aplot_epilogue_row<float>(float*, float, const float*, float, float, float, int64_t);
-template void aplot_epilogue_row<double>(double*, double, const double*, double, double, double, int64_t);
+template void aplot_epilogue_row<float>(float*, float, const float*, float, float, float, float, int64_t);
+template void aplot_epilogue_row<double>(double*, double, const double*, double, double, double, double, int64_t);
 
 }  // namespace APLOT_ISA
 }  // namespace cpu

@@ -47,10 +47,10 @@ __global__ void cosine_epilogue_kernel(T* __restrict__ s, int64_t total) {
     s[idx] = T(1) - s[idx];
 }
 
-// s <- alpha * sigmoid(-|r_c[i] - r_r[j]| / temperature) + coef * (1 + s), in place over [B, N, M].
+// s <- alpha * sigmoid(-|r_c[i] - r_r[j]| / temperature) + coef * (offset + s), in place over [B, N, M].
 template <typename T>
 __global__ void aplot_epilogue_kernel(T* __restrict__ s, const T* __restrict__ r_c, const T* __restrict__ r_r, int n,
-                                      int m, int64_t total, T alpha, T temperature, T coef) {
+                                      int m, int64_t total, T alpha, T temperature, T coef, T offset) {
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < total;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = idx / m;  // b * n + i
@@ -58,7 +58,7 @@ __global__ void aplot_epilogue_kernel(T* __restrict__ s, const T* __restrict__ r
     const int64_t problem = row / n;
     const T delta = absolute(r_c[row] - r_r[problem * m + j]);
     const T gap = T(1) / (T(1) + exp_(delta / temperature));
-    s[idx] = alpha * gap + coef * (T(1) + s[idx]);
+    s[idx] = alpha * gap + coef * (offset + s[idx]);
   }
 }
 
@@ -111,7 +111,8 @@ at::Tensor cosine_cost_cuda(const at::Tensor& x, const at::Tensor& y, double eps
 }
 
 at::Tensor aplot_cost_cuda(const at::Tensor& chosen_emb, const at::Tensor& rejected_emb, const at::Tensor& chosen_rewards,
-                           const at::Tensor& rejected_rewards, double alpha, double temperature, double eps) {
+                           const at::Tensor& rejected_rewards, double alpha, double temperature, double eps,
+                           double sim_weight, double sim_offset) {
   TORCH_CHECK(chosen_emb.dim() == 3 && rejected_emb.dim() == 3 && chosen_emb.size(0) == rejected_emb.size(0) &&
                   chosen_emb.size(2) == rejected_emb.size(2),
               "aplot_cost: embeddings must be [B, N, D] and [B, M, D]");
@@ -125,7 +126,8 @@ at::Tensor aplot_cost_cuda(const at::Tensor& chosen_emb, const at::Tensor& rejec
   AT_DISPATCH_FLOATING_TYPES(type, "aplot_cost_cuda", [&] {
     aplot_epilogue_kernel<scalar_t><<<grid_for(total), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
         cost.mutable_data_ptr<scalar_t>(), r_c.const_data_ptr<scalar_t>(), r_r.const_data_ptr<scalar_t>(), n, m, total,
-        static_cast<scalar_t>(alpha), static_cast<scalar_t>(temperature), static_cast<scalar_t>((1.0 - alpha) * 0.5));
+        static_cast<scalar_t>(alpha), static_cast<scalar_t>(temperature), static_cast<scalar_t>(sim_weight),
+        static_cast<scalar_t>(sim_offset));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return cost;
