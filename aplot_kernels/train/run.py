@@ -89,7 +89,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     add("--threads", type=int, default=0,
         help="torch CPU threads (0: torch's default, fewer when the load average says cores are busy; "
              "1 for head-only training steps)")
-    add("--tiny", action="store_true", help="a seconds-long smoke run: few pairs, steps and 2 seeds")
+    add("--tiny", action="store_true", help="a seconds-long smoke run: few pairs and steps, 2 seeds "
+                                            "(options given explicitly keep their values)")
     add("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -187,8 +188,11 @@ def _run(args, argv: Optional[List[str]]) -> dict:
 
     started = time.perf_counter()
     if args.tiny:
+        defaults = build_parser()
         for key, value in TINY.items():
-            setattr(args, key, value)
+            # Options given on the command line win over the tiny preset.
+            if getattr(args, key) == defaults.get_default(key):
+                setattr(args, key, value)
     _check_args(args)
     seeds = parse_seeds(args.seeds)
     methods = methods_from_args(args)
