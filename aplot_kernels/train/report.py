@@ -101,14 +101,15 @@ def table(summary: dict) -> str:
     """A Markdown table: ``mean +- sd`` per method, and under each non-baseline method its paired difference."""
     seeds = summary["seeds"]
     baseline_label = summary["methods"][summary["baseline"]]["label"]
-    header = ["method"] + [m["label"] for m in summary["metrics"]]
+    level = next(iter(next(iter(summary["differences"].values()), {}).values()), {}).get("level", LEVEL)
+    header = [f"method (rows '- {baseline_label}': paired difference, mean [{level:.0%} t-interval])"] + [m["label"] for m in summary["metrics"]]
     rows = []
     for method, stats in summary["methods"].items():
         rows.append([stats["label"]] + [_cell_stats(stats[m["key"]], m["key"] == "steps_to_target", len(seeds))
                                         for m in summary["metrics"]])
         if method in summary["differences"]:
             diffs = summary["differences"][method]
-            rows.append([f"  {stats['label']} - {baseline_label}"]
+            rows.append([f"{stats['label']} - {baseline_label}"]
                         + [_cell_diff(diffs[m["key"]], m["key"] == "steps_to_target", len(seeds)) for m in summary["metrics"]])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
 
@@ -116,9 +117,9 @@ def table(summary: dict) -> str:
         return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
     seeds_text = ", ".join(map(str, seeds))
-    intro = (f"Final pairwise accuracy and steps to target, mean +- sd over {len(seeds)} seeds ({seeds_text}); "
-             f"indented rows: paired difference (same seed: same initial weights and batch order), "
-             f"mean [{summary['interval']}].")
+    intro = (f"Final pairwise accuracy and steps to the target accuracy, mean +- sd over {len(seeds)} seeds ({seeds_text}); "
+             f"rows '- {baseline_label}': the paired difference (a seed gives both losses the same initial weights and "
+             f"batch order), mean [{summary['interval']}].")
     separator = "|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
     return "\n".join([intro, "", line(header), separator] + [line(r) for r in rows])
 
