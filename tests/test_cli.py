@@ -50,7 +50,7 @@ def run_train(tmp_path, *extra):
 def test_train_smoke_seeds_and_sweep(tmp_path, tiny_model_dir, capsys):
     metrics = run_train(tmp_path, "--model", tiny_model_dir, "--similarity", "unit", "cosine", "--scale", "0", "1")
     printed = capsys.readouterr().out
-    assert "BT" in printed and "APLOT cosine, scale 1 - BT" in printed and "steps to ID 0.80" in printed
+    assert "BT" in printed and "APLOT (cosine, scale 1) - BT" in printed and "steps to ID 0.80" in printed
     assert metrics["splits"] == {"train": 48, "test_id": 24, "test_ood": 24}
     assert metrics["seeds"] == [0, 1]
     keys = ["bt", "aplot-unit-scale0", "aplot-unit-scale1", "aplot-cosine-scale0", "aplot-cosine-scale1"]

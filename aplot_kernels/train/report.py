@@ -56,6 +56,7 @@ def summarize_runs(runs: Dict[str, List[dict]], labels: Dict[str, str], target_a
     summary = {
         "baseline": baseline,
         "seeds": [r["seed"] for r in runs[baseline]],
+        "level": level,
         "interval": f"{level:.0%} paired t-interval (Student's t, n - 1 degrees of freedom)",
         "metrics": [{"key": s["key"], "label": s["label"]} for s in specs],
         "methods": {},
@@ -101,8 +102,9 @@ def table(summary: dict) -> str:
     """A Markdown table: ``mean +- sd`` per method, and under each non-baseline method its paired difference."""
     seeds = summary["seeds"]
     baseline_label = summary["methods"][summary["baseline"]]["label"]
-    level = next(iter(next(iter(summary["differences"].values()), {}).values()), {}).get("level", LEVEL)
-    header = [f"method (rows '- {baseline_label}': paired difference, mean [{level:.0%} t-interval])"] + [m["label"] for m in summary["metrics"]]
+    level = summary.get("level", LEVEL)
+    header = [f"method (rows '- {baseline_label}': paired difference, mean [{level:.0%} t-interval])"]
+    header += [m["label"] for m in summary["metrics"]]
     rows = []
     for method, stats in summary["methods"].items():
         rows.append([stats["label"]] + [_cell_stats(stats[m["key"]], m["key"] == "steps_to_target", len(seeds))

@@ -145,7 +145,7 @@ def methods_from_args(args) -> Dict[str, dict]:
         for scale in args.scale:
             options = dict(alpha=args.alpha, temperature=args.temperature, similarity=similarity, eps=args.eps,
                            n_iters=args.n_iters, scale=scale, backend=args.backend)
-            methods[f"aplot-{similarity}-scale{scale:g}"] = {"label": f"APLOT {similarity}, scale {scale:g}", "aplot": options}
+            methods[f"aplot-{similarity}-scale{scale:g}"] = {"label": f"APLOT ({similarity}, scale {scale:g})", "aplot": options}
     return methods
 
 
@@ -209,7 +209,8 @@ def _run(args, argv: Optional[List[str]]) -> dict:
         hf_logging.disable_progress_bar()
     encoder = load_encoder(args.model, pooling=args.pooling)
     print(f"model: {encoder.name}, pooling={encoder.pooling}, fine-tuned: {args.train_layers} top layer(s) + head; "
-          f"APLOT compares the score layer's input")
+          f"APLOT compares the score layer's input; seeds {', '.join(map(str, seeds))}; "
+          f"losses: {'; '.join(m['label'] for m in methods.values())}")
 
     total = sum(2 * len(pairs) for pairs in splits.values())
     bar = progress(total=total, desc="encode", unit="text") if progress else None
