@@ -257,8 +257,16 @@ def _run(args, argv: Optional[List[str]]) -> dict:
     text = table(summary)
     print()
     print(text)
-    runtime = time.perf_counter() - started
     os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "metrics.json")
+    png_path = os.path.join(args.out, "accuracy.png")
+    md_path = os.path.join(args.out, "table.md")
+    with open(md_path, "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    plot_curves(png_path, runs, labels, args.target_accuracy,
+                f"BT vs APLOT: {encoder.name}, {args.train_layers} fine-tuned layer(s) + head, "
+                f"{config.steps} steps x {config.batch_size} pairs, seeds {', '.join(map(str, seeds))}")
+    runtime = time.perf_counter() - started
     payload = {
         "command": "aplot-kernels train" + ("" if not argv else " " + " ".join(argv)),
         "model": encoder.name,
@@ -271,20 +279,13 @@ def _run(args, argv: Optional[List[str]]) -> dict:
         "methods": methods,
         "summary": summary,
         "runs": runs,
+        # From the job's start (after Python and torch are imported) to the last file written.
         "seconds": {"total": runtime, "load_and_encode": encode_seconds, "backend_warmup": warmup_seconds,
                     "train_and_evaluate": train_seconds},
         "torch_threads": {"encode": encode_threads, "train": threads},
         "platform": {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()},
     }
-    json_path = os.path.join(args.out, "metrics.json")
-    png_path = os.path.join(args.out, "accuracy.png")
-    md_path = os.path.join(args.out, "table.md")
     write_json(json_path, payload)
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    plot_curves(png_path, runs, labels, args.target_accuracy,
-                f"BT vs APLOT: {encoder.name}, {args.train_layers} fine-tuned layer(s) + head, "
-                f"{config.steps} steps x {config.batch_size} pairs, seeds {', '.join(map(str, seeds))}")
     print(f"\nwrote {json_path}, {md_path} and {png_path} ({runtime:.0f} s in all: {encode_seconds:.0f} s loading and "
           f"encoding, {train_seconds:.0f} s training {len(seeds)} seeds x {len(methods)} losses)")
     return payload
