@@ -48,14 +48,15 @@ FP32_BLOCK_D = cost_kernels.FP32_TILE[2]
 def _margin_neg_cost(source, IEEE_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
     """``-C / eps`` of the APLOT cost tile from the embeddings (``-inf`` outside the problem).
 
-    ``source``: ``(x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_norm, y_norm, rx, ry,
-    alpha, inv_temperature, neg_inv_hi, neg_inv_lo)``; also the ``RELOAD`` of the scaling-domain
-    loop, which recomputes the tile rather than keep it.
+    ``source``: ``(x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_scale, x_norm, y_scale, y_norm,
+    rx, ry, alpha, inv_temperature, sim_weight, sim_offset, neg_inv_hi, neg_inv_lo)`` (row scales and
+    scaled clamped norms as the cost kernels' ``_clamped_row_norms``); also the ``RELOAD`` of the
+    scaling-domain loop, which recomputes the tile rather than keep it.
     """
-    (x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_norm, y_norm, rx, ry,
+    (x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_scale, x_norm, y_scale, y_norm, rx, ry,
      alpha, inv_temperature, sim_weight, sim_offset, neg_inv_hi, neg_inv_lo) = source
     product = cost_kernels._product_tile(
-        x_rows[:, None], y_rows[:, None], row_ok, col_ok, D, stride_xd, stride_yd, IEEE_FP32,
+        x_rows[:, None], y_rows[:, None], x_scale, y_scale, row_ok, col_ok, D, stride_xd, stride_yd, IEEE_FP32,
         row_ok.shape[0], col_ok.shape[0], BLOCK_D,
     )
     s = cost_kernels._normalized(product, x_norm, y_norm)
@@ -79,11 +80,11 @@ def _aplot_margin_kernel(
     inside = row_ok[:, None] & col_ok[None, :]
     x_rows = x_ptr + rows * stride_xn
     y_rows = y_ptr + cols * stride_ym
-    x_norm = cost_kernels._clamped_row_norms(x_rows, row_ok, D, stride_xd, norm_eps, BLOCK_N, BLOCK_D)
-    y_norm = cost_kernels._clamped_row_norms(y_rows, col_ok, D, stride_yd, norm_eps, BLOCK_M, BLOCK_D)
+    x_scale, x_norm = cost_kernels._clamped_row_norms(x_rows, row_ok, D, stride_xd, norm_eps, BLOCK_N, BLOCK_D)
+    y_scale, y_norm = cost_kernels._clamped_row_norms(y_rows, col_ok, D, stride_yd, norm_eps, BLOCK_M, BLOCK_D)
     rx = tl.load(rx_ptr + rows * stride_rx, mask=row_ok, other=0.0).to(tl.float32)
     ry = tl.load(ry_ptr + cols * stride_ry, mask=col_ok, other=0.0).to(tl.float32)
-    source = (x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_norm, y_norm, rx, ry,
+    source = (x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_scale, x_norm, y_scale, y_norm, rx, ry,
               alpha, inv_temperature, sim_weight, sim_offset, neg_inv_hi, neg_inv_lo)
     neg_c = _margin_neg_cost(source, IEEE_FP32, BLOCK_D)
     wa = tl.where(row_ok, row_weight, 0.0)

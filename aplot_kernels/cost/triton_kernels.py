@@ -1,8 +1,15 @@
 """Triton kernels for the cost matrices (batched; see :mod:`aplot_kernels.cost`).
 
-One fused kernel per cost, after a small pass (one launch) that computes the clamped row
-norms (``max(||x||, eps)``, the ``torch.nn.functional.normalize`` rule) of
-both inputs in fp32. A program owns a ``BLOCK_N x BLOCK_M`` tile of one
+One fused kernel per cost, after a small pass (one launch) that computes, for
+every row of both inputs in fp32, a power of two ``sigma`` with
+``max |sigma x| ~ 1`` and the clamped norm of the scaled row,
+``sigma max(||x||, eps)`` (the ``torch.nn.functional.normalize`` rule). Every
+product and norm runs on ``sigma x``: scaling by a power of two is exact, so
+the numbers are those of the unscaled rows wherever those do not overflow
+(finite entries near 1e19 would overflow a float32 squared norm or product),
+and stay finite where they would. float16 rows cannot overflow float32 sums
+and keep ``sigma = 1`` (scaling them could push small entries into float16's
+subnormals). A program owns a ``BLOCK_N x BLOCK_M`` tile of one
 problem's ``[N, M]`` output and walks the embedding width ``D`` in
 ``BLOCK_D`` steps, accumulating the product ``x y^T`` (``tl.dot``: tensor
 cores for fp16/bf16 with fp32 accumulation, exact fp32 FMA for float32, no
@@ -56,13 +63,15 @@ JACOBIAN_TILE = (16, 256, 4)
 
 @triton.jit
 def _product_tile(
-    x_base, y_base, row_ok, col_ok, D, stride_xd, stride_yd,
+    x_base, y_base, x_scale, y_scale, row_ok, col_ok, D, stride_xd, stride_yd,
     IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``x y^T`` for one tile, ``[BLOCK_N, BLOCK_M]`` fp32.
+    """``(x_scale x) (y_scale y)^T`` for one tile, ``[BLOCK_N, BLOCK_M]`` fp32.
 
     ``x_base [BLOCK_N, 1]``, ``y_base [BLOCK_M, 1]``: pointers to the first
     element of each row; rows outside ``row_ok``/``col_ok`` read as zeros.
+    ``x_scale [BLOCK_N]``, ``y_scale [BLOCK_M]``: the rows' powers of two from
+    ``_clamped_row_norms`` (x and y share a dtype; float16 rows are not scaled).
     """
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -70,6 +79,9 @@ def _product_tile(
         d_ok = ds < D
         x = tl.load(x_base + ds[None, :] * stride_xd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         y = tl.load(y_base + ds[None, :] * stride_yd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if x.dtype != tl.float16:  # exact (powers of two), in the operands' dtype
+            x = (x.to(tl.float32) * x_scale[:, None]).to(x.dtype)
+            y = (y.to(tl.float32) * y_scale[:, None]).to(y.dtype)
         if IEEE_FP32:
             acc = tl.dot(x.to(tl.float32), tl.trans(y.to(tl.float32)), acc, input_precision="ieee")
         else:
@@ -106,38 +118,75 @@ def _similarity_tile(
 ):
     """``S`` for one tile: ``<x_i, y_j> / (|x_i|_eps |y_j|_eps)``, ``[BLOCK_N, BLOCK_M]`` fp32.
 
-    ``x_norm_ptr``/``y_norm_ptr``: the clamped row norms, ``[B, N]``/``[B, M]`` contiguous fp32.
+    ``x_norm_ptr``/``y_norm_ptr``: the rows' ``(sigma, sigma |x|_eps)`` from ``_row_norms``
+    (``[B, N, 2]``/``[B, M, 2]`` contiguous fp32).
     """
     row_ok = rows < N
     col_ok = cols < M
     x_base = x_ptr + pid_b * stride_xb + rows[:, None] * stride_xn
     y_base = y_ptr + pid_b * stride_yb + cols[:, None] * stride_ym
-    acc = _product_tile(x_base, y_base, row_ok, col_ok, D, stride_xd, stride_yd, IEEE_FP32, BLOCK_N, BLOCK_M, BLOCK_D)
-    x_norm = tl.load(x_norm_ptr + pid_b * N + rows, mask=row_ok, other=1.0)
-    y_norm = tl.load(y_norm_ptr + pid_b * M + cols, mask=col_ok, other=1.0)
+    x_scale, x_norm = _load_row_norms(x_norm_ptr, pid_b * N + rows, row_ok)
+    y_scale, y_norm = _load_row_norms(y_norm_ptr, pid_b * M + cols, col_ok)
+    acc = _product_tile(
+        x_base, y_base, x_scale, y_scale, row_ok, col_ok, D, stride_xd, stride_yd, IEEE_FP32,
+        BLOCK_N, BLOCK_M, BLOCK_D,
+    )
     return _normalized(acc, x_norm, y_norm)
 
 
 @triton.jit
+def _load_row_norms(ptr, index, ok):
+    """``(sigma, sigma |x|_eps)`` of rows ``index`` from a ``[R, 2]`` buffer of ``_row_norms`` (1 where not ``ok``)."""
+    scale = tl.load(ptr + 2 * index, mask=ok, other=1.0)
+    norm = tl.load(ptr + 2 * index + 1, mask=ok, other=1.0)
+    return scale, norm
+
+
+@triton.jit
+def _pow2_scale(peak):
+    """A power of two ``sigma`` with ``sigma * peak`` in ``[1, 4)`` (``peak >= 0`` fp32), kept normal:
+    ``2**127`` for zero or subnormal peaks, ``2**-126`` at the top of the range."""
+    biased = (peak.to(tl.int32, bitcast=True) >> 23) & 0xFF  # peak = 1.f * 2**(biased - 127)
+    return (tl.maximum(254 - biased, 1) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _clamped_row_norms(base, row_ok, D, stride_d, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``max(|x_r|, eps)`` of ``BLOCK_R`` rows (``base [BLOCK_R]``: their first elements), accumulated in fp32."""
+    """``(sigma, sigma max(|x_r|, eps))`` of ``BLOCK_R`` rows (``base [BLOCK_R]``: their first elements), fp32.
+
+    ``sigma`` is a power of two with ``max |sigma x_r| ~ 1`` (1 for float16 rows), so the
+    sum of squares of ``sigma x_r`` neither overflows nor underflows; being exact, the scaling
+    changes no bit where the unscaled sum would not have.
+    """
+    scale = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
+    if base.dtype.element_ty != tl.float16:
+        peak = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(base[:, None] + ds[None, :] * stride_d, mask=row_ok[:, None] & (ds < D)[None, :], other=0.0)
+            peak = tl.maximum(peak, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+        scale = _pow2_scale(peak)
     sq = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         x = tl.load(base[:, None] + ds[None, :] * stride_d, mask=row_ok[:, None] & (ds < D)[None, :], other=0.0)
-        x = x.to(tl.float32)
+        x = x.to(tl.float32) * scale[:, None]
         sq += tl.sum(x * x, axis=1)
-    return tl.maximum(tl.sqrt_rn(sq), eps)
+    # eps * sigma is exact; it overflows only for rows far below eps, whose x_hat then reads 0 (truly < 2**-126).
+    return scale, tl.maximum(tl.sqrt_rn(sq), eps * scale)
 
 
 @triton.jit
 def _row_norms_block(x_ptr, out_ptr, block, R, N, D, stride_xb, stride_xn, stride_xd, eps,
                      BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``max(|x_r|, eps)`` for rows ``block * BLOCK_R ..`` of the ``R = B * N`` rows of ``x``, into ``out``."""
+    """``(sigma, sigma max(|x_r|, eps))`` for rows ``block * BLOCK_R ..`` of the ``R = B * N`` rows of ``x``,
+    into ``out [R, 2]``."""
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     base = x_ptr + (rows // N) * stride_xb + (rows % N) * stride_xn
-    tl.store(out_ptr + rows, _clamped_row_norms(base, row_ok, D, stride_xd, eps, BLOCK_R, BLOCK_D), mask=row_ok)
+    scale, norm = _clamped_row_norms(base, row_ok, D, stride_xd, eps, BLOCK_R, BLOCK_D)
+    tl.store(out_ptr + 2 * rows, scale, mask=row_ok)
+    tl.store(out_ptr + 2 * rows + 1, norm, mask=row_ok)
 
 
 @triton.jit
@@ -146,7 +195,7 @@ def _row_norms_kernel(
     stride_xb, stride_xn, stride_xd, stride_yb, stride_yn, stride_yd, eps, X_BLOCKS,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Clamped row norms of ``x`` (the first ``X_BLOCKS`` programs) and of ``y`` (the others), in fp32."""
+    """Row scales and scaled clamped norms of ``x`` (the first ``X_BLOCKS`` programs) and of ``y`` (the others)."""
     pid = tl.program_id(0)
     if pid < X_BLOCKS:
         _row_norms_block(x_ptr, x_out_ptr, pid, RX, NX, D, stride_xb, stride_xn, stride_xd, eps, BLOCK_R, BLOCK_D)
@@ -159,12 +208,13 @@ ROW_NORMS_BLOCK_R = 16
 
 
 def _row_norms(x: torch.Tensor, y: torch.Tensor, eps: float):
-    """Clamped row norms ``max(|x_i|, eps)`` of ``x [B, N, D]`` and ``y [B, M, D]``: ``([B, N], [B, M])``
-    float32, in one launch (at training sizes a launch costs more than the pass)."""
+    """Row scales and scaled clamped norms of ``x [B, N, D]`` and ``y [B, M, D]``: ``([B, N, 2], [B, M, 2])``
+    float32 (``[..., 0]``: the powers of two ``sigma``, ``[..., 1]``: ``sigma max(|x_i|, eps)``), in one launch
+    (at training sizes a launch costs more than the pass)."""
     batch, n, d = x.shape
     m = y.shape[1]
-    out = torch.empty(batch * (n + m), dtype=torch.float32, device=x.device)
-    x_norm, y_norm = out[:batch * n].view(batch, n), out[batch * n:].view(batch, m)
+    out = torch.empty(2 * batch * (n + m), dtype=torch.float32, device=x.device)
+    x_norm, y_norm = out[:2 * batch * n].view(batch, n, 2), out[2 * batch * n:].view(batch, m, 2)
     block_r, block_d = ROW_NORMS_BLOCK_R, block_size(d, lo=16, hi=256)
     x_blocks = cdiv(batch * n, block_r)
     _row_norms_kernel[(x_blocks + cdiv(batch * m, block_r),)](
@@ -309,8 +359,8 @@ def _grad_product_kernel(
 ):
     """``P = G @ y_hat`` for one ``BLOCK_N x BLOCK_D`` tile of ``P [B, N, D]`` (fp32).
 
-    ``G [B, N, M]`` (any strides), ``y [B, M, D]``, ``y_norm`` its clamped row
-    norms ``[B, M]`` contiguous fp32. With ``REWARDS``, the programs of the
+    ``G [B, N, M]`` (any strides), ``y [B, M, D]``, ``y_norm`` its rows'
+    ``(sigma, sigma |y|_eps)`` ``[B, M, 2]`` contiguous fp32 (``y_hat = (sigma y) / (sigma |y|_eps)``). With ``REWARDS``, the programs of the
     first ``D`` tile also write ``grad_rx [B, N]`` (contiguous):
     ``reward_scale * sum_j G[i, j] sign(rx_i - ry_j) s (1 - s)`` with
     ``s = sigmoid(-|rx_i - ry_j| / T)``, the derivative of the reward term with
@@ -338,8 +388,8 @@ def _grad_product_kernel(
         g = tl.load(g_base + cols[None, :] * stride_gm, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         g = g.to(tl.float32)
         y = tl.load(y_base + cols[:, None] * stride_ym, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        y_norm = tl.load(y_norm_ptr + pid_b * M + cols, mask=col_ok, other=1.0)
-        acc = tl.dot(g, y.to(tl.float32) / y_norm[:, None], acc, input_precision="ieee")
+        y_scale, y_norm = _load_row_norms(y_norm_ptr, pid_b * M + cols, col_ok)
+        acc = tl.dot(g, (y.to(tl.float32) * y_scale[:, None]) / y_norm[:, None], acc, input_precision="ieee")
         if REWARDS:
             if pid_d == 0:  # one program per row block reduces the rewards' part of G
                 ry = tl.load(ry_ptr + pid_b * stride_ryb + cols * stride_rym, mask=col_ok, other=0.0).to(tl.float32)
@@ -365,13 +415,14 @@ def _normalize_backward_kernel(
     """In place on ``P [B, N, D]`` (``dL/dx_hat`` up to ``scale``), for ``BLOCK_R`` of the ``R = B * N`` rows:
     ``scale * (p - x_hat <x_hat, p>) / |x|_eps`` where ``|x| > eps``, else ``scale * p / eps``.
 
-    ``x_norm``: the clamped norms ``[B, N]`` contiguous fp32, from ``_row_norms`` with the same ``eps``.
+    ``x_norm``: the rows' ``(sigma, sigma |x|_eps)`` ``[B, N, 2]`` contiguous fp32, from ``_row_norms``
+    with the same ``eps``; ``1 / |x|_eps`` is taken as ``sigma / (sigma |x|_eps)`` (no overflow).
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
     x_base = x_ptr + (rows // N) * stride_xb + (rows % N) * stride_xn
     p_base = p_ptr + (rows // N) * stride_pb + (rows % N) * stride_pn
-    norm = tl.load(x_norm_ptr + rows, mask=row_ok, other=1.0)
+    sigma, norm = _load_row_norms(x_norm_ptr, rows, row_ok)
     # The row dot needs all of D before any output, so the row is read twice.
     radial = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -379,16 +430,16 @@ def _normalize_backward_kernel(
         mask = row_ok[:, None] & (ds < D)[None, :]
         x = tl.load(x_base[:, None] + ds[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
         p = tl.load(p_base[:, None] + ds[None, :] * stride_pd, mask=mask, other=0.0)
-        radial += tl.sum((x / norm[:, None]) * p, axis=1)
+        radial += tl.sum(((x * sigma[:, None]) / norm[:, None]) * p, axis=1)
     # Above eps the norm divides (project out the radial part); at the clamp eps is a constant.
-    # The norms were clamped in fp32 with this eps, so "clamped > eps" is "|x| > eps".
-    radial = tl.where(norm > eps, radial, 0.0)
+    # The norms were clamped in fp32 at sigma * eps (exact), so "clamped > sigma * eps" is "|x| > eps".
+    radial = tl.where(norm > eps * sigma, radial, 0.0)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (ds < D)[None, :]
         x = tl.load(x_base[:, None] + ds[None, :] * stride_xd, mask=mask, other=0.0).to(tl.float32)
         p = tl.load(p_base[:, None] + ds[None, :] * stride_pd, mask=mask, other=0.0)
-        grad = (p - (x / norm[:, None]) * radial[:, None]) / norm[:, None]
+        grad = ((p - ((x * sigma[:, None]) / norm[:, None]) * radial[:, None]) / norm[:, None]) * sigma[:, None]
         tl.store(p_base[:, None] + ds[None, :] * stride_pd, grad * scale, mask=mask)
 
 

@@ -1,13 +1,16 @@
 // Cosine and APLOT cost matrices on the CPU: `aplot_kernels::cosine_cost`, `aplot_kernels::aplot_cost`.
 //
-// Row norms (a read-only pass), the product of the inputs by at::bmm (the
-// BLAS GEMM), then one fused pass per row: divide by both norms, epilogue.
+// Row scales and norms (a read-only pass), the product of the inputs by at::bmm
+// (the BLAS GEMM), then one fused pass per row: divide by both norms, epilogue.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <limits>
 
 #include "cpu_kernels.h"
 
@@ -21,42 +24,88 @@ at::ScalarType compute_type(std::initializer_list<at::Tensor> tensors) {
   return type;
 }
 
-// max(||x_r||, eps) of every row of x [B, N, D] (contiguous, in its compute type): [B * N]. Reads x once.
-at::Tensor clamped_norms(const at::Tensor& x, double eps) {
+// Rows are normalised as x_hat = (sigma x) / (sigma max(||x||, eps)) with sigma a power of two per row: 1
+// where max |x| lies in [2^-S, 2^S] (no sum of squares or product of such rows can overflow or
+// underflow), else 2^-e for max |x| = f 2^e, f in [0.5, 1). Scaling by a power of two is exact, so every
+// result is that of the unscaled rows wherever those are finite and normal.
+template <typename T>
+struct RowScaling {
+  static constexpr int kSafeExponent = std::numeric_limits<T>::max_exponent / 2 - 14;  // 50 (float), 498 (double)
+
+  static T scale_for(T peak) {
+    if (peak == T(0)) return T(1);
+    int e = 0;
+    std::frexp(peak, &e);
+    if (e >= -kSafeExponent && e <= kSafeExponent) return T(1);
+    // Keep 2^-e a normal number: e in [1 - max_exponent, 1 - min_exponent].
+    e = std::min(std::max(e, 1 - std::numeric_limits<T>::max_exponent), 1 - std::numeric_limits<T>::min_exponent);
+    return std::ldexp(T(1), -e);
+  }
+};
+
+template <typename T>
+T sum_of_squares(const T* x_row, int64_t width, T scale) {
+  // Eight interleaved partial sums: a fixed order the compiler can vectorise.
+  T partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t d = 0;
+  for (; d + 8 <= width; d += 8)
+    for (int lane = 0; lane < 8; ++lane) {
+      const T v = x_row[d + lane] * scale;
+      partial[lane] += v * v;
+    }
+  for (; d < width; ++d) partial[0] += (x_row[d] * scale) * (x_row[d] * scale);
+  T squares = 0;
+  for (int lane = 0; lane < 8; ++lane) squares += partial[lane];
+  return squares;
+}
+
+// Per row of x [B, N, D] (contiguous, in its compute type): sigma (see RowScaling) and sigma max(||x_r||, eps),
+// as [B * N] each. Returns whether any sigma differs from 1.
+bool scaled_norms(const at::Tensor& x, double eps, at::Tensor& scales, at::Tensor& norms) {
   const int64_t rows = x.numel() / x.size(-1), width = x.size(-1);
-  at::Tensor out = at::empty({rows}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "clamped_norms_cpu", [&] {
+  scales = at::empty({rows}, x.options());
+  norms = at::empty({rows}, x.options());
+  std::atomic<bool> any_scaled(false);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaled_norms_cpu", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
-    scalar_t* norms = out.mutable_data_ptr<scalar_t>();
+    scalar_t* sigma = scales.mutable_data_ptr<scalar_t>();
+    scalar_t* clamped = norms.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / width), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* x_row = src + r * width;
-        // Eight interleaved partial sums: a fixed order the compiler can vectorise.
-        scalar_t partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        int64_t d = 0;
-        for (; d + 8 <= width; d += 8)
-          for (int lane = 0; lane < 8; ++lane) partial[lane] += x_row[d + lane] * x_row[d + lane];
-        for (; d < width; ++d) partial[0] += x_row[d] * x_row[d];
-        scalar_t squares = 0;
-        for (int lane = 0; lane < 8; ++lane) squares += partial[lane];
-        norms[r] = std::max(std::sqrt(squares), static_cast<scalar_t>(eps));
+        scalar_t peak = 0;
+        for (int64_t d = 0; d < width; ++d) peak = std::max(peak, std::abs(x_row[d]));
+        const scalar_t scale = RowScaling<scalar_t>::scale_for(peak);
+        if (scale != scalar_t(1)) any_scaled.store(true, std::memory_order_relaxed);
+        const scalar_t norm = std::sqrt(sum_of_squares(x_row, width, scale));
+        sigma[r] = scale;
+        clamped[r] = std::max(norm, static_cast<scalar_t>(static_cast<double>(scale) * eps));
       }
     });
   });
-  return out;
+  return any_scaled.load();
+}
+
+// x [B, N, D] with each row r multiplied by scales[r] (exact: powers of two).
+at::Tensor scaled_rows(const at::Tensor& x, const at::Tensor& scales) {
+  return x * scales.view({x.size(0), x.size(1), 1});
 }
 
 // S[b, i, j] = <x[b, i], y[b, j]> / |x[b, i]|_eps / |y[b, j]|_eps, then `finish(row, S[row, :], m)` on each
 // row while it is in cache. The product runs on the inputs as they are (no normalised copies to write
-// and read back: on one core that was a third of the time); dividing twice, as the Triton kernels
-// do, keeps tiny norms from underflowing a product of the two.
+// and read back: on one core that was a third of the time) unless a row needs scaling, then on the
+// rows times their powers of two; dividing twice, as the Triton kernels do, keeps tiny norms from
+// underflowing a product of the two.
 template <typename scalar_t, typename Finish>
 at::Tensor similarity(const at::Tensor& x_in, const at::Tensor& y_in, double eps, Finish finish) {
   const at::ScalarType type = c10::CppTypeToScalarType<scalar_t>::value;
   const at::Tensor x = x_in.to(type).contiguous();
   const at::Tensor y = y_in.to(type).contiguous();
-  const at::Tensor x_norm = clamped_norms(x, eps), y_norm = clamped_norms(y, eps);
-  at::Tensor s = at::bmm(x, y.transpose(1, 2)).contiguous();
+  at::Tensor x_scale, x_norm, y_scale, y_norm;
+  const bool x_scaled = scaled_norms(x, eps, x_scale, x_norm);
+  const bool y_scaled = scaled_norms(y, eps, y_scale, y_norm);
+  at::Tensor s = at::bmm(x_scaled ? scaled_rows(x, x_scale) : x, (y_scaled ? scaled_rows(y, y_scale) : y).transpose(1, 2))
+                     .contiguous();
   const int64_t n = x.size(1), m = y.size(1);
   scalar_t* out = s.mutable_data_ptr<scalar_t>();
   const scalar_t* nx = x_norm.const_data_ptr<scalar_t>();

@@ -22,22 +22,42 @@ constexpr int kRowsPerBlock = 8;
 __device__ __forceinline__ float sqrt_(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_(double x) { return sqrt(x); }
 
-// out[r, :] = x[r, :] / max(||x[r, :]||, eps); a warp per row.
+// A power of two sigma with max |sigma x| in [0.5, 1) for the row's peak (1 for a zero row), kept a normal
+// number. Scaling by it is exact, so the squared norm of sigma x is that of x times sigma^2 to the bit where
+// the latter is finite and normal, and never overflows (entries near 1e19 would in float32).
+__device__ __forceinline__ float pow2_scale(float peak) {
+  if (peak == 0.f) return 1.f;
+  int e = 0;
+  frexpf(peak, &e);
+  return ldexpf(1.f, -min(max(e, -127), 126));
+}
+__device__ __forceinline__ double pow2_scale(double peak) {
+  if (peak == 0.0) return 1.0;
+  int e = 0;
+  frexp(peak, &e);
+  return ldexp(1.0, -min(max(e, -1023), 1022));
+}
+
+// out[r, :] = x[r, :] / max(||x[r, :]||, eps), computed as (sigma x) / (sigma max(||x||, eps)); a warp per row.
 template <typename T, typename scalar_t>
 __global__ void normalize_kernel(const scalar_t* __restrict__ x, int64_t rows, int width, T eps, T* __restrict__ out) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize;
   if (row >= rows) return;
   const int lane = threadIdx.x % kWarpSize;
   const scalar_t* x_row = x + row * width;
+  T peak = 0;
+  for (int d = lane; d < width; d += kWarpSize) peak = max(peak, absolute(static_cast<T>(x_row[d])));
+  const T scale = pow2_scale(warp_max(peak));
   T squares = 0;
   for (int d = lane; d < width; d += kWarpSize) {
-    const T value = static_cast<T>(x_row[d]);
+    const T value = static_cast<T>(x_row[d]) * scale;
     squares += value * value;
   }
   squares = warp_sum(squares);
   const T norm = sqrt_(squares);
-  const T denom = norm > eps ? norm : eps;
-  for (int d = lane; d < width; d += kWarpSize) out[row * width + d] = static_cast<T>(x_row[d]) / denom;
+  const T floor = eps * scale;  // exact; inf only for rows far below eps, whose x_hat then reads 0
+  const T denom = norm > floor ? norm : floor;
+  for (int d = lane; d < width; d += kWarpSize) out[row * width + d] = (static_cast<T>(x_row[d]) * scale) / denom;
 }
 
 template <typename T>
