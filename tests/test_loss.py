@@ -250,3 +250,22 @@ def test_half_precision_rewards_are_subtracted_in_float32(loss_backend, dtype, g
     margins = aplot_margin(rc, rr, ce, re, **opts(loss_backend))
     assert with_ot.dtype == torch.float32
     torch.testing.assert_close(with_ot.double(), -F.logsigmoid(rc.double() - rr.double() - margins.double()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif("triton" not in LOSS_BACKENDS, reason="Triton cannot run here")
+def test_fused_margin_scaling_loop_is_chosen_by_argument_only(monkeypatch, gen):
+    """The environment does not switch the fused margin kernel's Sinkhorn loop; ``scaling=True`` does,
+    with the margins of the log-domain loop."""
+    from aplot_kernels import loss_triton
+
+    seen = []
+    real = loss_triton._aplot_margin_kernel
+    monkeypatch.setattr(loss_triton, "_aplot_margin_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: lambda *a, **k: (seen.append(k["SCALING"]), real[grid](*a, **k)),
+    })())
+    monkeypatch.setenv("APLOT_KERNELS_TRITON_SCALING", "1")
+    rc, rr, ce, re = _batch(gen, 6)
+    plain = aplot_margin(rc, rr, ce, re, backend="triton", n_iters=10)
+    scaled = loss_triton.aplot_margin(rc, rr, ce, re, 0.9, 1.0, 1e-8, 0.1, 10, 1.0, scaling=True)
+    assert seen == [False, True]
+    torch.testing.assert_close(scaled, plain, rtol=2e-6, atol=1e-8)

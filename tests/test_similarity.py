@@ -33,10 +33,13 @@ def _by_spec(c, r, rc, rr, alpha, temperature, similarity, eps=1e-8):
 
 
 @pytest.mark.parametrize("similarity", ["unit", "cosine"])
-@pytest.mark.parametrize("alpha,temperature", [(0.9, 1.0), (0.0, 0.5), (0.3, 0.05)])
-@pytest.mark.parametrize("batch,n,m,d", [(None, 1, 1, 1), (None, 6, 9, 4), (3, 17, 13, 24)])
-def test_aplot_cost_similarity_follows_spec(cost_backend, gen, batch, n, m, d, alpha, temperature, similarity):
-    dtype = widest_dtype(cost_backend)
+@pytest.mark.parametrize("alpha,temperature", [(0.9, 1.0), (0.3, 0.05)])
+@pytest.mark.parametrize("batch,n,m,d", [(None, 1, 1, 1), (None, 6, 9, 4), (3, 17, 13, 24), (2, 16, 8, 32)])
+@pytest.mark.parametrize("width", ["widest", "float32"])
+def test_aplot_cost_similarity_follows_spec(cost_backend, gen, batch, n, m, d, alpha, temperature, similarity, width):
+    dtype = widest_dtype(cost_backend) if width == "widest" else torch.float32
+    if dtype == torch.float32 and width == "widest":
+        pytest.skip("float32 is the widest dtype here: the float32 parametrisation covers it")
     inputs = _inputs(gen, batch, n, m, d, dtype=dtype)
     cost = aplot_cost(*inputs, alpha=alpha, temperature=temperature, similarity=similarity, backend=cost_backend)
     shape = () if batch is None else (batch,)
@@ -90,6 +93,14 @@ def test_kernel_cosine_gradients_match_reference(cost_backend, gen):
     for g, w in zip(got, want):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_cosine_form(cost_backend, gen, dtype):
+    c, r, rc, rr = _inputs(gen, 2, 9, 7, 16, dtype=dtype)
+    cost = aplot_cost(c, r, rc, rr, similarity="cosine", backend=cost_backend)
+    assert cost.dtype == torch.float32
+    assert max_abs(cost, _by_spec(c, r, rc, rr, 0.9, 1.0, "cosine")) <= 1e-5
 
 
 @pytest.mark.parametrize("bad", ["Unit", "cos", None, 1])

@@ -43,24 +43,33 @@ struct RowScaling {
   }
 };
 
+// sum_d (scale x[d])^2 and max_d |x[d]| of one row, in one read.
 template <typename T>
-T sum_of_squares(const T* x_row, int64_t width, T scale) {
+T sum_of_squares(const T* x_row, int64_t width, T scale, T* peak) {
   // Eight interleaved partial sums: a fixed order the compiler can vectorise.
-  T partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  T partial[8] = {0, 0, 0, 0, 0, 0, 0, 0}, peaks[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t d = 0;
   for (; d + 8 <= width; d += 8)
     for (int lane = 0; lane < 8; ++lane) {
       const T v = x_row[d + lane] * scale;
       partial[lane] += v * v;
+      peaks[lane] = std::max(peaks[lane], std::abs(x_row[d + lane]));
     }
-  for (; d < width; ++d) partial[0] += (x_row[d] * scale) * (x_row[d] * scale);
+  for (; d < width; ++d) {
+    partial[0] += (x_row[d] * scale) * (x_row[d] * scale);
+    peaks[0] = std::max(peaks[0], std::abs(x_row[d]));
+  }
   T squares = 0;
-  for (int lane = 0; lane < 8; ++lane) squares += partial[lane];
+  *peak = 0;
+  for (int lane = 0; lane < 8; ++lane) {
+    squares += partial[lane];
+    *peak = std::max(*peak, peaks[lane]);
+  }
   return squares;
 }
 
 // Per row of x [B, N, D] (contiguous, in its compute type): sigma (see RowScaling) and sigma max(||x_r||, eps),
-// as [B * N] each. Returns whether any sigma differs from 1.
+// as [B * N] each. Returns whether any sigma differs from 1. A row is read once, twice where sigma is not 1.
 bool scaled_norms(const at::Tensor& x, double eps, at::Tensor& scales, at::Tensor& norms) {
   const int64_t rows = x.numel() / x.size(-1), width = x.size(-1);
   scales = at::empty({rows}, x.options());
@@ -74,12 +83,14 @@ bool scaled_norms(const at::Tensor& x, double eps, at::Tensor& scales, at::Tenso
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* x_row = src + r * width;
         scalar_t peak = 0;
-        for (int64_t d = 0; d < width; ++d) peak = std::max(peak, std::abs(x_row[d]));
+        scalar_t squares = sum_of_squares(x_row, width, scalar_t(1), &peak);
         const scalar_t scale = RowScaling<scalar_t>::scale_for(peak);
-        if (scale != scalar_t(1)) any_scaled.store(true, std::memory_order_relaxed);
-        const scalar_t norm = std::sqrt(sum_of_squares(x_row, width, scale));
+        if (scale != scalar_t(1)) {  // the unscaled sum may have overflowed or underflowed: again, scaled
+          any_scaled.store(true, std::memory_order_relaxed);
+          squares = sum_of_squares(x_row, width, scale, &peak);
+        }
         sigma[r] = scale;
-        clamped[r] = std::max(norm, static_cast<scalar_t>(static_cast<double>(scale) * eps));
+        clamped[r] = std::max(std::sqrt(squares), static_cast<scalar_t>(static_cast<double>(scale) * eps));
       }
     });
   });
