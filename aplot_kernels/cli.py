@@ -1,6 +1,6 @@
 """The ``aplot-kernels`` command.
 
-* ``aplot-kernels train ...``: BT against APLOT on a pretrained encoder (:mod:`aplot_kernels.train`).
+* ``aplot-kernels train ...``: BT against APLOT on a pretrained encoder, paired by seed (:mod:`aplot_kernels.train`).
 * ``aplot-kernels bench ...``: the kernel benchmarks of the top-level ``bench`` package (source checkouts).
 """
 
@@ -16,7 +16,7 @@ __all__ = ["main"]
 USAGE = """usage: aplot-kernels {train,bench} [options]
 
 commands:
-  train   train a reward model with the Bradley-Terry and the APLOT loss and compare them
+  train   train a reward model with the Bradley-Terry and the APLOT loss on several seeds and compare them
   bench   run the kernel benchmarks (from a source checkout)
 
 `aplot-kernels <command> --help` describes a command's options."""

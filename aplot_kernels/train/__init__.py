@@ -4,8 +4,9 @@
   pairs, an out-of-distribution split) and TRL-format files.
 * :mod:`.model`: the packaged all-MiniLM-L6-v2 (or a local model), its frozen
   part run once, trainable top layers and a reward head.
-* :mod:`.loop`: one training run per loss, with accuracy curves.
-* :mod:`.report`: the table, ``metrics.json`` and ``accuracy.png``.
+* :mod:`.loop`: one training run per loss and seed, with accuracy curves.
+* :mod:`.stats`: means, spreads and paired t-intervals over seeds.
+* :mod:`.report`: the summary, the table, ``metrics.json`` and ``accuracy.png``.
 * :mod:`.run`: the command line (``aplot-kernels train --help``).
 """
 

@@ -1,14 +1,15 @@
-"""Training and evaluation of one reward model with one loss (``"bt"`` or ``"aplot"``).
+"""Training and evaluation of one reward model with one loss: Bradley-Terry, or APLOT with given options.
 
-Both methods get the same data, seed, initial weights, batch order and step
-budget; only the loss differs. Accuracy is pairwise: the fraction of pairs
-whose chosen response gets the higher reward.
+Runs with the same seed get the same initial weights and the same batch order,
+whatever the loss, so that two losses trained with one seed differ only by the
+loss (a paired comparison). Accuracy is pairwise: the fraction of pairs whose
+chosen response gets the higher reward.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -16,9 +17,7 @@ import torch
 from ..loss import APLOTLoss, bt_loss
 from .model import Features, RewardNet
 
-__all__ = ["TrainConfig", "SplitFeatures", "train_method", "evaluate", "METHODS"]
-
-METHODS = ("bt", "aplot")
+__all__ = ["TrainConfig", "SplitFeatures", "train_run", "evaluate"]
 
 
 @dataclass
@@ -29,10 +28,8 @@ class TrainConfig:
     lr_layers: float = 3e-5  # trainable encoder layers
     weight_decay: float = 0.01
     eval_every: int = 10
-    seed: int = 0
     train_layers: int = 0
     target_accuracy: float = 0.8
-    aplot: Dict[str, float] = field(default_factory=lambda: dict(alpha=0.9, temperature=1.0, eps=0.1, n_iters=50, scale=1.0))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -75,29 +72,30 @@ def _optimizer(net: RewardNet, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
-def train_method(
-    method: str,
+def train_run(
     make_net: Callable[[], RewardNet],
     train: SplitFeatures,
     evals: Dict[str, SplitFeatures],
     config: TrainConfig,
     *,
-    progress: Optional[Callable[..., object]] = None,
+    seed: int,
+    aplot: Optional[dict] = None,
+    bar=None,
 ) -> dict:
-    """Train a fresh net with ``method``'s loss; returns its accuracy curves, final metrics and timing.
+    """Train a fresh net with seed ``seed``; returns its accuracy curves, final metrics and timing.
 
-    ``progress(total=..., desc=...)`` makes a tqdm-like bar (``update``, ``set_postfix``, ``close``).
+    ``aplot=None`` trains with the Bradley-Terry loss, a dict with :class:`~aplot_kernels.loss.APLOTLoss`
+    with those options; APLOT compares the net's representation (the input of its score layer).
+    ``bar``: a tqdm-like progress bar (``update``, ``set_postfix``) advanced once per step.
     """
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
-    torch.manual_seed(config.seed)
+    torch.manual_seed(seed)
     net = make_net()
     optimizer = _optimizer(net, config)
-    aplot = APLOTLoss(**config.aplot) if method == "aplot" else None
-    order = torch.Generator().manual_seed(config.seed + 1)
+    aplot_loss = APLOTLoss(**aplot) if aplot is not None else None
+    # The batch order has its own generator, seeded from the seed alone: the same for every loss.
+    order = torch.Generator().manual_seed(seed + 7919)
     curves: Dict[str, List[float]] = {"step": []}
     margins_seen: List[float] = []
-    bar = progress(total=config.steps, desc=f"train {method:5s}") if progress else None
 
     def record(step: int) -> None:
         curves["step"].append(step)
@@ -113,14 +111,14 @@ def train_method(
         started = time.perf_counter()
         net.train()
         index = torch.randperm(train.n, generator=order)[:batch]
-        rewards, embeddings = net(train.pairs(index))
+        rewards, representation = net(train.pairs(index))
         chosen, rejected = rewards.chunk(2)
         margin = None if train.margin is None else train.margin[index]
-        if aplot is None:
+        if aplot_loss is None:
             loss = bt_loss(chosen, rejected, margin)
         else:
-            emb_chosen, emb_rejected = embeddings.chunk(2)
-            out = aplot(chosen, rejected, emb_chosen, emb_rejected, margin, return_outputs=True)
+            emb_chosen, emb_rejected = representation.chunk(2)
+            out = aplot_loss(chosen, rejected, emb_chosen, emb_rejected, margin, return_outputs=True)
             loss = out.loss
             if out.margins is not None:
                 margins_seen.append(out.margins.mean().item())
@@ -130,14 +128,11 @@ def train_method(
         train_seconds += time.perf_counter() - started
         if step % config.eval_every == 0 or step == config.steps:
             record(step)
-            if bar is not None:
-                first = next(iter(evals)) if evals else None
-                if first:
-                    bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{curves[f'{first}/accuracy'][-1]:.3f}")
+            if bar is not None and evals:
+                first = next(iter(evals))
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{curves[f'{first}/accuracy'][-1]:.3f}", refresh=False)
         if bar is not None:
             bar.update(1)
-    if bar is not None:
-        bar.close()
 
     final = {name: {key: curves[f"{name}/{key}"][-1] for key in ("accuracy", "hard", "easy")} for name in evals}
     target_split = "test_id" if "test_id" in evals else next(iter(evals), None)
@@ -148,6 +143,7 @@ def train_method(
                 steps_to_target = step
                 break
     return {
+        "seed": seed,
         "curves": curves,
         "final": final,
         "best": {name: max(curves[f"{name}/accuracy"]) for name in evals},

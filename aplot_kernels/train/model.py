@@ -11,8 +11,13 @@ To fit a CPU budget, the frozen part of the encoder runs once per example:
 then runs only the trainable top layers (copies, so every run starts from the
 same pretrained weights), pools, and applies the head::
 
-    reward = head(pool(top_layers(cached hidden states)))     # [B]
-    embedding = pool(...)                                      # [B, H], what APLOT compares
+    pooled = pool(top_layers(cached hidden states))            # [B, H]
+    representation = gelu(hidden_layer(pooled))                # [B, W], what APLOT compares
+    reward = score(representation)                             # [B]
+
+The representation APLOT's cost compares is the input of the score layer,
+as in a fine-tuned reward model (the last hidden state its value head reads):
+it is trainable, so the cost's similarity term moves during training.
 
 Pooling: ``mean`` over attended tokens (the sentence-transformers pooling of
 MiniLM, the default for encoders) or ``last`` (the rightmost attended token,
@@ -170,7 +175,8 @@ def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class RewardNet(torch.nn.Module):
     """Trainable top layers (copied from the encoder), pooling and a two-layer reward head.
 
-    ``forward(features) -> (rewards [B], embeddings [B, H])``.
+    ``forward(features) -> (rewards [B], representation [B, head_width])``: the
+    representation is the input of the final score layer (``head[-1]``).
     """
 
     def __init__(self, encoder: Encoder, train_layers: int, head_width: int = 128) -> None:
@@ -208,8 +214,8 @@ class RewardNet(torch.nn.Module):
         return pool(hidden, features.mask, self.pooling)
 
     def forward(self, features: Features):
-        embeddings = self.embed(features)
-        return self.head(embeddings).squeeze(-1), embeddings
+        representation = self.head[:-1](self.embed(features))
+        return self.head[-1](representation).squeeze(-1), representation
 
 
 @torch.no_grad()
