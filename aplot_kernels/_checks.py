@@ -88,8 +88,8 @@ def require(
     alarms. Deferred to the end of an enclosing :func:`one_sync` block,
     immediate otherwise.
     """
-    if not _value_checks_on:
-        return
+    if not _value_checks_on or torch.compiler.is_compiling():
+        return  # compiled code never reads values back (see the README's check policy)
     value = value()
     if value.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # a value cannot be read back while a CUDA graph is being captured

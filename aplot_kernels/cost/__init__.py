@@ -13,53 +13,47 @@ dtype.
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 
 from .. import _checks, backends
 from .._precision import autocast_off, float32_or_wider
-from . import reference
+from . import native, reference
 
 __all__ = ["cosine_cost", "aplot_cost"]
 
 NORM_EPS = 1e-8  # the default norm clamp of both costs
 
 
-def _kernels(backend: str):
-    """The module holding a backend's cost kernels."""
-    return importlib.import_module(f"{__name__}.{backend}")
+def _triton():
+    """The Triton cost kernels (imported on first use: only importable where Triton is installed)."""
+    from . import triton, triton_backward
+
+    return triton, triton_backward
 
 
-class _CosineCostKernel(torch.autograd.Function):
+class _TritonCosineCost(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, eps, backend):
-        kernels = _kernels(backend)
+    def forward(ctx, x, y, eps):
         ctx.save_for_backward(x, y)
-        ctx.eps, ctx.kernels = eps, kernels
-        return kernels.cosine_cost(x, y, eps)
+        ctx.eps = eps
+        return _triton()[0].cosine_cost(x, y, eps)
 
     @staticmethod
     @autocast_off
     def backward(ctx, grad_cost):
         x, y = ctx.saved_tensors
-        backward = getattr(ctx.kernels, "cosine_cost_backward", None)
-        if backward is None:
-            dtype = float32_or_wider(x, y)
-            grad_x, grad_y = reference.cosine_cost_backward(grad_cost.to(dtype), x.to(dtype), y.to(dtype), ctx.eps)
-        else:
-            grad_x, grad_y = backward(grad_cost, x, y, ctx.eps)
-        return grad_x.to(x.dtype), grad_y.to(y.dtype), None, None
+        grad_x, grad_y = _triton()[1].cosine_cost_backward(grad_cost, x, y, ctx.eps)
+        return grad_x.to(x.dtype), grad_y.to(y.dtype), None
 
 
-class _APLOTCostKernel(torch.autograd.Function):
+class _TritonAPLOTCost(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, similarity, backend):
-        kernels = _kernels(backend)
+    def forward(ctx, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, similarity):
         ctx.save_for_backward(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
-        ctx.args, ctx.kernels = (alpha, temperature, eps, similarity), kernels
-        return kernels.aplot_cost(
+        ctx.args = (alpha, temperature, eps, similarity)
+        return _triton()[0].aplot_cost(
             chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, similarity
         )
 
@@ -67,13 +61,8 @@ class _APLOTCostKernel(torch.autograd.Function):
     @autocast_off
     def backward(ctx, grad_cost):
         inputs = ctx.saved_tensors
-        backward = getattr(ctx.kernels, "aplot_cost_backward", None)
-        if backward is None:
-            dtype = float32_or_wider(*inputs)
-            grads = reference.aplot_cost_backward(grad_cost.to(dtype), *(t.to(dtype) for t in inputs), *ctx.args)
-        else:
-            grads = backward(grad_cost, *inputs, *ctx.args)
-        return tuple(g.to(t.dtype) for g, t in zip(grads, inputs)) + (None,) * 5
+        grads = _triton()[1].aplot_cost_backward(grad_cost, *inputs, *ctx.args)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, inputs)) + (None,) * 4
 
 
 @autocast_off
@@ -105,8 +94,10 @@ def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float
         x, y = x.unsqueeze(0), y.unsqueeze(0)
     if impl == "torch":
         cost = reference.cosine_cost(x.to(dtype), y.to(dtype) if y_given else x.to(dtype), eps)
+    elif impl == "native":
+        cost = native.cosine_cost(x, y, eps)  # an op with its own autograd formula
     else:
-        cost = _CosineCostKernel.apply(x, y, eps, impl)
+        cost = _TritonCosineCost.apply(x, y, eps)
     return cost.squeeze(0) if unbatched else cost
 
 
@@ -177,6 +168,8 @@ def aplot_cost_checked(
         inputs = tuple(t.unsqueeze(0) for t in inputs)
     if impl == "torch":
         cost = reference.aplot_cost(*(t.to(dtype) for t in inputs), alpha, temperature, eps, similarity)
+    elif impl == "native":
+        cost = native.aplot_cost(*inputs, alpha, temperature, eps, similarity)
     else:
-        cost = _APLOTCostKernel.apply(*inputs, alpha, temperature, eps, similarity, impl)
+        cost = _TritonAPLOTCost.apply(*inputs, alpha, temperature, eps, similarity)
     return cost.squeeze(0) if unbatched else cost

@@ -15,7 +15,6 @@ The module itself is callable, so ``aplot_kernels.sinkhorn(C)`` and
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import NamedTuple, Optional
@@ -24,7 +23,7 @@ import torch
 
 from .. import _checks, backends
 from .._precision import autocast_off, float32_or_wider
-from . import reference
+from . import native, reference
 from .gradients import EnvelopeSinkhorn, ImplicitSinkhorn
 
 __all__ = ["sinkhorn", "SinkhornResult", "GRAD_MODES"]
@@ -56,7 +55,12 @@ class SinkhornResult(NamedTuple):
 
 
 def _kernels(backend: str):
-    return importlib.import_module(f"{__name__}.{backend}")
+    """A kernel backend's module (Triton imported on first use: only importable where it is installed)."""
+    if backend == "native":
+        return native
+    from . import triton
+
+    return triton
 
 
 class _Solver:

@@ -12,13 +12,11 @@ from typing import Optional
 import torch
 
 from .. import _native
-from ..backends import kernel_entry
 from .reference import SolveOutput
 
 __all__ = ["solve", "row_transport_costs"]
 
 
-@kernel_entry
 def solve(
     C: torch.Tensor,
     a: torch.Tensor,
@@ -36,7 +34,6 @@ def solve(
     return SolveOutput(*out)
 
 
-@kernel_entry
 def row_transport_costs(
     C: torch.Tensor,
     a: torch.Tensor,
