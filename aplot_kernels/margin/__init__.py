@@ -26,7 +26,7 @@ from ..backends import BACKENDS
 from ..cost import NORM_EPS, aplot_cost_checked
 from ..cost.reference import SIMILARITIES
 from ..sinkhorn import sinkhorn_checked
-from . import reference
+from . import native, reference
 
 __all__ = ["aplot_margin"]
 
@@ -100,12 +100,16 @@ def margin_and_plan(
                 return margins, None, None
             except loss_triton.KERNEL_UNAVAILABLE as exc:  # cannot run on this GPU: the two-kernel path below
                 loss_triton.mark_unavailable(exc)
-    if detach and not need_plan and impl in ("triton", "native"):
-        # The kernel backends reduce each plan row against the cost as they form it.
-        if impl == "triton":
-            from ..sinkhorn import triton as kernels  # only importable where Triton is installed
-        else:
-            from ..sinkhorn import native as kernels
+    if detach and not need_plan and impl == "native":
+        # The cost op, then Sinkhorn's row-cost op, which reduces each plan row against the cost as it forms it.
+        margins = native.detached_margins(
+            chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, NORM_EPS, similarity, eps,
+            n_iters, scale,
+        )
+        return margins, None, None
+    if detach and not need_plan and impl == "triton":
+        from ..sinkhorn import triton as kernels  # only importable where Triton is installed
+
         with torch.no_grad():
             cost = aplot_cost_checked(
                 chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, NORM_EPS, impl, similarity

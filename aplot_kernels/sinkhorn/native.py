@@ -51,6 +51,6 @@ def row_transport_costs(
     """
     tol_arg = -1.0 if tol is None else float(tol)
     if C.device.type == "cpu":
-        return _native.ops().sinkhorn_row_costs(C, a, b, float(eps), int(n_iters), tol_arg, int(check_every))
+        return _native.ops().sinkhorn_row_costs.default(C, a, b, float(eps), int(n_iters), tol_arg, int(check_every))
     out = solve(C, a, b, eps, n_iters, tol, check_every)
     return (out.plan * C.to(out.plan.dtype)).sum(-1)
