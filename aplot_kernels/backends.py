@@ -30,21 +30,6 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run on this install or for this tensor."""
 
 
-def kernel_entry(fn):
-    """Mark a Triton entry point that is not yet a registered op: ``torch.compile`` runs it eagerly,
-    between graphs (tracing into the strategy choice, cached CUDA graphs or the interpreter fails).
-    Eager calls skip the disabling wrapper, which costs microseconds per call."""
-    disabled = torch.compiler.disable(fn)
-
-    @functools.wraps(fn)
-    def entry(*args, **kwargs):
-        if torch.compiler.is_compiling():  # constant True while dynamo traces: a graph break here
-            return disabled(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    return entry
-
-
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> Tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:

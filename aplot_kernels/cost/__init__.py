@@ -26,43 +26,11 @@ __all__ = ["cosine_cost", "aplot_cost"]
 NORM_EPS = 1e-8  # the default norm clamp of both costs
 
 
-def _triton():
-    """The Triton cost kernels (imported on first use: only importable where Triton is installed)."""
-    from . import triton, triton_backward
+def _triton_ops():
+    """The Triton backend's registered ops (imported on first use: only importable where Triton is installed)."""
+    from .. import _triton_ops
 
-    return triton, triton_backward
-
-
-class _TritonCosineCost(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, eps):
-        ctx.save_for_backward(x, y)
-        ctx.eps = eps
-        return _triton()[0].cosine_cost(x, y, eps)
-
-    @staticmethod
-    @autocast_off
-    def backward(ctx, grad_cost):
-        x, y = ctx.saved_tensors
-        grad_x, grad_y = _triton()[1].cosine_cost_backward(grad_cost, x, y, ctx.eps)
-        return grad_x.to(x.dtype), grad_y.to(y.dtype), None
-
-
-class _TritonAPLOTCost(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, similarity):
-        ctx.save_for_backward(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
-        ctx.args = (alpha, temperature, eps, similarity)
-        return _triton()[0].aplot_cost(
-            chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, similarity
-        )
-
-    @staticmethod
-    @autocast_off
-    def backward(ctx, grad_cost):
-        inputs = ctx.saved_tensors
-        grads = _triton()[1].aplot_cost_backward(grad_cost, *inputs, *ctx.args)
-        return tuple(g.to(t.dtype) for g, t in zip(grads, inputs)) + (None,) * 4
+    return _triton_ops
 
 
 @autocast_off
@@ -97,7 +65,7 @@ def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float
     elif impl == "native":
         cost = native.cosine_cost(x, y, eps)  # an op with its own autograd formula
     else:
-        cost = _TritonCosineCost.apply(x, y, eps)
+        cost = _triton_ops().cosine_cost(x, y, eps)
     return cost.squeeze(0) if unbatched else cost
 
 
@@ -171,5 +139,6 @@ def aplot_cost_checked(
     elif impl == "native":
         cost = native.aplot_cost(*inputs, alpha, temperature, eps, similarity)
     else:
-        cost = _TritonAPLOTCost.apply(*inputs, alpha, temperature, eps, similarity)
+        ops = _triton_ops()
+        cost = ops.aplot_cost(*inputs, alpha, temperature, eps, ops.similarity_code(similarity))
     return cost.squeeze(0) if unbatched else cost

@@ -29,7 +29,9 @@ def uniform(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     weights = _UNIFORM.get(key)
     if weights is None:
         weights = torch.full((1, size), 1.0 / size, dtype=dtype, device=device)
-        if len(_UNIFORM) < _UNIFORM_MAX:
+        # Made inside a CUDA graph capture, the fill only runs at replay: never keep such a tensor.
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if len(_UNIFORM) < _UNIFORM_MAX and not capturing:
             _UNIFORM[key] = weights
     return weights
 
