@@ -90,7 +90,10 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, needs_ref
     of the graph (no break, no probe at run time).
     """
     if torch.compiler.is_compiling():  # no guard on the table, which the trace itself may fill
-        return _resolve_constant(backend, device.type, dtype, needs_reference)
+        impl = _resolve_constant(backend, device.type, dtype, needs_reference)
+        if not impl:  # raise the eager error from traced code (dynamo would wrap one raised at trace time)
+            _decide(backend, device, dtype, needs_reference)
+        return impl
     impl = _TABLE.get((backend, device.type, dtype, needs_reference))
     if impl is None:
         impl = _resolve_and_store(backend, device.type, dtype, needs_reference)
@@ -99,8 +102,14 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, needs_ref
 
 @torch.compiler.assume_constant_result  # dynamo calls it while tracing and keeps the answer
 def _resolve_constant(backend: str, device_type: str, dtype: torch.dtype, needs_reference: bool) -> str:
+    """The table's answer, or ``""`` where resolution raises."""
     impl = _TABLE.get((backend, device_type, dtype, needs_reference))
-    return impl if impl is not None else _resolve_and_store(backend, device_type, dtype, needs_reference)
+    if impl is not None:
+        return impl
+    try:
+        return _resolve_and_store(backend, device_type, dtype, needs_reference)
+    except (ValueError, BackendUnavailableError):
+        return ""
 
 
 def _resolve_and_store(backend: str, device_type: str, dtype: torch.dtype, needs_reference: bool) -> str:

@@ -191,7 +191,12 @@ def test_argument_checks_still_raise_when_compiled():
     x, y, rc, rr = _inputs(4)
     loss = lambda *t: ak.aplot_loss(*t, backend="torch")  # noqa: E731
     solve = lambda C: sinkhorn(C, eps=-1.0, backend="torch")  # noqa: E731
+    unknown = lambda x: ak.cosine_cost(x, backend="nope")  # noqa: E731  (backend resolution raises)
     for fullgraph in (False, True):
+        error = ValueError if not fullgraph else Exception
+        torch._dynamo.reset()
+        with pytest.raises(error, match="`backend`" if not fullgraph else ""):
+            torch.compile(unknown, fullgraph=fullgraph, backend="eager")(x)
         error = ValueError if not fullgraph else Exception
         torch._dynamo.reset()
         with pytest.raises(error, match="rejected_rewards"):
