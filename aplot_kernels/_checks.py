@@ -267,21 +267,27 @@ def sinkhorn_eps(name: str, eps: float, dtype: torch.dtype, C: Optional[torch.Te
     ``max |C|``."""
     normal_number(name, eps, dtype)
     limit = 1.0 / torch.finfo(dtype).eps
-    message = (
-        f"`{name}` is too small for the magnitude of `C` in {_dtype_name(dtype)}: max|C| / {name} must be at most "
-        f"{limit:.4g} (1 / machine epsilon); pass a larger `{name}` or a rescaled `C`"
-        + (", or float64 inputs" if dtype != torch.float64 else "")
-    )
-    if C is None:
+    if C is None:  # the common case of the loss: no message formatted unless it fails
         if max_cost / eps > limit:
+            message = _resolution_message(name, dtype, limit)
             raise ValueError(f"{message}; got {name}={eps:g} with max|C| up to {max_cost:g}")
-    elif torch.finfo(C.dtype).max / eps > limit:  # only a large enough C can fail: read its magnitude
+        return eps
+    message = _resolution_message(name, dtype, limit)
+    if torch.finfo(C.dtype).max / eps > limit:  # only a large enough C can fail: read its magnitude
         magnitude = _once(lambda: _max_abs(C))
         require(magnitude, math.isfinite, "`C` contains NaN or inf")
         require(magnitude, lambda largest: largest / eps <= limit, message)
     else:
         _finite("C", C)
     return eps
+
+
+def _resolution_message(name: str, dtype: torch.dtype, limit: float) -> str:
+    return (
+        f"`{name}` is too small for the magnitude of `C` in {_dtype_name(dtype)}: max|C| / {name} must be at most "
+        f"{limit:.4g} (1 / machine epsilon); pass a larger `{name}` or a rescaled `C`"
+        + (", or float64 inputs" if dtype != torch.float64 else "")
+    )
 
 
 def _once(make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
