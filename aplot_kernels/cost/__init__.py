@@ -1,9 +1,10 @@
 """Cost matrices between two sets of embeddings (docs/contract.md section 1).
 
 This module is the one dispatch point for the costs: it checks arguments,
-turns 2-D inputs into a batch of one, picks the backend, and wraps kernel
-backends in an autograd function. The math lives in
-:mod:`aplot_kernels.cost.reference`; kernels live beside it
+turns 2-D inputs into a batch of one, picks the backend, and calls the
+kernel backends' registered operators, which carry their own backward
+(:mod:`aplot_kernels._native_registrations`, :mod:`aplot_kernels._triton_ops`).
+The math lives in :mod:`aplot_kernels.cost.reference`; kernels live beside it
 (``triton.py``, ``native.py``) and implement the same functions.
 
 Half-precision inputs are computed with float32 accumulation and return
