@@ -88,8 +88,8 @@ def require(
     alarms. Deferred to the end of an enclosing :func:`one_sync` block,
     immediate otherwise.
     """
-    if not _value_checks_on:
-        return
+    if not _value_checks_on or torch.compiler.is_compiling():
+        return  # compiled code never reads values back (see the README's check policy)
     value = value()
     if value.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # a value cannot be read back while a CUDA graph is being captured
@@ -107,6 +107,8 @@ def _read_back(values: List[torch.Tensor]) -> List[float]:
     holds any (float32 would round a float64 of 1e-300 to 0), else in float32,
     which holds every half-precision value exactly (and exists on every device).
     """
+    if len(values) == 1:
+        return [values[0].item()]
     dtypes = {v.dtype for v in values}
     if len(dtypes) > 1:
         wide = torch.float64 if torch.float64 in dtypes else torch.float32
@@ -114,11 +116,56 @@ def _read_back(values: List[torch.Tensor]) -> List[float]:
     return torch.stack(values).tolist()
 
 
-def _run(checks: List[_Check]) -> None:
+# Finite checks of small tensors in one block share one reduction (one launch instead of one per tensor);
+# larger ones are reduced one by one (no concatenated copy of large embeddings).
+GROUP_MAX_NUMEL = 1 << 16
+
+
+class _Finite:
+    """A deferred finiteness check of ``tensor``: grouped with the block's other small ones at :func:`_run`."""
+
+    __slots__ = ("name", "tensor")
+
+    def __init__(self, name: str, tensor: torch.Tensor):
+        self.name, self.tensor = name, tensor
+
+    def check(self) -> _Check:
+        return _finite_check(self.name, self.tensor)
+
+
+def _group_finite(checks: list) -> list:
+    """Replace the small :class:`_Finite` entries of each device by one check of their concatenation, placed at
+    the first one's position; if it fails, the members are confirmed one by one, in order."""
+    groups: dict = {}
+    for index, c in enumerate(checks):
+        if isinstance(c, _Finite) and c.tensor.numel() <= GROUP_MAX_NUMEL:
+            groups.setdefault(c.tensor.device, []).append(index)
+    out = list(checks)
+    for indices in groups.values():
+        members = [checks[i] for i in indices]
+        if len(members) == 1:
+            continue
+        for i in indices[1:]:
+            out[i] = None
+        dtype = torch.float64 if any(m.tensor.dtype == torch.float64 for m in members) else torch.float32
+        total = torch.cat([m.tensor.reshape(-1) for m in members]).sum(dtype=dtype)
+        out[indices[0]] = (total, math.isfinite, members, None)
+    return [c.check() if isinstance(c, _Finite) else c for c in out if c is not None]
+
+
+def _run(checks: list) -> None:
     if not checks:
         return
+    checks = _group_finite(checks)
     for number, (_, ok, message, confirm) in zip(_read_back([c[0] for c in checks]), checks):
-        if not ok(number) and (confirm is None or confirm()):
+        if ok(number):
+            continue
+        if isinstance(message, list):  # a group of finite checks: the first non-finite member's error
+            for member in message:
+                if not bool(torch.isfinite(member.tensor).all()):
+                    raise ValueError(f"`{member.name}` contains NaN or inf")
+            continue  # a finite overflow of the sum
+        if confirm is None or confirm():
             raise ValueError(message)
 
 
@@ -148,12 +195,27 @@ def tensor(
 
 
 def _finite(name: str, value: torch.Tensor) -> None:
+    if not _value_checks_on or torch.compiler.is_compiling():
+        return
+    checks = getattr(_collecting, "checks", None)
+    if checks is None:
+        require(**_finite_kwargs(name, value))
+    elif not (value.is_cuda and torch.cuda.is_current_stream_capturing()):
+        checks.append(_Finite(name, value))
+
+
+def _finite_kwargs(name: str, value: torch.Tensor) -> dict:
     # One reduction on the device: NaN and inf propagate into the sum, whose finiteness is tested on
     # the host. A non-finite sum can also be an overflow of finite values, so confirm exactly.
-    require(
-        lambda: value.sum(dtype=_sum_dtype(value.dtype)), math.isfinite, f"`{name}` contains NaN or inf",
+    return dict(
+        value=lambda: value.sum(dtype=_sum_dtype(value.dtype)), ok=math.isfinite, message=f"`{name}` contains NaN or inf",
         confirm=lambda: not bool(torch.isfinite(value).all()),
     )
+
+
+def _finite_check(name: str, value: torch.Tensor) -> _Check:
+    kwargs = _finite_kwargs(name, value)
+    return (kwargs["value"](), kwargs["ok"], kwargs["message"], kwargs["confirm"])
 
 
 def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -205,21 +267,27 @@ def sinkhorn_eps(name: str, eps: float, dtype: torch.dtype, C: Optional[torch.Te
     ``max |C|``."""
     normal_number(name, eps, dtype)
     limit = 1.0 / torch.finfo(dtype).eps
-    message = (
-        f"`{name}` is too small for the magnitude of `C` in {_dtype_name(dtype)}: max|C| / {name} must be at most "
-        f"{limit:.4g} (1 / machine epsilon); pass a larger `{name}` or a rescaled `C`"
-        + (", or float64 inputs" if dtype != torch.float64 else "")
-    )
-    if C is None:
+    if C is None:  # the common case of the loss: no message formatted unless it fails
         if max_cost / eps > limit:
+            message = _resolution_message(name, dtype, limit)
             raise ValueError(f"{message}; got {name}={eps:g} with max|C| up to {max_cost:g}")
-    elif torch.finfo(C.dtype).max / eps > limit:  # only a large enough C can fail: read its magnitude
+        return eps
+    message = _resolution_message(name, dtype, limit)
+    if torch.finfo(C.dtype).max / eps > limit:  # only a large enough C can fail: read its magnitude
         magnitude = _once(lambda: _max_abs(C))
         require(magnitude, math.isfinite, "`C` contains NaN or inf")
         require(magnitude, lambda largest: largest / eps <= limit, message)
     else:
         _finite("C", C)
     return eps
+
+
+def _resolution_message(name: str, dtype: torch.dtype, limit: float) -> str:
+    return (
+        f"`{name}` is too small for the magnitude of `C` in {_dtype_name(dtype)}: max|C| / {name} must be at most "
+        f"{limit:.4g} (1 / machine epsilon); pass a larger `{name}` or a rescaled `C`"
+        + (", or float64 inputs" if dtype != torch.float64 else "")
+    )
 
 
 def _once(make: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:

@@ -182,7 +182,7 @@ def _load() -> Tuple[bool, str]:
         from . import _C
 
         _module = _C
-        return True, ""
+        return _registered()
     except Exception as exc:  # not built at install time, or built for another torch
         prebuilt = f"aplot_kernels._C could not be imported ({exc})"
     if os.environ.get(NO_JIT_ENV, "0") not in ("", "0"):
@@ -196,6 +196,13 @@ def _load() -> Tuple[bool, str]:
             f"(`pip install ninja`), or build it at install time: `pip install --no-build-isolation .`"
         )
     sys.modules.setdefault(EXTENSION_NAME, _module)
+    return _registered()
+
+
+def _registered() -> Tuple[bool, str]:
+    from . import _native_registrations
+
+    _native_registrations.register()
     return True, ""
 
 

@@ -19,7 +19,7 @@ import functools
 import importlib.util
 import os
 import warnings
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -28,25 +28,6 @@ BACKENDS = ("auto", "torch", "triton", "native")
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run on this install or for this tensor."""
-
-
-def kernel_entry(fn):
-    """Mark a kernel backend's entry point: ``torch.compile`` runs it eagerly, between graphs.
-
-    The entry points choose a strategy from shapes, replay cached CUDA graphs and
-    launch Triton or extension kernels; tracing into them (or, on the CPU, into the
-    Triton interpreter) is what fails, not calling them. The torch reference stays
-    traceable. Eager calls skip the disabling wrapper, which costs microseconds per call.
-    """
-    disabled = torch.compiler.disable(fn)
-
-    @functools.wraps(fn)
-    def entry(*args, **kwargs):
-        if torch.compiler.is_compiling():  # constant True while dynamo traces: a graph break here
-            return disabled(*args, **kwargs)
-        return fn(*args, **kwargs)
-
-    return entry
 
 
 @functools.lru_cache(maxsize=None)
@@ -91,7 +72,11 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-@kernel_entry  # reads the environment and cached probes: decided eagerly, never traced
+# (backend, device type, dtype, needs_reference) -> concrete backend. Filled on first use of a key;
+# the environment and the extension are probed once per key, never again on the hot path.
+_TABLE: Dict[Tuple[str, str, torch.dtype, bool], str] = {}
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, needs_reference: bool = False) -> str:
     """Return the concrete backend (``"torch"``, ``"triton"`` or ``"native"``) to run.
 
@@ -99,7 +84,41 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, *, needs_ref
     iterations (``grad="unrolled"``), which only the reference provides.
     Raises ``ValueError`` for an unknown name and ``BackendUnavailableError``
     when an explicitly requested backend cannot run here.
+
+    A dictionary lookup once a key has been seen. Under ``torch.compile`` the
+    first resolution of a key runs at trace time and its answer is a constant
+    of the graph (no break, no probe at run time).
     """
+    if torch.compiler.is_compiling():  # no guard on the table, which the trace itself may fill
+        impl = _resolve_constant(backend, device.type, dtype, needs_reference)
+        if not impl:  # raise the eager error from traced code (dynamo would wrap one raised at trace time)
+            _decide(backend, device, dtype, needs_reference)
+        return impl
+    impl = _TABLE.get((backend, device.type, dtype, needs_reference))
+    if impl is None:
+        impl = _resolve_and_store(backend, device.type, dtype, needs_reference)
+    return impl
+
+
+@torch.compiler.assume_constant_result  # dynamo calls it while tracing and keeps the answer
+def _resolve_constant(backend: str, device_type: str, dtype: torch.dtype, needs_reference: bool) -> str:
+    """The table's answer, or ``""`` where resolution raises."""
+    impl = _TABLE.get((backend, device_type, dtype, needs_reference))
+    if impl is not None:
+        return impl
+    try:
+        return _resolve_and_store(backend, device_type, dtype, needs_reference)
+    except (ValueError, BackendUnavailableError):
+        return ""
+
+
+def _resolve_and_store(backend: str, device_type: str, dtype: torch.dtype, needs_reference: bool) -> str:
+    impl = _decide(backend, torch.device(device_type), dtype, needs_reference)
+    _TABLE[(backend, device_type, dtype, needs_reference)] = impl
+    return impl
+
+
+def _decide(backend: str, device: torch.device, dtype: torch.dtype, needs_reference: bool) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"`backend` must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     if backend == "torch":

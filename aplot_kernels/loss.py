@@ -83,7 +83,9 @@ def _bt_loss(chosen_rewards, rejected_rewards, margin, reduction: str) -> torch.
     """:func:`bt_loss` on checked arguments, in float32 for half-precision rewards (float64 stays float64)."""
     dtype = float32_or_wider(chosen_rewards)
     # The difference of two bfloat16 rewards of ~1e3 is off by up to 4 when rounded to bfloat16 itself.
-    logits = chosen_rewards.to(dtype) - rejected_rewards.to(dtype)
+    if chosen_rewards.dtype != dtype or rejected_rewards.dtype != dtype:  # a no-op .to still costs a dispatch
+        chosen_rewards, rejected_rewards = chosen_rewards.to(dtype), rejected_rewards.to(dtype)
+    logits = chosen_rewards - rejected_rewards
     if margin is not None:
         logits = logits - margin
     return _reduce(-F.logsigmoid(logits), reduction)

@@ -13,6 +13,9 @@ Ops (``Case.op``):
   gradients reach the rewards), next to ``bt_loss`` on the same rewards.
 * ``aplot_loss_implicit_fwd_bwd``: the same with ``detach=False`` (gradients through
   the cost and the plan by implicit differentiation, reaching the embeddings too).
+* ``aplot_loss_overhead``: one eager ``aplot_loss`` call (forward, defaults, value checks
+  on) at a size where the Python and dispatch overhead dominates (16 pairs, ``D = 64``),
+  next to one ``bt_loss`` call on the same rewards.
 
 Sinkhorn ops draw their costs as the cosine cost of unit vectors in ``D = 8``
 dimensions: the costs then spread over ``[0, 2]`` like those of real
@@ -39,10 +42,13 @@ OPS = (
     "aplot_margin",
     "aplot_loss_fwd_bwd",
     "aplot_loss_implicit_fwd_bwd",
+    "aplot_loss_overhead",
 )
 SINKHORN_OPS = ("sinkhorn_fixed", "sinkhorn_tol")
 COST_OPS = ("cosine_cost", "aplot_cost")
 LOSS_OPS = ("aplot_loss_fwd_bwd", "aplot_loss_implicit_fwd_bwd")
+OVERHEAD_OPS = ("aplot_loss_overhead",)
+OVERHEAD_SHAPE = ("aplot_loss_overhead", 1, 16, 16, 64)
 
 SINKHORN_POINT_DIM = 8
 FIXED_ITERS, FIXED_EPS = 50, 0.1  # aplot_margin's defaults
@@ -145,7 +151,7 @@ def shape_matrix(device: str, quick: bool) -> List[Tuple[str, int, int, int, int
         shapes += _aplot("aplot_margin", [64], [768])
         for op in LOSS_OPS:
             shapes += _aplot(op, [64], [768])
-        return shapes
+        return shapes + [OVERHEAD_SHAPE]
     small = [32, 64, 128, 256]
     if device == "cuda":
         large, pairs, dims = [512, 1024, 2048, 4096], [64, 256, 1024, 4096], [768, 2048, 4096]
@@ -162,6 +168,7 @@ def shape_matrix(device: str, quick: bool) -> List[Tuple[str, int, int, int, int
     loss_pairs = pairs if device == "cuda" else pairs[:3]
     shapes += _aplot("aplot_loss_fwd_bwd", loss_pairs, dims)
     shapes += _aplot("aplot_loss_implicit_fwd_bwd", loss_pairs, dims[:1])
+    shapes.append(OVERHEAD_SHAPE)
     if device == "cpu":
         shapes += CPU_TARGETS
     return shapes
@@ -264,4 +271,6 @@ def reference(case: Case, inp: Dict[str, torch.Tensor]) -> Reference:
     if case.op in LOSS_OPS:
         grads = loss_gradients(x64, backend="torch", detach=case.op == "aplot_loss_fwd_bwd")
         return Reference(torch.cat([g.reshape(-1) for g in grads]))
+    if case.op in OVERHEAD_OPS:
+        return Reference(ak.aplot_loss(x64["rc"], x64["rr"], x64["x"], x64["y"], backend="torch"))
     raise ValueError(f"unknown op {case.op!r}")

@@ -118,10 +118,14 @@ def _ours(backend: str, case: Case, inputs) -> Runner:
             return C_.loss_gradients(i, backend=backend, detach=detach)
 
         return Runner(inputs, call, lambda out, i: Probe(torch.cat([g.reshape(-1) for g in out])))
+    if op in C_.OVERHEAD_OPS:
+        return Runner(inputs, lambda i: ak.aplot_loss(i["rc"], i["rr"], i["x"], i["y"], backend=backend), lambda out, i: Probe(out))
     raise Unavailable(f"no adapter for {op}")
 
 
 def _bt_loss(case: Case, inputs) -> Runner:
+    if case.op in C_.OVERHEAD_OPS:
+        return Runner(inputs, lambda i: ak.bt_loss(i["rc"], i["rr"]), lambda out, i: Probe(None))
     if case.op not in C_.LOSS_OPS:
         raise Unavailable("bt_loss is only a loss")
     return Runner(inputs, lambda i: C_.loss_gradients(i, backend="torch", detach=True, bt_only=True), lambda out, i: Probe(None))
@@ -368,6 +372,7 @@ OP_IMPLS = {
     "aplot_margin": ("pot-batch-torch", "pot-loop-torch"),
     "aplot_loss_fwd_bwd": ("bt_loss",),
     "aplot_loss_implicit_fwd_bwd": ("bt_loss",),
+    "aplot_loss_overhead": ("bt_loss",),
 }
 
 # The POT row each op's speed-up is measured against (same op, shape, dtype, device).

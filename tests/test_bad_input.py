@@ -312,8 +312,9 @@ def test_deferred_checks_report_the_first_failure_and_overflow_is_not_nan():
 
 
 def test_value_checks_cost_one_reduction_per_tensor_and_one_stack():
-    """On a GPU each op of a check is a launch (microseconds), so a checked tensor costs one
-    reduction, and the read-back one stack: the tests of the values run on the host."""
+    """On a GPU each op of a check is a launch (microseconds), so the finiteness of a block's small tensors
+    costs one concatenation and one reduction, a large tensor one reduction of its own, and the read-back
+    one stack (none for a single value): the tests of the values run on the host."""
     gen = torch.Generator().manual_seed(3)
     tensors = [torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
                for shape, dtype in (((7,), torch.float32), ((5, 3), torch.bfloat16), ((2, 9), torch.float16))]
@@ -321,11 +322,18 @@ def test_value_checks_cost_one_reduction_per_tensor_and_one_stack():
         with _checks.one_sync():
             for i, x in enumerate(tensors):
                 _checks.tensor(f"x{i}", x, ndims=(1, 2))
-    assert recorded.ops == ["aten.sum"] * 3 + ["aten.stack"]
+    assert recorded.ops == ["aten.cat", "aten.sum", "aten._local_scalar_dense"]
+    large = torch.randn(_checks.GROUP_MAX_NUMEL + 1, generator=gen).to(DEVICE)
+    with DeviceOps() as recorded:
+        with _checks.one_sync():
+            for i, x in enumerate(tensors[:2] + [large]):
+                _checks.tensor(f"x{i}", x, ndims=(1, 2))
+    assert recorded.ops == ["aten.cat", "aten.sum", "aten.sum", "aten.stack"]
     margin_args = loss_args(5, 7)
     with DeviceOps() as recorded:
         aplot_margin(*margin_args, backend="torch", n_iters=1)
-    assert recorded.ops[:5] == ["aten.sum"] * 4 + ["aten.stack"]  # then the cost: no check after the stack
+    # then the cost: no check after the read-back
+    assert recorded.ops[:3] == ["aten.cat", "aten.sum", "aten._local_scalar_dense"]
     cost = tensors[1].float()
     with DeviceOps() as recorded:  # C: one reduction for its finiteness and its magnitude (max|C| / eps)
         sinkhorn(cost, n_iters=1, backend="torch")

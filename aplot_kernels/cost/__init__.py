@@ -1,9 +1,10 @@
 """Cost matrices between two sets of embeddings (docs/contract.md section 1).
 
 This module is the one dispatch point for the costs: it checks arguments,
-turns 2-D inputs into a batch of one, picks the backend, and wraps kernel
-backends in an autograd function. The math lives in
-:mod:`aplot_kernels.cost.reference`; kernels live beside it
+turns 2-D inputs into a batch of one, picks the backend, and calls the
+kernel backends' registered operators, which carry their own backward
+(:mod:`aplot_kernels._native_registrations`, :mod:`aplot_kernels._triton_ops`).
+The math lives in :mod:`aplot_kernels.cost.reference`; kernels live beside it
 (``triton.py``, ``native.py``) and implement the same functions.
 
 Half-precision inputs are computed with float32 accumulation and return
@@ -13,67 +14,24 @@ dtype.
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
 
 import torch
 
 from .. import _checks, backends
 from .._precision import autocast_off, float32_or_wider
-from . import reference
+from . import native, reference
 
 __all__ = ["cosine_cost", "aplot_cost"]
 
 NORM_EPS = 1e-8  # the default norm clamp of both costs
 
 
-def _kernels(backend: str):
-    """The module holding a backend's cost kernels."""
-    return importlib.import_module(f"{__name__}.{backend}")
+def _triton_ops():
+    """The Triton backend's registered ops (imported on first use: only importable where Triton is installed)."""
+    from .. import _triton_ops
 
-
-class _CosineCostKernel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, eps, backend):
-        kernels = _kernels(backend)
-        ctx.save_for_backward(x, y)
-        ctx.eps, ctx.kernels = eps, kernels
-        return kernels.cosine_cost(x, y, eps)
-
-    @staticmethod
-    @autocast_off
-    def backward(ctx, grad_cost):
-        x, y = ctx.saved_tensors
-        backward = getattr(ctx.kernels, "cosine_cost_backward", None)
-        if backward is None:
-            dtype = float32_or_wider(x, y)
-            grad_x, grad_y = reference.cosine_cost_backward(grad_cost.to(dtype), x.to(dtype), y.to(dtype), ctx.eps)
-        else:
-            grad_x, grad_y = backward(grad_cost, x, y, ctx.eps)
-        return grad_x.to(x.dtype), grad_y.to(y.dtype), None, None
-
-
-class _APLOTCostKernel(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, similarity, backend):
-        kernels = _kernels(backend)
-        ctx.save_for_backward(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
-        ctx.args, ctx.kernels = (alpha, temperature, eps, similarity), kernels
-        return kernels.aplot_cost(
-            chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, similarity
-        )
-
-    @staticmethod
-    @autocast_off
-    def backward(ctx, grad_cost):
-        inputs = ctx.saved_tensors
-        backward = getattr(ctx.kernels, "aplot_cost_backward", None)
-        if backward is None:
-            dtype = float32_or_wider(*inputs)
-            grads = reference.aplot_cost_backward(grad_cost.to(dtype), *(t.to(dtype) for t in inputs), *ctx.args)
-        else:
-            grads = backward(grad_cost, *inputs, *ctx.args)
-        return tuple(g.to(t.dtype) for g, t in zip(grads, inputs)) + (None,) * 5
+    return _triton_ops
 
 
 @autocast_off
@@ -105,8 +63,10 @@ def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float
         x, y = x.unsqueeze(0), y.unsqueeze(0)
     if impl == "torch":
         cost = reference.cosine_cost(x.to(dtype), y.to(dtype) if y_given else x.to(dtype), eps)
+    elif impl == "native":
+        cost = native.cosine_cost(x, y, eps)  # an op with its own autograd formula
     else:
-        cost = _CosineCostKernel.apply(x, y, eps, impl)
+        cost = _triton_ops().cosine_cost(x, y, eps)
     return cost.squeeze(0) if unbatched else cost
 
 
@@ -177,6 +137,9 @@ def aplot_cost_checked(
         inputs = tuple(t.unsqueeze(0) for t in inputs)
     if impl == "torch":
         cost = reference.aplot_cost(*(t.to(dtype) for t in inputs), alpha, temperature, eps, similarity)
+    elif impl == "native":
+        cost = native.aplot_cost(*inputs, alpha, temperature, eps, similarity)
     else:
-        cost = _APLOTCostKernel.apply(*inputs, alpha, temperature, eps, similarity, impl)
+        ops = _triton_ops()
+        cost = ops.aplot_cost(*inputs, alpha, temperature, eps, ops.similarity_code(similarity))
     return cost.squeeze(0) if unbatched else cost

@@ -1,7 +1,9 @@
 """Cost matrices in the compiled extension (``csrc/``): C++ on CPU tensors, CUDA on GPU tensors.
 
-Forward only: :mod:`aplot_kernels.cost` uses the reference's closed-form
-backward passes for these. Inputs may be any float dtype; the result has
+Registered operators (``torch.ops.aplot_kernels.*``) whose fake kernels and
+backward formulas (the reference's closed form) are in
+:mod:`aplot_kernels._native_registrations`, so they trace under
+``torch.compile``. Inputs may be any float dtype; the result has
 ``torch.promote_types(input dtypes, float32)``.
 """
 
@@ -10,19 +12,16 @@ from __future__ import annotations
 import torch
 
 from .. import _native
-from ..backends import kernel_entry
 from . import reference
 
 __all__ = ["cosine_cost", "aplot_cost"]
 
 
-@kernel_entry
 def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     """``[B, N, D] x [B, M, D] -> [B, N, M]``: ``1 - <x_hat_i, y_hat_j>``."""
     return _native.ops().cosine_cost(x, y, float(eps))
 
 
-@kernel_entry
 def aplot_cost(
     chosen_emb: torch.Tensor,
     rejected_emb: torch.Tensor,

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import kernel_entry, triton_interpreter_on
+from ..backends import triton_interpreter_on
 from .._precision import float32_or_wider
 from ..triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, cdiv
 from . import reference
@@ -300,13 +300,11 @@ def _launch(kernel, x, y, extra_args, extra_strides, scalars, eps, out_dtype):
     return out
 
 
-@kernel_entry
 def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     """``1 - S``: ``x [B, N, D]``, ``y [B, M, D]`` -> ``[B, N, M]`` (float32 for half inputs)."""
     return _launch(_cosine_cost_kernel, x, y, (), (), (), eps, float32_or_wider(x, y))
 
 
-@kernel_entry
 def aplot_cost(
     chosen_emb: torch.Tensor,
     rejected_emb: torch.Tensor,

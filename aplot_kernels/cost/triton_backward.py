@@ -21,7 +21,6 @@ import triton.language as tl
 
 from .._precision import float32_or_wider
 from ..triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, cdiv
-from ..backends import kernel_entry
 from . import reference
 from . import triton as forward
 
@@ -182,7 +181,6 @@ def _embedding_grads(grad_cost, x, y, rx, ry, scale, inv_temperature, reward_sca
     return grad_x, grad_y, grad_rx, grad_ry
 
 
-@kernel_entry
 def cosine_cost_backward(grad_cost: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float):
     """``(grad_x [B, N, D], grad_y [B, M, D])`` of :func:`cosine_cost` for ``grad_cost [B, N, M]`` (float32 for half inputs)."""
     out_dtype = float32_or_wider(grad_cost, x, y)
@@ -190,7 +188,6 @@ def cosine_cost_backward(grad_cost: torch.Tensor, x: torch.Tensor, y: torch.Tens
     return grad_x, grad_y
 
 
-@kernel_entry
 def aplot_cost_backward(
     grad_cost: torch.Tensor,
     chosen_emb: torch.Tensor,

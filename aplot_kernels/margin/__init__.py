@@ -26,7 +26,7 @@ from ..backends import BACKENDS
 from ..cost import NORM_EPS, aplot_cost_checked
 from ..cost.reference import SIMILARITIES
 from ..sinkhorn import sinkhorn_checked
-from . import reference
+from . import native, reference
 
 __all__ = ["aplot_margin"]
 
@@ -93,19 +93,26 @@ def margin_and_plan(
 
         if loss_triton.fits(n, rejected_rewards.shape[0]) and loss_triton.available():
             try:
-                margins = loss_triton.aplot_margin(
-                    chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, NORM_EPS, eps, n_iters,
-                    scale, similarity=similarity,
-                )
+                from .. import _triton_ops
+
+                with torch.no_grad():  # detached: the op has no autograd formula
+                    margins = _triton_ops.aplot_margin(
+                        chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, NORM_EPS, eps,
+                        n_iters, scale, _triton_ops.similarity_code(similarity),
+                    )
                 return margins, None, None
             except loss_triton.KERNEL_UNAVAILABLE as exc:  # cannot run on this GPU: the two-kernel path below
                 loss_triton.mark_unavailable(exc)
-    if detach and not need_plan and impl in ("triton", "native"):
-        # The kernel backends reduce each plan row against the cost as they form it.
-        if impl == "triton":
-            from ..sinkhorn import triton as kernels  # only importable where Triton is installed
-        else:
-            from ..sinkhorn import native as kernels
+    if detach and not need_plan and impl == "native":
+        # The cost op, then Sinkhorn's row-cost op, which reduces each plan row against the cost as it forms it.
+        margins = native.detached_margins(
+            chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, NORM_EPS, similarity, eps,
+            n_iters, scale,
+        )
+        return margins, None, None
+    if detach and not need_plan and impl == "triton":
+        from .. import _triton_ops  # only importable where Triton is installed
+
         with torch.no_grad():
             cost = aplot_cost_checked(
                 chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, NORM_EPS, impl, similarity
@@ -114,7 +121,7 @@ def margin_and_plan(
             weights_dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
             a = torch.full((1, n), 1.0 / n, dtype=weights_dtype, device=cost.device)
             b = torch.full((1, m), 1.0 / m, dtype=weights_dtype, device=cost.device)
-            row_costs = kernels.row_transport_costs(cost.unsqueeze(0), a, b, eps, n_iters)[0]
+            row_costs = _triton_ops.sinkhorn_row_costs(cost.unsqueeze(0), a, b, eps, n_iters)[0]
         return reference.margins_from_row_costs(row_costs, n, scale), None, cost
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
         cost = aplot_cost_checked(

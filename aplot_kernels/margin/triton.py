@@ -33,7 +33,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import kernel_entry
 from ..cost import reference as cost_reference
 from ..cost import triton as cost_kernels
 from ..sinkhorn.triton import common, fused
@@ -142,7 +141,6 @@ def fits(n: int, m: int) -> bool:
     return max(block_n, block_m) <= MAX_SIDE and block_n * block_m <= fused.FUSED_MAX_ELEMENTS
 
 
-@kernel_entry
 def aplot_margin(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,

@@ -15,7 +15,6 @@ The module itself is callable, so ``aplot_kernels.sinkhorn(C)`` and
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
 from typing import NamedTuple, Optional
@@ -24,7 +23,8 @@ import torch
 
 from .. import _checks, backends
 from .._precision import autocast_off, float32_or_wider
-from . import reference
+from . import native, reference
+from .reference import SolveOutput
 from .gradients import EnvelopeSinkhorn, ImplicitSinkhorn
 
 __all__ = ["sinkhorn", "SinkhornResult", "GRAD_MODES"]
@@ -56,7 +56,12 @@ class SinkhornResult(NamedTuple):
 
 
 def _kernels(backend: str):
-    return importlib.import_module(f"{__name__}.{backend}")
+    """A kernel backend's module (Triton imported on first use: only importable where it is installed)."""
+    if backend == "native":
+        return native
+    from . import triton
+
+    return triton
 
 
 class _Solver:
@@ -69,7 +74,11 @@ class _Solver:
     def __call__(self, C, a, b) -> reference.SolveOutput:
         if self.backend == "torch":
             return reference.solve(C.to(self.compute_dtype), a, b, self.eps, self.n_iters, self.tol, self.check_every)
-        return _kernels(self.backend).solve(C, a, b, self.eps, self.n_iters, self.tol, self.check_every)
+        if self.backend == "native":
+            return native.solve(C, a, b, self.eps, self.n_iters, self.tol, self.check_every)
+        from .. import _triton_ops  # the registered op around the Triton solve (imports Triton)
+
+        return SolveOutput(*_triton_ops.sinkhorn_solve(C, a, b, self.eps, self.n_iters, self.tol, self.check_every))
 
 
 def _marginal(name: str, weights: Optional[torch.Tensor], C: torch.Tensor, axis: int, dtype) -> torch.Tensor:

@@ -12,13 +12,11 @@ from typing import Optional
 import torch
 
 from .. import _native
-from ..backends import kernel_entry
 from .reference import SolveOutput
 
 __all__ = ["solve", "row_transport_costs"]
 
 
-@kernel_entry
 def solve(
     C: torch.Tensor,
     a: torch.Tensor,
@@ -36,7 +34,6 @@ def solve(
     return SolveOutput(*out)
 
 
-@kernel_entry
 def row_transport_costs(
     C: torch.Tensor,
     a: torch.Tensor,
@@ -54,6 +51,6 @@ def row_transport_costs(
     """
     tol_arg = -1.0 if tol is None else float(tol)
     if C.device.type == "cpu":
-        return _native.ops().sinkhorn_row_costs(C, a, b, float(eps), int(n_iters), tol_arg, int(check_every))
+        return _native.ops().sinkhorn_row_costs.default(C, a, b, float(eps), int(n_iters), tol_arg, int(check_every))
     out = solve(C, a, b, eps, n_iters, tol, check_every)
     return (out.plan * C.to(out.plan.dtype)).sum(-1)

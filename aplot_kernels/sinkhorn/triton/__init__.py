@@ -25,7 +25,6 @@ from typing import Optional
 
 import torch
 
-from ...backends import kernel_entry
 from ...triton_utils import block_size
 from ..reference import SolveOutput
 from .fused import FUSED_MAX_ELEMENTS, solve_fused
@@ -81,7 +80,6 @@ def run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan):
     return launch(C, a, b, float(eps), int(n_iters), tol, int(check_every), write_plan)
 
 
-@kernel_entry
 def solve(
     C: torch.Tensor,
     a: torch.Tensor,
@@ -108,7 +106,6 @@ def solve(
     return run(C, a, b, eps, n_iters, tol, check_every, strategy, write_plan=True)
 
 
-@kernel_entry
 def row_transport_costs(
     C: torch.Tensor,
     a: torch.Tensor,
