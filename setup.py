@@ -26,9 +26,7 @@ class BuildPyWithSources(build_py):
         super().run()
         target = os.path.join(self.build_lib, "aplot_kernels", "csrc")
         shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(
-            os.path.join(ROOT, CSRC), target, ignore=shutil.ignore_patterns("*.sh", "*.o", "__pycache__")
-        )
+        shutil.copytree(os.path.join(ROOT, CSRC), target, ignore=shutil.ignore_patterns("*.sh", "*.o", "__pycache__"))
 
 
 def native_build_config():
@@ -44,8 +42,10 @@ def extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("aplot-kernels: torch is not importable in this build environment; installing without the compiled "
-              "extension (it is compiled on first use instead; or use `pip install --no-build-isolation .`)")
+        print(
+            "aplot-kernels: torch is not importable in this build environment; installing without the compiled "
+            "extension (it is compiled on first use instead; or use `pip install --no-build-isolation .`)"
+        )
         return [], {}
     config = native_build_config()
     forced = os.environ.get("APLOT_KERNELS_CUDA")

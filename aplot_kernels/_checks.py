@@ -75,7 +75,9 @@ def one_sync():
 
 
 def require(
-    value: Callable[[], torch.Tensor], ok: Callable[[float], bool], message: str,
+    value: Callable[[], torch.Tensor],
+    ok: Callable[[float], bool],
+    message: str,
     confirm: Optional[Callable[[], bool]] = None,
 ) -> None:
     """Raise ``ValueError(message)`` unless ``ok(v)`` holds for the value ``v`` of the 0-d tensor ``value()``.
@@ -181,9 +183,7 @@ def tensor(
     if not isinstance(value, torch.Tensor):
         raise ArgumentTypeError(f"`{name}` must be a torch.Tensor, got {type(value).__name__}")
     if value.dtype not in FLOAT_DTYPES:
-        raise ArgumentTypeError(
-            f"`{name}` must have a floating dtype (float16, bfloat16, float32, float64), got {value.dtype}"
-        )
+        raise ArgumentTypeError(f"`{name}` must have a floating dtype (float16, bfloat16, float32, float64), got {value.dtype}")
     if value.dim() not in ndims:
         want = " or ".join(f"{d}-D" for d in ndims)
         raise ValueError(f"`{name}` must be {want}, got shape {tuple(value.shape)}")
@@ -208,7 +208,9 @@ def _finite_kwargs(name: str, value: torch.Tensor) -> dict:
     # One reduction on the device: NaN and inf propagate into the sum, whose finiteness is tested on
     # the host. A non-finite sum can also be an overflow of finite values, so confirm exactly.
     return dict(
-        value=lambda: value.sum(dtype=_sum_dtype(value.dtype)), ok=math.isfinite, message=f"`{name}` contains NaN or inf",
+        value=lambda: value.sum(dtype=_sum_dtype(value.dtype)),
+        ok=math.isfinite,
+        message=f"`{name}` contains NaN or inf",
         confirm=lambda: not bool(torch.isfinite(value).all()),
     )
 
@@ -345,17 +347,12 @@ def embeddings_pair(x_name: str, x: torch.Tensor, y_name: str, y: torch.Tensor) 
     """Two embedding tensors ``[.., N, D]`` and ``[.., M, D]`` with matching batch and width."""
     if x.dim() != y.dim():
         raise ValueError(
-            f"`{x_name}` and `{y_name}` must both be 2-D or both be 3-D, got shapes "
-            f"{tuple(x.shape)} and {tuple(y.shape)}"
+            f"`{x_name}` and `{y_name}` must both be 2-D or both be 3-D, got shapes {tuple(x.shape)} and {tuple(y.shape)}"
         )
     if x.shape[-1] != y.shape[-1]:
-        raise ValueError(
-            f"`{x_name}` and `{y_name}` must have the same embedding width, got {x.shape[-1]} and {y.shape[-1]}"
-        )
+        raise ValueError(f"`{x_name}` and `{y_name}` must have the same embedding width, got {x.shape[-1]} and {y.shape[-1]}")
     if x.dim() == 3 and x.shape[0] != y.shape[0]:
-        raise ValueError(
-            f"`{x_name}` and `{y_name}` must have the same batch size, got {x.shape[0]} and {y.shape[0]}"
-        )
+        raise ValueError(f"`{x_name}` and `{y_name}` must have the same batch size, got {x.shape[0]} and {y.shape[0]}")
     same_device(**{x_name: x, y_name: y})
 
 

@@ -99,13 +99,21 @@ def build_key(csrc_dir: str, sources: List[str], flags, with_cuda: bool) -> str:
 
     digest = hashlib.sha256()
     identity = [
-        os.path.realpath(csrc_dir), flags, sys.version, sys.executable,
-        torch.__version__, getattr(torch.version, "git_version", ""), os.path.realpath(os.path.dirname(torch.__file__)),
+        os.path.realpath(csrc_dir),
+        flags,
+        sys.version,
+        sys.executable,
+        torch.__version__,
+        getattr(torch.version, "git_version", ""),
+        os.path.realpath(os.path.dirname(torch.__file__)),
         _tool_identity([os.environ.get("CXX", "c++")]),
     ]
     if with_cuda:
-        identity += [torch.version.cuda, _tool_identity([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")]),
-                     os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
+        identity += [
+            torch.version.cuda,
+            _tool_identity([os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")]),
+            os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
+        ]
     digest.update(repr(identity).encode())
     headers = []
     for root, _, files in os.walk(csrc_dir):
@@ -152,8 +160,7 @@ def _jit_build():
     os.makedirs(build_dir, exist_ok=True)
     if needs_build(build_dir):
         logger.warning(
-            "aplot_kernels: compiling the native extension%s from %s into %s (once per checkout and environment; "
-            "about a minute)",
+            "aplot_kernels: compiling the native extension%s from %s into %s (once per checkout and environment; about a minute)",
             " with CUDA kernels" if with_cuda else "",
             csrc_dir,
             build_dir,

@@ -30,8 +30,7 @@ def _cosine_cost_fake(x, y, eps):
     return x.new_empty((x.shape[0], x.shape[1], y.shape[1]), dtype=_compute_dtype(x, y))
 
 
-def _aplot_cost_fake(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, sim_weight,
-                     sim_offset):
+def _aplot_cost_fake(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, sim_weight, sim_offset):
     dtype = _compute_dtype(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
     return chosen_emb.new_empty((chosen_emb.shape[0], chosen_emb.shape[1], rejected_emb.shape[1]), dtype=dtype)
 
@@ -41,8 +40,12 @@ def _sinkhorn_solve_fake(C, a, b, eps, n_iters, tol, check_every):
     dtype = _compute_dtype(C)
     new = C.new_empty
     return (
-        new((batch, n, m), dtype=dtype), new((batch, n), dtype=dtype), new((batch, m), dtype=dtype),
-        new((batch,), dtype=dtype), new((batch,), dtype=dtype), new((batch,), dtype=torch.int64),
+        new((batch, n, m), dtype=dtype),
+        new((batch, n), dtype=dtype),
+        new((batch, m), dtype=dtype),
+        new((batch,), dtype=dtype),
+        new((batch,), dtype=dtype),
+        new((batch,), dtype=torch.int64),
         new((batch,), dtype=dtype),
     )
 

@@ -69,10 +69,19 @@ cosine_cost.register_autograd(_cosine_backward, setup_context=_cosine_setup)
 
 
 @torch.library.custom_op("aplot_kernels::triton_aplot_cost", mutates_args=())
-def aplot_cost(chosen_emb: Tensor, rejected_emb: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, alpha: float,
-               temperature: float, eps: float, similarity: int) -> Tensor:
-    return cost_triton.aplot_cost(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps,
-                                  _SIMILARITY_NAMES[similarity])
+def aplot_cost(
+    chosen_emb: Tensor,
+    rejected_emb: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    alpha: float,
+    temperature: float,
+    eps: float,
+    similarity: int,
+) -> Tensor:
+    return cost_triton.aplot_cost(
+        chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, eps, _SIMILARITY_NAMES[similarity]
+    )
 
 
 @aplot_cost.register_fake
@@ -82,12 +91,19 @@ def _(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, tempera
 
 
 @torch.library.custom_op("aplot_kernels::triton_aplot_cost_backward", mutates_args=())
-def aplot_cost_backward(grad_cost: Tensor, chosen_emb: Tensor, rejected_emb: Tensor, chosen_rewards: Tensor,
-                        rejected_rewards: Tensor, alpha: float, temperature: float, eps: float,
-                        similarity: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def aplot_cost_backward(
+    grad_cost: Tensor,
+    chosen_emb: Tensor,
+    rejected_emb: Tensor,
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    alpha: float,
+    temperature: float,
+    eps: float,
+    similarity: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     inputs = (chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
-    grads = cost_triton_backward.aplot_cost_backward(grad_cost, *inputs, alpha, temperature, eps,
-                                                     _SIMILARITY_NAMES[similarity])
+    grads = cost_triton_backward.aplot_cost_backward(grad_cost, *inputs, alpha, temperature, eps, _SIMILARITY_NAMES[similarity])
     return tuple(g.to(t.dtype) for g, t in zip(grads, inputs))
 
 
@@ -110,8 +126,9 @@ aplot_cost.register_autograd(_aplot_backward, setup_context=_aplot_setup)
 
 
 @torch.library.custom_op("aplot_kernels::triton_sinkhorn_solve", mutates_args=())
-def sinkhorn_solve(C: Tensor, a: Tensor, b: Tensor, eps: float, n_iters: int, tol: Optional[float],
-                   check_every: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def sinkhorn_solve(
+    C: Tensor, a: Tensor, b: Tensor, eps: float, n_iters: int, tol: Optional[float], check_every: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     out = sinkhorn_triton.solve(C, a, b, eps, n_iters, tol, check_every)
     # custom_op outputs may not alias inputs or each other: copy any that do (none in practice).
     return tuple(out)
@@ -122,8 +139,15 @@ def _(C, a, b, eps, n_iters, tol, check_every):
     batch, n, m = C.shape
     new = C.new_empty
     f32 = torch.float32
-    return (new((batch, n, m), dtype=f32), new((batch, n), dtype=f32), new((batch, m), dtype=f32),
-            new((batch,), dtype=f32), new((batch,), dtype=f32), new((batch,), dtype=torch.int64), new((batch,), dtype=f32))
+    return (
+        new((batch, n, m), dtype=f32),
+        new((batch, n), dtype=f32),
+        new((batch, m), dtype=f32),
+        new((batch,), dtype=f32),
+        new((batch,), dtype=f32),
+        new((batch,), dtype=torch.int64),
+        new((batch,), dtype=f32),
+    )
 
 
 @torch.library.custom_op("aplot_kernels::triton_sinkhorn_row_costs", mutates_args=())
@@ -137,15 +161,36 @@ def _(C, a, b, eps, n_iters):
 
 
 @torch.library.custom_op("aplot_kernels::triton_aplot_margin", mutates_args=())
-def aplot_margin(chosen_rewards: Tensor, rejected_rewards: Tensor, chosen_emb: Tensor, rejected_emb: Tensor, alpha: float,
-                 temperature: float, norm_eps: float, eps: float, n_iters: int, scale: float, similarity: int) -> Tensor:
-    return margin_triton.aplot_margin(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature,
-                                      norm_eps, eps, n_iters, scale, similarity=_SIMILARITY_NAMES[similarity])
+def aplot_margin(
+    chosen_rewards: Tensor,
+    rejected_rewards: Tensor,
+    chosen_emb: Tensor,
+    rejected_emb: Tensor,
+    alpha: float,
+    temperature: float,
+    norm_eps: float,
+    eps: float,
+    n_iters: int,
+    scale: float,
+    similarity: int,
+) -> Tensor:
+    return margin_triton.aplot_margin(
+        chosen_rewards,
+        rejected_rewards,
+        chosen_emb,
+        rejected_emb,
+        alpha,
+        temperature,
+        norm_eps,
+        eps,
+        n_iters,
+        scale,
+        similarity=_SIMILARITY_NAMES[similarity],
+    )
 
 
 @aplot_margin.register_fake
-def _(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, norm_eps, eps, n_iters, scale,
-      similarity):
+def _(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, norm_eps, eps, n_iters, scale, similarity):
     return chosen_emb.new_empty((chosen_emb.shape[0],), dtype=torch.float32)
 
 

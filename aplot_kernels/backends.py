@@ -134,7 +134,9 @@ def _decide(backend: str, device: torch.device, dtype: torch.dtype, needs_refere
         if ok:
             return "native"
         if device.type == "cpu":
-            _warn_once("native-cpu", f"aplot_kernels: the native CPU extension is unavailable ({why}); using the PyTorch reference")
+            _warn_once(
+                "native-cpu", f"aplot_kernels: the native CPU extension is unavailable ({why}); using the PyTorch reference"
+            )
         return "torch"
     if needs_reference:
         raise ValueError(f"grad='unrolled' differentiates through the iterations and needs backend='torch', got {backend!r}")
@@ -143,7 +145,9 @@ def _decide(backend: str, device: torch.device, dtype: torch.dtype, needs_refere
         if not ok:
             raise BackendUnavailableError(f"backend='triton' is not available: {why}")
         if dtype == torch.float64:
-            raise ValueError("backend='triton' computes float16/bfloat16/float32 inputs; use backend='torch' or 'native' for float64")
+            raise ValueError(
+                "backend='triton' computes float16/bfloat16/float32 inputs; use backend='torch' or 'native' for float64"
+            )
         return "triton"
     ok, why = native_status(device)
     if not ok:

@@ -51,7 +51,13 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "is_distributed", "rank_and_world_size", "gather_rows", "gather_responses", "mean_over_ranks", "PairBank", "Responses",
+    "is_distributed",
+    "rank_and_world_size",
+    "gather_rows",
+    "gather_responses",
+    "mean_over_ranks",
+    "PairBank",
+    "Responses",
 ]
 
 
@@ -192,7 +198,7 @@ def concat_responses(parts: List[Responses]) -> Responses:
                 f"(call reset_bank() when the embedding model changes)"
             )
     paired = lambda t, p: t[: p.n_pairs]  # noqa: E731
-    extra = lambda t, p: t[p.n_pairs:]  # noqa: E731
+    extra = lambda t, p: t[p.n_pairs :]  # noqa: E731
     return Responses(
         _cat([p.chosen_rewards for p in parts]),
         _cat([p.chosen_emb for p in parts]),
@@ -247,7 +253,8 @@ def gather_responses(local: Responses, *, differentiable: bool, group):
     extra_rewards, _, extra_sizes = gather_rows(local.rejected_rewards[n:], differentiable=differentiable, group=group)
     extra_emb = gather(local.rejected_emb[n:], extra_sizes)
     gathered = Responses(
-        chosen_rewards, chosen_emb,
+        chosen_rewards,
+        chosen_emb,
         torch.cat([paired_rewards, extra_rewards]) if extra_rewards.shape[0] else paired_rewards,
         torch.cat([paired_emb, extra_emb]) if extra_emb.shape[0] else paired_emb,
     )

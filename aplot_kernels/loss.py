@@ -107,7 +107,14 @@ def _warn_single_pair() -> None:
 
 
 def _aplot_loss(
-    chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, reduction, margin_kwargs, need_plan=True,
+    chosen_rewards,
+    rejected_rewards,
+    chosen_emb,
+    rejected_emb,
+    margin,
+    reduction,
+    margin_kwargs,
+    need_plan=True,
 ) -> APLOTOutput:
     """The loss and, with ``need_plan``, the margins, plan and cost for logging (else plan and cost may be ``None``)."""
     with _checks.one_sync():
@@ -115,9 +122,7 @@ def _aplot_loss(
         n = chosen_rewards.shape[0]
         margin = _check_margin(margin, n, chosen_rewards)
     _checks.choice("reduction", reduction, REDUCTIONS)
-    options = dict(
-        alpha=0.9, temperature=1.0, similarity="unit", eps=0.1, n_iters=50, scale=1.0, detach=True, backend="auto"
-    )
+    options = dict(alpha=0.9, temperature=1.0, similarity="unit", eps=0.1, n_iters=50, scale=1.0, detach=True, backend="auto")
     unknown = set(margin_kwargs) - set(options)
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; aplot_margin takes {sorted(options)}")
@@ -252,13 +257,25 @@ class APLOTLoss(torch.nn.Module):
 
     def margin_options(self) -> dict:
         return dict(
-            alpha=self.alpha, temperature=self.temperature, similarity=self.similarity, eps=self.eps, n_iters=self.n_iters,
-            scale=self.scale, detach=self.detach, backend=self.backend,
+            alpha=self.alpha,
+            temperature=self.temperature,
+            similarity=self.similarity,
+            eps=self.eps,
+            n_iters=self.n_iters,
+            scale=self.scale,
+            detach=self.detach,
+            backend=self.backend,
         )
 
     @autocast_off
     def forward(
-        self, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin=None, return_outputs: bool = False,
+        self,
+        chosen_rewards,
+        rejected_rewards,
+        chosen_emb,
+        rejected_emb,
+        margin=None,
+        return_outputs: bool = False,
         with_plan: bool = True,
     ):
         """The loss; with ``return_outputs``, an :class:`APLOTOutput`.
@@ -279,7 +296,13 @@ class APLOTLoss(torch.nn.Module):
         else:
             self.local_offset = 0
             out = _aplot_loss(
-                chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, self.reduction, self.margin_options(),
+                chosen_rewards,
+                rejected_rewards,
+                chosen_emb,
+                rejected_emb,
+                margin,
+                self.reduction,
+                self.margin_options(),
                 need_plan=need_plan,
             )
         if return_outputs and not with_plan:
@@ -292,7 +315,13 @@ class APLOTLoss(torch.nn.Module):
 
 
 def _widened_aplot_loss(
-    module: APLOTLoss, chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, margin, need_plan=True,
+    module: APLOTLoss,
+    chosen_rewards,
+    rejected_rewards,
+    chosen_emb,
+    rejected_emb,
+    margin,
+    need_plan=True,
 ) -> APLOTOutput:
     """:class:`APLOTLoss` with responses of other ranks and/or earlier micro-steps in the OT problem.
 
@@ -321,11 +350,13 @@ def _widened_aplot_loss(
         _warn_single_pair()
         return APLOTOutput(_bt_loss(chosen_rewards, rejected_rewards[:n], margin, module.reduction), None, None, None)
     margins, plan, cost = margin_and_plan(
-        problem.chosen_rewards, problem.rejected_rewards, problem.chosen_emb, problem.rejected_emb, **options,
+        problem.chosen_rewards,
+        problem.rejected_rewards,
+        problem.chosen_emb,
+        problem.rejected_emb,
+        **options,
         need_plan=need_plan,
     )
-    local = margins[offset: offset + n]
+    local = margins[offset : offset + n]
     total = local if margin is None else local + margin
     return APLOTOutput(_bt_loss(chosen_rewards, rejected_rewards[:n], total, module.reduction), local, plan, cost)
-
-

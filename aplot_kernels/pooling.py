@@ -264,8 +264,9 @@ def join_pairs(chosen: torch.Tensor, rejected: torch.Tensor, layout: str = "stac
     """Inverse of :func:`split_pairs`: ``(chosen [n, ...], rejected [n, ...]) -> [2n, ...]``."""
     _checks.choice("layout", layout, LAYOUTS)
     if chosen.shape != rejected.shape:
-        raise ValueError(f"`chosen` and `rejected` must have the same shape, got {tuple(chosen.shape)} and {tuple(rejected.shape)}")
+        raise ValueError(
+            f"`chosen` and `rejected` must have the same shape, got {tuple(chosen.shape)} and {tuple(rejected.shape)}"
+        )
     if layout == "stacked":
         return torch.cat([chosen, rejected])
     return torch.stack([chosen, rejected], dim=1).flatten(0, 1)
-

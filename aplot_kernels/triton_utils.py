@@ -32,4 +32,3 @@ def block_size(extent: int, *, lo: int = 1, hi: int) -> int:
 def num_warps_for(elements: int, *, per_thread: int = 64) -> int:
     """Warps (4 to 16) for a program holding ``elements`` fp32 values, about ``per_thread`` per thread."""
     return block_size(cdiv(int(elements), per_thread * 32), lo=4, hi=16)
-

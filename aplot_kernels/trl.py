@@ -52,9 +52,7 @@ from .pooling import capture_head_input, pad_token_id_of
 
 __all__ = ["APLOTRewardConfig", "APLOTRewardTrainer", "APLOT_OPTION_NAMES"]
 
-APLOT_OPTION_NAMES = tuple(
-    name for name in inspect.signature(APLOTLoss.__init__).parameters if name not in ("self", "reduction")
-)
+APLOT_OPTION_NAMES = tuple(name for name in inspect.signature(APLOTLoss.__init__).parameters if name not in ("self", "reduction"))
 
 
 @dataclasses.dataclass
@@ -66,8 +64,9 @@ class APLOTRewardConfig(_trl.RewardConfig):
 
     aplot_alpha: float = dataclasses.field(
         default=0.9,
-        metadata={"help": "APLOT: weight of the reward-gap term of the cost (1 - alpha weighs the embedding "
-                          "similarity), in [0, 1]."},
+        metadata={
+            "help": "APLOT: weight of the reward-gap term of the cost (1 - alpha weighs the embedding similarity), in [0, 1]."
+        },
     )
     aplot_temperature: float = dataclasses.field(
         default=1.0, metadata={"help": "APLOT: temperature of the reward gap in the cost (> 0)."}
@@ -90,15 +89,19 @@ class APLOTRewardConfig(_trl.RewardConfig):
     )
     aplot_bank: bool = dataclasses.field(
         default=False,
-        metadata={"help": "APLOT: one OT problem over the micro-steps of each effective batch so far "
-                          "(bank of gradient_accumulation_steps - 1 micro-steps, emptied at every optimizer step)."},
+        metadata={
+            "help": "APLOT: one OT problem over the micro-steps of each effective batch so far "
+            "(bank of gradient_accumulation_steps - 1 micro-steps, emptied at every optimizer step)."
+        },
     )
 
     def __post_init__(self):
         super().__post_init__()
         if self.aplot_bank and self.gradient_accumulation_steps < 2:
-            raise ValueError("`aplot_bank` needs `gradient_accumulation_steps` >= 2 (the bank holds the earlier "
-                             f"micro-steps of an effective batch), got {self.gradient_accumulation_steps}")
+            raise ValueError(
+                "`aplot_bank` needs `gradient_accumulation_steps` >= 2 (the bank holds the earlier "
+                f"micro-steps of an effective batch), got {self.gradient_accumulation_steps}"
+            )
         try:
             APLOTLoss(**self.aplot_loss_kwargs())
         except (TypeError, ValueError) as exc:  # name the config field, not the APLOTLoss argument
@@ -117,10 +120,16 @@ class APLOTRewardConfig(_trl.RewardConfig):
 
 # APLOTLoss argument -> APLOTRewardConfig field.
 _CONFIG_FIELDS = {
-    "alpha": "aplot_alpha", "temperature": "aplot_temperature", "similarity": "aplot_similarity", "eps": "aplot_eps",
+    "alpha": "aplot_alpha",
+    "temperature": "aplot_temperature",
+    "similarity": "aplot_similarity",
+    "eps": "aplot_eps",
     "n_iters": "aplot_n_iters",
-    "scale": "aplot_scale", "detach": "aplot_detach", "backend": "aplot_backend",
-    "gather_across_devices": "aplot_gather", "bank_size": "aplot_bank",
+    "scale": "aplot_scale",
+    "detach": "aplot_detach",
+    "backend": "aplot_backend",
+    "gather_across_devices": "aplot_gather",
+    "bank_size": "aplot_bank",
 }
 
 
@@ -184,8 +193,13 @@ class APLOTRewardTrainer(_trl.RewardTrainer):
             self.aplot_loss.reset_bank()
             self._bank_step = self.state.global_step
         result = self.aplot_loss(
-            rewards_chosen, rewards_rejected, emb_chosen, emb_rejected,
-            margin=None if margin is None else margin.to(rewards_chosen.dtype), return_outputs=True, with_plan=False,
+            rewards_chosen,
+            rewards_rejected,
+            emb_chosen,
+            emb_rejected,
+            margin=None if margin is None else margin.to(rewards_chosen.dtype),
+            return_outputs=True,
+            with_plan=False,
         )
         loss = result.loss
 

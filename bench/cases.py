@@ -130,7 +130,8 @@ CPU_TARGETS = [
 def is_cpu_target(case: "Case") -> bool:
     return any(
         (case.op, case.B, case.N, case.M, case.D) == (op, B, N, M, D)
-        and case.eps_override == o.get("eps_override") and case.iters_override == o.get("iters_override")
+        and case.eps_override == o.get("eps_override")
+        and case.iters_override == o.get("iters_override")
         for op, B, N, M, D, o in CPU_TARGETS
     )
 
@@ -258,12 +259,22 @@ def reference(case: Case, inp: Dict[str, torch.Tensor]) -> Reference:
     if case.op == "cosine_cost":
         return Reference(ak.cosine_cost(x64["x"], x64["y"], backend="torch"))
     if case.op == "aplot_cost":
-        return Reference(ak.aplot_cost(x64["x"], x64["y"], x64["rc"], x64["rr"], alpha=ALPHA, temperature=TEMPERATURE, backend="torch"))
+        return Reference(
+            ak.aplot_cost(x64["x"], x64["y"], x64["rc"], x64["rr"], alpha=ALPHA, temperature=TEMPERATURE, backend="torch")
+        )
     if case.op == "sinkhorn_fixed":
         res = ak.sinkhorn(x64["C"], eps=case.eps, n_iters=case.n_iters, grad="none", backend="torch")
         return Reference(res.plan, res.plan)
     if case.op == "sinkhorn_tol":
-        res = ak.sinkhorn(x64["C"], eps=case.eps, n_iters=REFERENCE_CAP, tol=REFERENCE_TOL, check_every=CHECK_EVERY, grad="none", backend="torch")
+        res = ak.sinkhorn(
+            x64["C"],
+            eps=case.eps,
+            n_iters=REFERENCE_CAP,
+            tol=REFERENCE_TOL,
+            check_every=CHECK_EVERY,
+            grad="none",
+            backend="torch",
+        )
         return Reference(res.plan, res.plan)
     if case.op == "aplot_margin":
         out = ak.APLOTLoss(backend="torch")(x64["rc"], x64["rr"], x64["x"], x64["y"], return_outputs=True)

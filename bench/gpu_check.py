@@ -68,8 +68,20 @@ from pathlib import Path
 _ROOT = Path(__file__).resolve().parent.parent
 
 FIELDS = [
-    "case", "impl", "shape", "dtype", "n_iters", "median_ms", "min_ms", "repeats",
-    "plan_rel_err_vs_torch64", "note", "device", "torch", "triton", "pot",
+    "case",
+    "impl",
+    "shape",
+    "dtype",
+    "n_iters",
+    "median_ms",
+    "min_ms",
+    "repeats",
+    "plan_rel_err_vs_torch64",
+    "note",
+    "device",
+    "torch",
+    "triton",
+    "pot",
 ]
 
 
@@ -130,8 +142,12 @@ class Runner:
         self.cooperative_ok = os.environ.get("APLOT_TEST_SKIP_COOPERATIVE") != "1"
 
         self.meta = dict(
-            device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)",
-            torch=torch.__version__, triton=triton.__version__, pot=self.pot_version,
+            device=torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)",
+            torch=torch.__version__,
+            triton=triton.__version__,
+            pot=self.pot_version,
         )
 
     # -- timing ---------------------------------------------------------------
@@ -172,37 +188,81 @@ class Runner:
             n, err = 0, ""
             note = (note + "; " if note else "") + f"failed: {type(exc).__name__}: {str(exc)[:200]}"
         print(f" median {median:10.3f} ms  min {best:10.3f} ms  {err} {note}")
-        self.rows.append(dict(
-            case=case, impl=impl, shape=shape, dtype=str(dtype).replace("torch.", ""), n_iters=n_iters,
-            median_ms=f"{median:.4f}", min_ms=f"{best:.4f}", repeats=n, plan_rel_err_vs_torch64=err, note=note, **self.meta,
-        ))
+        self.rows.append(
+            dict(
+                case=case,
+                impl=impl,
+                shape=shape,
+                dtype=str(dtype).replace("torch.", ""),
+                n_iters=n_iters,
+                median_ms=f"{median:.4f}",
+                min_ms=f"{best:.4f}",
+                repeats=n,
+                plan_rel_err_vs_torch64=err,
+                note=note,
+                **self.meta,
+            )
+        )
         self.write()  # after every row: a run stopped by its time limit keeps what it measured
 
     def skip(self, case, impl, shape, dtype, n_iters, note):
         print(f"  {case:15s} {impl:28s} skipped: {note}")
-        self.rows.append(dict(
-            case=case, impl=impl, shape=shape, dtype=str(dtype).replace("torch.", ""), n_iters=n_iters,
-            median_ms="", min_ms="", repeats=0, plan_rel_err_vs_torch64="", note=note, **self.meta,
-        ))
+        self.rows.append(
+            dict(
+                case=case,
+                impl=impl,
+                shape=shape,
+                dtype=str(dtype).replace("torch.", ""),
+                n_iters=n_iters,
+                median_ms="",
+                min_ms="",
+                repeats=0,
+                plan_rel_err_vs_torch64="",
+                note=note,
+                **self.meta,
+            )
+        )
         self.write()
 
     # -- cases ----------------------------------------------------------------
 
     def run_all(self):
-        print(f"gpu_check on {self.meta['device']}: torch {self.meta['torch']}, triton {self.meta['triton']}, POT {self.pot_version or '-'}")
+        print(
+            f"gpu_check on {self.meta['device']}: torch {self.meta['torch']}, triton {self.meta['triton']}, POT {self.pot_version or '-'}"
+        )
         if self.dry:
-            self.sinkhorn_case("sinkhorn_small", batch=2, n=16, m=16, n_iters=5, strategies=("fused", "fused-scaling", "streamed", "tiled", "cooperative"))
+            self.sinkhorn_case(
+                "sinkhorn_small",
+                batch=2,
+                n=16,
+                m=16,
+                n_iters=5,
+                strategies=("fused", "fused-scaling", "streamed", "tiled", "cooperative"),
+            )
             self.margin_case(n=16, d=32, n_iters=5)
             self.sinkhorn_case("sinkhorn_large", batch=1, n=40, m=24, n_iters=3, strategies=("tiled", "onepass"), pot_loop=False)
         else:
-            self.sinkhorn_case("sinkhorn_small", batch=64, n=128, m=128, n_iters=50,
-                              strategies=("fused", "fused-scaling", "streamed", "tiled", "auto")
-                              + (("cooperative",) if self.cooperative_ok else ()))
+            self.sinkhorn_case(
+                "sinkhorn_small",
+                batch=64,
+                n=128,
+                m=128,
+                n_iters=50,
+                strategies=("fused", "fused-scaling", "streamed", "tiled", "auto")
+                + (("cooperative",) if self.cooperative_ok else ()),
+            )
             self.margin_case(n=512, d=4096, n_iters=50)
             self.margin_case(n=128, d=4096, n_iters=50)  # fused into one kernel
             self.margin_case(n=32, d=4096, n_iters=50)
-            self.sinkhorn_case("sinkhorn_large", batch=4, n=4096, m=4096, n_iters=50, repeats=5,
-                               strategies=("tiled", "onepass") + (("cooperative",) if self.cooperative_ok else ()))
+            self.sinkhorn_case(
+                "sinkhorn_large",
+                batch=4,
+                n=4096,
+                m=4096,
+                n_iters=50,
+                repeats=5,
+                strategies=("tiled", "onepass") + (("cooperative",) if self.cooperative_ok else ()),
+            )
             self.strategy_sweep()
         try:
             self.summary()
@@ -227,14 +287,31 @@ class Runner:
 
         C, a = problem(64, 128)
         for warps in (4, 8, 16, 32):
-            for name, launch in (("triton-fused", fused.solve_fused), ("triton-fused-scaling", fused_scaling.solve_fused_scaling)):
-                self.add("fused_warps", f"{name} num_warps={warps}", "B=64 N=128 M=128", torch.float32, 50,
-                         lambda w=warps, f=launch: f(C, a, a, 0.1, 50, None, 10, True, num_warps=w), repeats=5)
+            for name, launch in (
+                ("triton-fused", fused.solve_fused),
+                ("triton-fused-scaling", fused_scaling.solve_fused_scaling),
+            ):
+                self.add(
+                    "fused_warps",
+                    f"{name} num_warps={warps}",
+                    "B=64 N=128 M=128",
+                    torch.float32,
+                    50,
+                    lambda w=warps, f=launch: f(C, a, a, 0.1, 50, None, 10, True, num_warps=w),
+                    repeats=5,
+                )
         # Per-iteration cost: K=1 and K=101 at the default warps (the difference / 100 is one iteration).
         for n_iters in (1, 101):
             for strategy in ("fused", "fused-scaling"):
-                self.add("fused_iteration", f"triton-{strategy}", "B=64 N=128 M=128", torch.float32, n_iters,
-                         lambda k=n_iters, s=strategy: solve(C, a, a, 0.1, k, None, 10, strategy=s), repeats=5)
+                self.add(
+                    "fused_iteration",
+                    f"triton-{strategy}",
+                    "B=64 N=128 M=128",
+                    torch.float32,
+                    n_iters,
+                    lambda k=n_iters, s=strategy: solve(C, a, a, 0.1, k, None, 10, strategy=s),
+                    repeats=5,
+                )
         for batch, n in ((64, 64), (64, 256), (16, 512), (1, 512), (8, 1024), (1, 1024), (1, 2048)):
             C, a = problem(batch, n)
             shape = f"B={batch} N={n} M={n}"
@@ -259,45 +336,71 @@ class Runner:
 
     def summary(self):
         """The issue's three GPU targets, read off the rows above (printed last)."""
+
         def median(case, impl, shape=None):
             for row in self.rows:
-                if row["case"] == case and row["impl"] == impl and row["median_ms"] not in ("", "nan") \
-                        and shape in (None, row["shape"]):
+                if (
+                    row["case"] == case
+                    and row["impl"] == impl
+                    and row["median_ms"] not in ("", "nan")
+                    and shape in (None, row["shape"])
+                ):
                     return float(row["median_ms"])
             return math.nan
 
         lines = ["", "== targets (medians of this run)"]
         pot = median("sinkhorn_small", "POT solve_batch log_sinkhorn")
         ref = median("sinkhorn_small", "torch reference (fp32)")
-        for impl in ("sinkhorn(backend='triton')", "triton-auto", "triton-fused", "triton-fused-scaling", "triton-streamed",
-                     "triton-cooperative", "native (CUDA)"):
+        for impl in (
+            "sinkhorn(backend='triton')",
+            "triton-auto",
+            "triton-fused",
+            "triton-fused-scaling",
+            "triton-streamed",
+            "triton-cooperative",
+            "native (CUDA)",
+        ):
             ours = median("sinkhorn_small", impl)
-            lines.append(f"B=64 N=M=128 K=50 {impl:16s} {ours * 1e3:9.1f} us: {pot / ours:7.1f}x POT solve_batch "
-                         f"(target 100x), {ref / ours:6.1f}x torch reference (target 20x)")
+            lines.append(
+                f"B=64 N=M=128 K=50 {impl:16s} {ours * 1e3:9.1f} us: {pot / ours:7.1f}x POT solve_batch "
+                f"(target 100x), {ref / ours:6.1f}x torch reference (target 20x)"
+            )
         for impl in ("triton aplot_margin", "native aplot_margin", "triton cost + cooperative row-cost solve"):
-            lines.append(f"aplot_margin n=512 D=4096 bf16 {impl:20s} "
-                         f"{median('aplot_margin', impl, 'n=512 D=4096') * 1e3:9.1f} us (target <= 150 us)")
+            lines.append(
+                f"aplot_margin n=512 D=4096 bf16 {impl:20s} "
+                f"{median('aplot_margin', impl, 'n=512 D=4096') * 1e3:9.1f} us (target <= 150 us)"
+            )
         for n in (128, 32):
             fused = median("aplot_margin", "triton aplot_margin", f"n={n} D=4096")
             unfused = median("aplot_margin", "triton cost + row-cost solve (unfused)", f"n={n} D=4096")
             scaling = median("aplot_margin", "triton fused margin, scaling domain", f"n={n} D=4096")
             direct = median("aplot_margin", "triton fused margin kernel (direct)", f"n={n} D=4096")
             unchecked = median("aplot_margin", "triton aplot_margin, value checks off", f"n={n} D=4096")
-            lines.append(f"aplot_margin n={n} D=4096 bf16 fused kernel {fused * 1e3:9.1f} us, scaling domain "
-                         f"{scaling * 1e3:9.1f} us, cost kernel + solve {unfused * 1e3:9.1f} us")
-            lines.append(f"aplot_margin n={n} D=4096 bf16 host work: public call {fused * 1e3:9.1f} us, value checks off "
-                         f"{unchecked * 1e3:9.1f} us, kernel entry alone {direct * 1e3:9.1f} us")
+            lines.append(
+                f"aplot_margin n={n} D=4096 bf16 fused kernel {fused * 1e3:9.1f} us, scaling domain "
+                f"{scaling * 1e3:9.1f} us, cost kernel + solve {unfused * 1e3:9.1f} us"
+            )
+            lines.append(
+                f"aplot_margin n={n} D=4096 bf16 host work: public call {fused * 1e3:9.1f} us, value checks off "
+                f"{unchecked * 1e3:9.1f} us, kernel entry alone {direct * 1e3:9.1f} us"
+            )
         large = median("sinkhorn_large", "triton-tiled")
         streamed_floor, exp_floor = _large_floors(self.torch, 4, 4096, 4096, 50)
-        lines.append(f"B=4 N=M=4096 K=50 triton-tiled {large:.2f} ms: {large / streamed_floor:.2f}x the streaming floor "
-                     f"({streamed_floor:.2f} ms, C read twice per iteration), {large / exp_floor:.2f}x the exp floor "
-                     f"({exp_floor:.2f} ms) (target 2x)")
-        lines.append(f"B=4 N=M=4096 K=50 native (CUDA) {median('sinkhorn_large', 'native (CUDA)'):.2f} ms, "
-                     f"triton-cooperative {median('sinkhorn_large', 'triton-cooperative'):.2f} ms")
+        lines.append(
+            f"B=4 N=M=4096 K=50 triton-tiled {large:.2f} ms: {large / streamed_floor:.2f}x the streaming floor "
+            f"({streamed_floor:.2f} ms, C read twice per iteration), {large / exp_floor:.2f}x the exp floor "
+            f"({exp_floor:.2f} ms) (target 2x)"
+        )
+        lines.append(
+            f"B=4 N=M=4096 K=50 native (CUDA) {median('sinkhorn_large', 'native (CUDA)'):.2f} ms, "
+            f"triton-cooperative {median('sinkhorn_large', 'triton-cooperative'):.2f} ms"
+        )
         onepass = median("sinkhorn_large", "triton-onepass")
         one_read = streamed_floor / 2
-        lines.append(f"B=4 N=M=4096 K=50 triton-onepass {onepass:.2f} ms: {onepass / one_read:.2f}x the floor of one read "
-                     f"of C per iteration ({one_read:.2f} ms), {onepass / exp_floor:.2f}x the exp floor")
+        lines.append(
+            f"B=4 N=M=4096 K=50 triton-onepass {onepass:.2f} ms: {onepass / one_read:.2f}x the floor of one read "
+            f"of C per iteration ({one_read:.2f} ms), {onepass / exp_floor:.2f}x the exp floor"
+        )
         print("\n".join(lines))
 
     def sinkhorn_case(self, case, *, batch, n, m, n_iters, strategies, pot_loop=True, repeats=None, eps=0.1):
@@ -313,27 +416,54 @@ class Runner:
         with torch.no_grad():
             ref64 = reference.solve(C.double(), a.double(), b.double(), eps, n_iters, None, 10).plan
         for strategy in strategies:
+
             def run(s=strategy):
                 return triton_sinkhorn.solve(C, a, b, eps, n_iters, None, 10, strategy=s)
 
-            self.add(case, f"triton-{strategy}", shape, dtype, n_iters, run, reference_plan=ref64,
-                     plan_of=lambda r=run: r().plan, repeats=repeats)
+            self.add(
+                case,
+                f"triton-{strategy}",
+                shape,
+                dtype,
+                n_iters,
+                run,
+                reference_plan=ref64,
+                plan_of=lambda r=run: r().plan,
+                repeats=repeats,
+            )
         # The public entry point: the same kernels plus argument checks (one host synchronisation).
         import aplot_kernels
 
-        self.add(case, "sinkhorn(backend='triton')", shape, dtype, n_iters,
-                 lambda: aplot_kernels.sinkhorn(C, eps=eps, n_iters=n_iters, grad="none", backend="triton"),
-                 repeats=repeats, note="public API: checks included")
+        self.add(
+            case,
+            "sinkhorn(backend='triton')",
+            shape,
+            dtype,
+            n_iters,
+            lambda: aplot_kernels.sinkhorn(C, eps=eps, n_iters=n_iters, grad="none", backend="triton"),
+            repeats=repeats,
+            note="public API: checks included",
+        )
         if self.native_ok:
             from aplot_kernels.sinkhorn import native
 
             def run_native():
                 return native.solve(C, a, b, eps, n_iters, None, 10)
 
-            self.add(case, "native (CUDA)", shape, dtype, n_iters, run_native, reference_plan=ref64,
-                     plan_of=lambda: run_native().plan, repeats=repeats)
+            self.add(
+                case,
+                "native (CUDA)",
+                shape,
+                dtype,
+                n_iters,
+                run_native,
+                reference_plan=ref64,
+                plan_of=lambda: run_native().plan,
+                repeats=repeats,
+            )
         else:
             self.skip(case, "native (CUDA)", shape, dtype, n_iters, self.native_why)
+
         # Tolerance mode: device-side stop flags, no host sync in the loop (tol reached well before the cap).
         def tol_run():
             return triton_sinkhorn.solve(C, a, b, eps, n_iters, 1e-6, 10)
@@ -343,25 +473,55 @@ class Runner:
         except Exception as exc:  # recorded by add() as a failed row
             tol_note = f"({type(exc).__name__})"
         self.add(case, "triton-auto tol=1e-6 every 10", shape, dtype, n_iters, tol_run, repeats=repeats, note=tol_note)
-        self.add(case, "torch reference (fp32)", shape, dtype, n_iters,
-                 lambda: reference.solve(C, a, b, eps, n_iters, None, 10), reference_plan=ref64,
-                 plan_of=lambda: reference.solve(C, a, b, eps, n_iters, None, 10).plan, repeats=repeats)
+        self.add(
+            case,
+            "torch reference (fp32)",
+            shape,
+            dtype,
+            n_iters,
+            lambda: reference.solve(C, a, b, eps, n_iters, None, 10),
+            reference_plan=ref64,
+            plan_of=lambda: reference.solve(C, a, b, eps, n_iters, None, 10).plan,
+            repeats=repeats,
+        )
         if self.ot is None:
             self.skip(case, "POT", shape, dtype, n_iters, self.pot_note)
             return
         ot = self.ot
+
         def batch_solve():
             return ot.batch.solve_batch(C, eps, a=a, b=b, max_iter=n_iters, tol=0.0, method="log_sinkhorn")
 
-        self.add(case, "POT solve_batch log_sinkhorn", shape, dtype, n_iters, batch_solve, repeats=repeats,
-                 note="row update first: same iteration count, not the same iterates")
+        self.add(
+            case,
+            "POT solve_batch log_sinkhorn",
+            shape,
+            dtype,
+            n_iters,
+            batch_solve,
+            repeats=repeats,
+            note="row update first: same iteration count, not the same iterates",
+        )
         if pot_loop:
-            def loop():
-                return [ot.sinkhorn(a[i], b[i], C[i], eps, method="sinkhorn_log", numItermax=n_iters, stopThr=0.0) for i in range(batch)]
 
-            self.add(case, "POT sinkhorn_log (loop)", shape, dtype, n_iters, loop, reference_plan=ref64,
-                     plan_of=lambda: torch.stack(loop()), repeats=min(repeats or self.repeats, 3),
-                     note=f"one ot.sinkhorn call per problem ({batch} calls)")
+            def loop():
+                return [
+                    ot.sinkhorn(a[i], b[i], C[i], eps, method="sinkhorn_log", numItermax=n_iters, stopThr=0.0)
+                    for i in range(batch)
+                ]
+
+            self.add(
+                case,
+                "POT sinkhorn_log (loop)",
+                shape,
+                dtype,
+                n_iters,
+                loop,
+                reference_plan=ref64,
+                plan_of=lambda: torch.stack(loop()),
+                repeats=min(repeats or self.repeats, 3),
+                note=f"one ot.sinkhorn call per problem ({batch} calls)",
+            )
 
     def margin_case(self, *, n, d, n_iters, eps=0.1):
         torch = self.torch
@@ -380,6 +540,7 @@ class Runner:
             if backend == "native" and not self.native_ok:
                 self.skip(case, "native aplot_margin", shape, dtype, n_iters, self.native_why)
                 continue
+
             def run(be=backend):
                 return aplot_margin(r_c, r_r, emb_c, emb_r, backend=be, **kwargs)
 
@@ -399,7 +560,9 @@ class Runner:
                 cost = cost_kernels.aplot_cost(emb_c[None], emb_r[None], r_c[None], r_r[None], 0.9, 1.0, 1e-8)
                 return n * sinkhorn_kernels.row_transport_costs(cost, uniform, uniform, eps, n_iters, strategy="cooperative")[0]
 
-            note = f"margin rel err vs float64 torch {((cooperative().double() - want).abs().max() / want.abs().max()).item():.2e}"
+            note = (
+                f"margin rel err vs float64 torch {((cooperative().double() - want).abs().max() / want.abs().max()).item():.2e}"
+            )
             self.add(case, "triton cost + cooperative row-cost solve", shape, dtype, n_iters, cooperative, note=note)
         if loss_triton.fits(n, n):
             # What the fused margin kernel replaces: the cost kernel, then the row-cost Sinkhorn.
@@ -415,7 +578,9 @@ class Runner:
             def fused_scaling():
                 return loss_triton.aplot_margin(r_c, r_r, emb_c, emb_r, 0.9, 1.0, 1e-8, eps, n_iters, 1.0, scaling=True)
 
-            note = f"margin rel err vs float64 torch {((fused_scaling().double() - want).abs().max() / want.abs().max()).item():.2e}"
+            note = (
+                f"margin rel err vs float64 torch {((fused_scaling().double() - want).abs().max() / want.abs().max()).item():.2e}"
+            )
             self.add(case, "triton fused margin, scaling domain", shape, dtype, n_iters, fused_scaling, note=note)
 
             # The same kernel without the public call's work (argument checks, their read-back, dispatch),
@@ -435,6 +600,7 @@ class Runner:
         for backend in ("triton", "native", "torch"):
             if backend == "native" and not self.native_ok:
                 continue
+
             def run(be=backend):
                 return aplot_cost(emb_c, emb_r, r_c, r_r, backend=be)
 

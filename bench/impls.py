@@ -93,16 +93,21 @@ def _ours(backend: str, case: Case, inputs) -> Runner:
     if op == "cosine_cost":
         return Runner(inputs, lambda i: ak.cosine_cost(i["x"], i["y"], backend=backend), lambda out, i: Probe(out))
     if op == "aplot_cost":
+
         def call(i):
             return ak.aplot_cost(i["x"], i["y"], i["rc"], i["rr"], alpha=C_.ALPHA, temperature=C_.TEMPERATURE, backend=backend)
 
         return Runner(inputs, call, lambda out, i: Probe(out))
     if op in C_.SINKHORN_OPS:
+
         def call(i):
-            return ak.sinkhorn(i["C"], eps=case.eps, n_iters=case.n_iters, tol=case.tol, check_every=C_.CHECK_EVERY, grad="none", backend=backend)
+            return ak.sinkhorn(
+                i["C"], eps=case.eps, n_iters=case.n_iters, tol=case.tol, check_every=C_.CHECK_EVERY, grad="none", backend=backend
+            )
 
         return Runner(inputs, call, lambda out, i: Probe(out.plan, out.plan, float(out.n_iters.max())))
     if op == "aplot_margin":
+
         def call(i):
             return ak.aplot_margin(i["rc"], i["rr"], i["x"], i["y"], backend=backend)
 
@@ -119,7 +124,9 @@ def _ours(backend: str, case: Case, inputs) -> Runner:
 
         return Runner(inputs, call, lambda out, i: Probe(torch.cat([g.reshape(-1) for g in out])))
     if op in C_.OVERHEAD_OPS:
-        return Runner(inputs, lambda i: ak.aplot_loss(i["rc"], i["rr"], i["x"], i["y"], backend=backend), lambda out, i: Probe(out))
+        return Runner(
+            inputs, lambda i: ak.aplot_loss(i["rc"], i["rr"], i["x"], i["y"], backend=backend), lambda out, i: Probe(out)
+        )
     raise Unavailable(f"no adapter for {op}")
 
 
@@ -172,8 +179,11 @@ def _pot(kind: str, numpy: bool, case: Case, inputs) -> Runner:
 
     if op in C_.SINKHORN_OPS:
         if kind == "batch":
+
             def call(i):
-                res = ot.batch.solve_batch(i["C"], eps, i["a"], i["b"], max_iter=case.n_iters, tol=stop, method="log_sinkhorn", grad="detach")
+                res = ot.batch.solve_batch(
+                    i["C"], eps, i["a"], i["b"], max_iter=case.n_iters, tol=stop, method="log_sinkhorn", grad="detach"
+                )
                 return res.plan, res.log["n_iter"] + 1
 
             return Runner(prepared, call, lambda out, i: Probe(out[0], out[0], float(out[1])))
@@ -197,13 +207,19 @@ def _pot(kind: str, numpy: bool, case: Case, inputs) -> Runner:
             cost = ak.aplot_cost(i["x"], i["y"], i["rc"], i["rr"], alpha=C_.ALPHA, temperature=C_.TEMPERATURE, backend="torch")
             a, b = i["a"][0].to(cost.dtype), i["b"][0].to(cost.dtype)
             if kind == "batch":
-                plan = ot.batch.solve_batch(cost[None], eps, a[None], b[None], max_iter=C_.FIXED_ITERS, tol=0.0, method="log_sinkhorn", grad="detach").plan[0]
+                plan = ot.batch.solve_batch(
+                    cost[None], eps, a[None], b[None], max_iter=C_.FIXED_ITERS, tol=0.0, method="log_sinkhorn", grad="detach"
+                ).plan[0]
             else:
                 plan = ot.sinkhorn(a, b, cost, eps, method="sinkhorn_log", numItermax=C_.FIXED_ITERS, stopThr=0.0)
             return n * (plan * cost).sum(-1), plan
 
-        return Runner(prepared, call, lambda out, i: Probe(out[0], out[1], C_.FIXED_ITERS),
-                      note="cost by aplot_kernels backend=torch, Sinkhorn by POT")
+        return Runner(
+            prepared,
+            call,
+            lambda out, i: Probe(out[0], out[1], C_.FIXED_ITERS),
+            note="cost by aplot_kernels backend=torch, Sinkhorn by POT",
+        )
     raise Unavailable(f"POT {kind} has no {op}")
 
 
@@ -239,7 +255,9 @@ def _geomloss_solver(case: Case):
     from geomloss import SamplesLoss
 
     a, b = C_.uniform_weights(case)
-    loss = SamplesLoss("sinkhorn", p=2, blur=math.sqrt(case.eps), scaling=GEOMLOSS_SCALING, debias=False, potentials=True, backend="tensorized")
+    loss = SamplesLoss(
+        "sinkhorn", p=2, blur=math.sqrt(case.eps), scaling=GEOMLOSS_SCALING, debias=False, potentials=True, backend="tensorized"
+    )
 
     def solve(i):
         f, g = loss(a.to(i["x"].dtype), i["x"], b.to(i["y"].dtype), i["y"])
@@ -250,8 +268,12 @@ def _geomloss_solver(case: Case):
 
 def _geomloss(case: Case, inputs) -> Runner:
     solve = _geomloss_solver(case)
-    return Runner(inputs, solve, lambda plan, i: Probe(plan, plan),
-                  note=f"eps annealing, scaling {GEOMLOSS_SCALING}: stops at its own accuracy (see marginal_err and the ours-*@geomloss-err rows)")
+    return Runner(
+        inputs,
+        solve,
+        lambda plan, i: Probe(plan, plan),
+        note=f"eps annealing, scaling {GEOMLOSS_SCALING}: stops at its own accuracy (see marginal_err and the ours-*@geomloss-err rows)",
+    )
 
 
 _geomloss_reached: Dict[Case, float] = {}  # the current case's GeomLoss marginal error (inputs are seeded per case)
@@ -268,8 +290,12 @@ def _ours_at_geomloss_accuracy(backend: str, case: Case, inputs) -> Runner:
     def call(i):
         return ak.sinkhorn(i["C"], eps=case.eps, n_iters=case.n_iters, tol=tol, check_every=1, grad="none", backend=backend)
 
-    return Runner(inputs, call, lambda out, i: Probe(out.plan, out.plan, float(out.n_iters.max())),
-                  note=f"tol {tol:.3g} = the marginal error GeomLoss reached; checked every iteration")
+    return Runner(
+        inputs,
+        call,
+        lambda out, i: Probe(out.plan, out.plan, float(out.n_iters.max())),
+        note=f"tol {tol:.3g} = the marginal error GeomLoss reached; checked every iteration",
+    )
 
 
 def _flashsinkhorn(case: Case, inputs) -> Runner:
@@ -285,8 +311,16 @@ def _flashsinkhorn(case: Case, inputs) -> Runner:
 
     def solve(threshold, i):
         loss = SamplesLoss(
-            "sinkhorn", backend="alternating", half_cost=True, use_epsilon_scaling=False, eps=case.eps,
-            n_iters=case.n_iters, threshold=threshold, inner_iterations=C_.CHECK_EVERY, debias=False, potentials=True,
+            "sinkhorn",
+            backend="alternating",
+            half_cost=True,
+            use_epsilon_scaling=False,
+            eps=case.eps,
+            n_iters=case.n_iters,
+            threshold=threshold,
+            inner_iterations=C_.CHECK_EVERY,
+            debias=False,
+            potentials=True,
         )
         return loss(a, i["x"], b, i["y"])
 
@@ -314,7 +348,9 @@ def _ott(case: Case, inputs) -> Runner:
 
     threshold = -1.0 if case.tol is None else case.tol  # -1: never converged, runs all iterations
     solver = sinkhorn.Sinkhorn(
-        threshold=threshold, max_iterations=case.n_iters, min_iterations=case.n_iters if case.tol is None else 0,
+        threshold=threshold,
+        max_iterations=case.n_iters,
+        min_iterations=case.n_iters if case.tol is None else 0,
         inner_iterations=C_.CHECK_EVERY if case.n_iters % C_.CHECK_EVERY == 0 else 1,
     )
 
@@ -331,8 +367,12 @@ def _ott(case: Case, inputs) -> Runner:
         plan.block_until_ready()
         return plan, iters
 
-    return Runner(prepared, call, lambda out, i: Probe(np.asarray(out[0]), np.asarray(out[0]), float(np.max(out[1]))),
-                  note=f"jax device {jax.devices()[0].platform}")
+    return Runner(
+        prepared,
+        call,
+        lambda out, i: Probe(np.asarray(out[0]), np.asarray(out[0]), float(np.max(out[1]))),
+        note=f"jax device {jax.devices()[0].platform}",
+    )
 
 
 # ---------------------------------------------------------------- registry
@@ -368,7 +408,15 @@ OP_IMPLS = {
     "cosine_cost": ("pot-dist-torch", "pot-dist-numpy"),
     "aplot_cost": (),
     "sinkhorn_fixed": ("pot-batch-torch", "pot-batch-numpy", "pot-loop-torch", "pot-loop-numpy", "flashsinkhorn", "ott-jax"),
-    "sinkhorn_tol": ("pot-batch-torch", "pot-batch-numpy", "pot-loop-torch", "pot-loop-numpy", "geomloss", "flashsinkhorn", "ott-jax"),
+    "sinkhorn_tol": (
+        "pot-batch-torch",
+        "pot-batch-numpy",
+        "pot-loop-torch",
+        "pot-loop-numpy",
+        "geomloss",
+        "flashsinkhorn",
+        "ott-jax",
+    ),
     "aplot_margin": ("pot-batch-torch", "pot-loop-torch"),
     "aplot_loss_fwd_bwd": ("bt_loss",),
     "aplot_loss_implicit_fwd_bwd": ("bt_loss",),

@@ -80,7 +80,7 @@ def main_loop(sass: str):
         start = label_at.get(target.group(1), end + 1) if target else end + 1
         if start <= end:
             counts = {}
-            for body in instructions[start:end + 1]:
+            for body in instructions[start : end + 1]:
                 opcode = re.match(r"(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", body)
                 if opcode:
                     counts[opcode.group(1)] = counts.get(opcode.group(1), 0) + 1
@@ -105,7 +105,8 @@ def _stats(kernel, arch):
     return dict(
         registers=int(registers.group(1)) if registers else None,
         spill_bytes=f"{spills.group(1)}/{spills.group(2)}" if spills else "?",
-        loop=length, **{op: counts.get(op, 0) for op in COUNTED},
+        loop=length,
+        **{op: counts.get(op, 0) for op in COUNTED},
     )
 
 
@@ -117,24 +118,57 @@ def _cases():
     from aplot_kernels.sinkhorn.triton.experimental import fused_scaling
 
     f32 = "fp32"
-    pointers = dict(c_ptr=f32, a_ptr=f32, b_ptr=f32, plan_ptr=f32, row_cost_ptr=f32, f_ptr=f32, g_ptr=f32, cost_ptr=f32,
-                 reg_ptr=f32, iters_ptr="i64", err_ptr=f32)
+    pointers = dict(
+        c_ptr=f32,
+        a_ptr=f32,
+        b_ptr=f32,
+        plan_ptr=f32,
+        row_cost_ptr=f32,
+        f_ptr=f32,
+        g_ptr=f32,
+        cost_ptr=f32,
+        reg_ptr=f32,
+        iters_ptr="i64",
+        err_ptr=f32,
+    )
     floats = ("eps", "tol", "neg_inv_hi", "neg_inv_lo")
     for block_n, block_m in ((128, 128), (64, 128), (64, 64), (32, 32)):
         warps = num_warps_for(block_n * block_m, per_thread=fused.FUSED_ENTRIES_PER_THREAD)
         for name, kernel in (("fused", fused.fused_kernel), ("fused-scaling", fused_scaling.fused_scaling_kernel)):
-            yield (f"sinkhorn {name} {block_n}x{block_m}", kernel,
-                   pointers, floats, dict(HAS_TOL=False, WRITE_PLAN=True, BLOCK_N=block_n, BLOCK_M=block_m),
-                   ("stride_cm", "stride_an", "stride_bm", "stride_pm"),
-                   ("stride_cb", "stride_cn", "stride_ab", "stride_bb", "stride_pb", "stride_pn"), warps)
+            yield (
+                f"sinkhorn {name} {block_n}x{block_m}",
+                kernel,
+                pointers,
+                floats,
+                dict(HAS_TOL=False, WRITE_PLAN=True, BLOCK_N=block_n, BLOCK_M=block_m),
+                ("stride_cm", "stride_an", "stride_bm", "stride_pm"),
+                ("stride_cb", "stride_cn", "stride_ab", "stride_bb", "stride_pb", "stride_pn"),
+                warps,
+            )
     for emb, ieee, block_d in (("bf16", False, loss_triton.HALF_BLOCK_D), ("fp32", True, loss_triton.FP32_BLOCK_D)):
         warps = num_warps_for(128 * 128, per_thread=fused.FUSED_ENTRIES_PER_THREAD)
-        yield (f"margin {emb} 128x128", loss_triton._aplot_margin_kernel,
-               dict(x_ptr=emb, y_ptr=emb, rx_ptr=emb, ry_ptr=emb, out_ptr=f32),
-               ("alpha", "inv_temperature", "sim_weight", "sim_offset", "norm_eps", "eps", "neg_inv_hi", "neg_inv_lo", "row_weight", "col_weight",
-                "margin_scale"),
-               dict(IEEE_FP32=ieee, SCALING=False, BLOCK_N=128, BLOCK_M=128, BLOCK_D=block_d),
-               ("stride_xd", "stride_yd", "stride_rx", "stride_ry"), ("stride_xn", "stride_ym", "D"), warps)
+        yield (
+            f"margin {emb} 128x128",
+            loss_triton._aplot_margin_kernel,
+            dict(x_ptr=emb, y_ptr=emb, rx_ptr=emb, ry_ptr=emb, out_ptr=f32),
+            (
+                "alpha",
+                "inv_temperature",
+                "sim_weight",
+                "sim_offset",
+                "norm_eps",
+                "eps",
+                "neg_inv_hi",
+                "neg_inv_lo",
+                "row_weight",
+                "col_weight",
+                "margin_scale",
+            ),
+            dict(IEEE_FP32=ieee, SCALING=False, BLOCK_N=128, BLOCK_M=128, BLOCK_D=block_d),
+            ("stride_xd", "stride_yd", "stride_rx", "stride_ry"),
+            ("stride_xn", "stride_ym", "D"),
+            warps,
+        )
 
 
 def main(argv=None) -> int:
@@ -150,14 +184,19 @@ def main(argv=None) -> int:
     import triton
 
     print(f"sm_{args.arch}, triton {triton.__version__}; per thread; the loop columns count one iteration of the Sinkhorn loop")
-    header = f"{'kernel':32s} {'warps':>5s} {'regs':>5s} {'spill_st/ld_B':>13s} {'loop':>6s} " + " ".join(f"{op:>6s}" for op in COUNTED)
+    header = f"{'kernel':32s} {'warps':>5s} {'regs':>5s} {'spill_st/ld_B':>13s} {'loop':>6s} " + " ".join(
+        f"{op:>6s}" for op in COUNTED
+    )
     print(header)
     for name, fn, pointers, floats, constexprs, unit, aligned, warps in _cases():
         if not name.startswith(args.only):
             continue
         row = _stats(compile_for(fn, pointers, floats, constexprs, warps, args.arch, unit, aligned), args.arch)
-        print(f"{name:32s} {warps:5d} {row['registers']!s:>5s} {row['spill_bytes']:>13s} {row['loop']:6d} "
-              + " ".join(f"{row[op]:6d}" for op in COUNTED), flush=True)
+        print(
+            f"{name:32s} {warps:5d} {row['registers']!s:>5s} {row['spill_bytes']:>13s} {row['loop']:6d} "
+            + " ".join(f"{row[op]:6d}" for op in COUNTED),
+            flush=True,
+        )
     return 0
 
 

@@ -64,8 +64,9 @@ def limit_threads(threads: int) -> Iterator[None]:
     for name in _THREAD_ENV:
         os.environ[name] = str(threads)
     if "jax" not in sys.modules and "intra_op_parallelism_threads" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                                   f" intra_op_parallelism_threads={threads}").strip()
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + f" --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={threads}"
+        ).strip()
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # the bench extra installs it; without it numpy keeps the threads it started with

@@ -68,7 +68,7 @@ def plot_csv(csv_path: str, out_dir: str) -> List[str]:
             ax.set_ylabel("median time (ms)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-        for ax in list(axes.flat)[len(keys):]:
+        for ax in list(axes.flat)[len(keys) :]:
             ax.axis("off")
         machine = op_rows[0].get("device_name", "")
         fig.suptitle(f"{op}  ({machine})", fontsize=10)

@@ -31,10 +31,40 @@ from . import floor, impls, machine
 from .measure import call_with_peak_memory, column_violation, relative_error, time_call
 
 COLUMNS = [
-    "op", "impl", "device", "dtype", "B", "N", "M", "D", "n_iters", "iter_cap", "eps", "tol",
-    "median_ms", "p20_ms", "p80_ms", "reps", "first_ms", "peak_mem_mb", "marginal_err", "plan_err",
-    "speedup_vs_pot", "floor_ms", "over_floor", "note", "load_avg",
-    "machine", "device_name", "torch", "numpy", "pot", "triton", "versions", "commit", "timestamp",
+    "op",
+    "impl",
+    "device",
+    "dtype",
+    "B",
+    "N",
+    "M",
+    "D",
+    "n_iters",
+    "iter_cap",
+    "eps",
+    "tol",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "reps",
+    "first_ms",
+    "peak_mem_mb",
+    "marginal_err",
+    "plan_err",
+    "speedup_vs_pot",
+    "floor_ms",
+    "over_floor",
+    "note",
+    "load_avg",
+    "machine",
+    "device_name",
+    "torch",
+    "numpy",
+    "pot",
+    "triton",
+    "versions",
+    "commit",
+    "timestamp",
 ]
 
 
@@ -64,10 +94,16 @@ def _parse(argv) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="default %(default)s")
     parser.add_argument("--ops", default="", help=f"comma-separated subset of: {', '.join(C_.OPS)}")
     parser.add_argument("--impls", default="", help="comma-separated implementation names (e.g. ours-torch,pot-batch-torch)")
-    parser.add_argument("--dtypes", default="", help="comma-separated: float32,bfloat16,float16 (default: float32 on CPU, all three on CUDA)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for every implementation: torch, numpy's BLAS, OpenMP, JAX (default: each library's "
-                             "choice); 1 is steadier on a shared machine")
+    parser.add_argument(
+        "--dtypes", default="", help="comma-separated: float32,bfloat16,float16 (default: float32 on CPU, all three on CUDA)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for every implementation: torch, numpy's BLAS, OpenMP, JAX (default: each library's "
+        "choice); 1 is steadier on a shared machine",
+    )
     parser.add_argument("--targets", action="store_true", help="only the native CPU target shapes (bench.cases.CPU_TARGETS)")
     parser.add_argument("--append", action="store_true", help="append to an existing results.csv instead of starting a new one")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -92,9 +128,17 @@ def _nan_if_none(x) -> float:
 
 def _row(case: C_.Case, impl: str, **values) -> Dict:
     row = {
-        "op": case.op, "impl": impl, "device": case.device, "dtype": case.dtype,
-        "B": case.B, "N": case.N, "M": case.M, "D": case.D,
-        "iter_cap": case.n_iters, "eps": case.eps, "tol": _nan_if_none(case.tol),
+        "op": case.op,
+        "impl": impl,
+        "device": case.device,
+        "dtype": case.dtype,
+        "B": case.B,
+        "N": case.N,
+        "M": case.M,
+        "D": case.D,
+        "iter_cap": case.n_iters,
+        "eps": case.eps,
+        "tol": _nan_if_none(case.tol),
         "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else math.nan,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
@@ -130,14 +174,18 @@ class Runner:
                 continue
             key = (case.op, name, case.dtype)
             if key in self.too_slow and case.work >= self.too_slow[key]:
-                self._note(f"{case.op} {name} {case.dtype}: shapes from B={case.B} N={case.N} D={case.D} skipped (a smaller one took, or was predicted to take, too long per call)")
+                self._note(
+                    f"{case.op} {name} {case.dtype}: shapes from B={case.B} N={case.N} D={case.D} skipped (a smaller one took, or was predicted to take, too long per call)"
+                )
                 continue
             if key in self.last:
                 work, seconds = self.last[key]
                 predicted = seconds * case.work / work
                 if predicted > 2 * s.max_call_s:
                     self.too_slow[key] = case.work
-                    self._note(f"{case.op} {name} {case.dtype}: shapes from B={case.B} N={case.N} D={case.D} skipped (predicted {predicted:.0f} s per call from the last shape)")
+                    self._note(
+                        f"{case.op} {name} {case.dtype}: shapes from B={case.B} N={case.N} D={case.D} skipped (predicted {predicted:.0f} s per call from the last shape)"
+                    )
                     continue
             try:
                 runner = impls.build(factory, case, inputs)
@@ -163,14 +211,30 @@ class Runner:
                 note = "; ".join(filter(None, [note, f"one timed call (over {s.max_call_s} s)"]))
             marginal = column_violation(probe.plan, b) if probe.plan is not None else math.nan
             ref = ref or C_.reference(case, inputs[0])
-            plan_err = relative_error(probe.output, ref.output) if probe.output is not None and ref.output is not None else math.nan
+            plan_err = (
+                relative_error(probe.output, ref.output) if probe.output is not None and ref.output is not None else math.nan
+            )
             n_iters = probe.n_iters if probe.n_iters is not None else (case.n_iters if case.tol is None else math.nan)
             fl = floor.floor_ms(case, n_iters)
-            rows.append(_row(
-                case, name, n_iters=n_iters, median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                reps=timing.reps, first_ms=timing.first_ms, peak_mem_mb=peak_mb, marginal_err=marginal,
-                plan_err=plan_err, speedup_vs_pot=math.nan, floor_ms=fl, over_floor=timing.median_ms / fl, note=note,
-            ))
+            rows.append(
+                _row(
+                    case,
+                    name,
+                    n_iters=n_iters,
+                    median_ms=timing.median_ms,
+                    p20_ms=timing.p20_ms,
+                    p80_ms=timing.p80_ms,
+                    reps=timing.reps,
+                    first_ms=timing.first_ms,
+                    peak_mem_mb=peak_mb,
+                    marginal_err=marginal,
+                    plan_err=plan_err,
+                    speedup_vs_pot=math.nan,
+                    floor_ms=fl,
+                    over_floor=timing.median_ms / fl,
+                    note=note,
+                )
+            )
         _fill_speedups(rows, case.op)
         return rows
 
@@ -249,15 +313,21 @@ def _run(args: argparse.Namespace) -> int:
         todo = [c for c in todo if C_.is_cpu_target(c)]
     runner = Runner(SETTINGS[(args.device, args.quick)], args.impls)
     meta = machine.columns(args.device)
-    print(f"bench: {len(todo)} cases on {meta['device_name']} ({meta['machine']}); "
-          f"our backends: {', '.join(impls.our_backends(args.device))}; writing {csv_path}", flush=True)
+    print(
+        f"bench: {len(todo)} cases on {meta['device_name']} ({meta['machine']}); "
+        f"our backends: {', '.join(impls.our_backends(args.device))}; writing {csv_path}",
+        flush=True,
+    )
     for i, case in enumerate(todo, 1):
         t0 = time.perf_counter()
         rows = runner.run_case(case)
         write_rows(csv_path, rows)
         summary = ", ".join(f"{r['impl']} {r['median_ms']:.3g}" for r in rows)
-        print(f"[{i}/{len(todo)}] {case.op} {case.dtype} B={case.B} N={case.N} M={case.M} D={case.D} "
-              f"({time.perf_counter() - t0:.1f} s): {summary} ms", flush=True)
+        print(
+            f"[{i}/{len(todo)}] {case.op} {case.dtype} B={case.B} N={case.N} M={case.M} D={case.D} "
+            f"({time.perf_counter() - t0:.1f} s): {summary} ms",
+            flush=True,
+        )
     if not args.no_plots and os.path.exists(csv_path):
         if importlib.util.find_spec("matplotlib") is None:
             runner.notes.append("plots skipped: matplotlib is not installed (pip install .[bench])")

@@ -47,8 +47,11 @@ def targets(rows: List[Dict], shapes) -> str:
     for op, B, N, M, D, overrides in shapes:
         eps = overrides.get("eps_override")
         impls = {
-            r["impl"]: r for r in rows
-            if r["op"] == op and r["dtype"] == "float32" and (int(r["B"]), int(r["N"]), int(r["M"]), int(r["D"])) == (B, N, M, D)
+            r["impl"]: r
+            for r in rows
+            if r["op"] == op
+            and r["dtype"] == "float32"
+            and (int(r["B"]), int(r["N"]), int(r["M"]), int(r["D"])) == (B, N, M, D)
             and (eps is None or math.isclose(float(r["eps"]), eps))
             and ("iters_override" not in overrides or int(float(r["iter_cap"])) == overrides["iters_override"])
         }

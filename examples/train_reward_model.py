@@ -54,8 +54,10 @@ def main(script_args, training_args, model_args) -> APLOTRewardTrainer:
     if not model_args.model_name_or_path:
         raise ValueError("`model_name_or_path` is required (a Hub model or a local folder)")
     init_kwargs = dict(
-        revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation, dtype=model_args.dtype,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        attn_implementation=model_args.attn_implementation,
+        dtype=model_args.dtype,
     )
     training_args.model_init_kwargs = {**init_kwargs, **(training_args.model_init_kwargs or {})}
 

@@ -110,9 +110,7 @@ BACKEND_FIXTURES = ("sinkhorn_backend", "cost_backend", "loss_backend", "backend
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "float64_only: a float64 case; skipped for the backends that compute no float64 (Triton)"
-    )
+    config.addinivalue_line("markers", "float64_only: a float64 case; skipped for the backends that compute no float64 (Triton)")
 
 
 def pytest_runtest_setup(item):
@@ -192,9 +190,7 @@ def pot_sinkhorn_log(C, a, b, eps, n_iters):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "did not converge" is the point of a fixed count
-        plan, log = ot.sinkhorn(
-            _np(a), _np(b), _np(C), reg=eps, method="sinkhorn_log", numItermax=n_iters, stopThr=0, log=True
-        )
+        plan, log = ot.sinkhorn(_np(a), _np(b), _np(C), reg=eps, method="sinkhorn_log", numItermax=n_iters, stopThr=0, log=True)
     return plan, eps * log["log_u"], eps * log["log_v"]
 
 

@@ -71,8 +71,12 @@ def test_sinkhorn_plan(backend, size, eps, dtype, gen):
 def test_margin_and_loss_gradients(backend, size, dtype, gen):
     n, d = small(backend, size, (min(size[0], 20), min(size[1], 40)))
     n_iters = small(backend, 50, 12)
-    inputs = [random_embeddings(gen, n, dtype=dtype), random_embeddings(gen, n, dtype=dtype),
-              random_embeddings(gen, n, d, dtype=dtype), random_embeddings(gen, n, d, dtype=dtype)]
+    inputs = [
+        random_embeddings(gen, n, dtype=dtype),
+        random_embeddings(gen, n, dtype=dtype),
+        random_embeddings(gen, n, d, dtype=dtype),
+        random_embeddings(gen, n, d, dtype=dtype),
+    ]
     options = dict(eps=0.1, n_iters=n_iters)
 
     def margins(tensors, on):
@@ -85,8 +89,9 @@ def test_margin_and_loss_gradients(backend, size, dtype, gen):
 
     wide = [t.double() for t in inputs]
     assert_within_rule(margins(inputs, backend), margins(inputs, "torch"), margins(wide, "torch"), f"margins {dtype}")
-    assert_within_rule(reward_grads(inputs, backend), reward_grads(inputs, "torch"), reward_grads(wide, "torch"),
-                       f"reward gradients {dtype}")
+    assert_within_rule(
+        reward_grads(inputs, backend), reward_grads(inputs, "torch"), reward_grads(wide, "torch"), f"reward gradients {dtype}"
+    )
 
 
 def test_rule_can_fail():

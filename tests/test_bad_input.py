@@ -85,7 +85,9 @@ VALUE_ERRORS = {
     "sinkhorn-b-negative": (lambda: sinkhorn(t(3, 4), None, torch.tensor([0.5, 0.7, -0.2, 0.0], device=DEVICE)), "`b`"),
     "sinkhorn-unbalanced": (lambda: sinkhorn(t(3, 4), uniform(3), 2 * uniform(4)), "`a` and `b`"),
     "sinkhorn-unbalanced-one-problem": (
-        lambda: sinkhorn(t(2, 3, 4), None, torch.stack([uniform(4), 1.001 * uniform(4)])), "`a` and `b`"),
+        lambda: sinkhorn(t(2, 3, 4), None, torch.stack([uniform(4), 1.001 * uniform(4)])),
+        "`a` and `b`",
+    ),
     "sinkhorn-a-all-zero": (lambda: sinkhorn(t(3, 4), torch.zeros(3, device=DEVICE), torch.zeros(4, device=DEVICE)), "`a`"),
     # empty dimensions
     "cosine-empty-rows": (lambda: cosine_cost(t(0, 4)), "`x`"),
@@ -128,7 +130,10 @@ TYPE_ERRORS = {
     "sinkhorn-int-b": (lambda: sinkhorn(t(4, 4), None, torch.ones(4, dtype=torch.int64, device=DEVICE)), "`b`"),
     "sinkhorn-complex-C": (lambda: sinkhorn(torch.ones(3, 4, dtype=torch.complex64, device=DEVICE)), "`C`"),
     "bt-int": (lambda: bt_loss(torch.arange(3, device=DEVICE), t(3)), "`chosen_rewards`"),
-    "margin-int-emb": (lambda: aplot_margin(t(3), t(3), torch.ones(3, 4, dtype=torch.int64, device=DEVICE), t(3, 4)), "`chosen_emb`"),
+    "margin-int-emb": (
+        lambda: aplot_margin(t(3), t(3), torch.ones(3, 4, dtype=torch.int64, device=DEVICE), t(3, 4)),
+        "`chosen_emb`",
+    ),
     # wrong types
     "cosine-list": (lambda: cosine_cost([[1.0, 0.0], [0.0, 1.0]]), "`x`"),
     "cosine-numpy": (lambda: cosine_cost(np.ones((3, 4))), "`x`"),
@@ -316,8 +321,10 @@ def test_value_checks_cost_one_reduction_per_tensor_and_one_stack():
     costs one concatenation and one reduction, a large tensor one reduction of its own, and the read-back
     one stack (none for a single value): the tests of the values run on the host."""
     gen = torch.Generator().manual_seed(3)
-    tensors = [torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
-               for shape, dtype in (((7,), torch.float32), ((5, 3), torch.bfloat16), ((2, 9), torch.float16))]
+    tensors = [
+        torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
+        for shape, dtype in (((7,), torch.float32), ((5, 3), torch.bfloat16), ((2, 9), torch.float16))
+    ]
     with DeviceOps() as recorded:
         with _checks.one_sync():
             for i, x in enumerate(tensors):
@@ -337,20 +344,25 @@ def test_value_checks_cost_one_reduction_per_tensor_and_one_stack():
     cost = tensors[1].float()
     with DeviceOps() as recorded:  # C: one reduction for its finiteness and its magnitude (max|C| / eps)
         sinkhorn(cost, n_iters=1, backend="torch")
-    before_read_back = recorded.ops[:recorded.ops.index("aten.stack")]
+    before_read_back = recorded.ops[: recorded.ops.index("aten.stack")]
     assert [op for op in before_read_back if op != "aten.full"] == ["aten.linalg_vector_norm"]  # full: uniform a, b
 
 
 def test_value_checks_read_back_mixed_dtypes_exactly():
     """Checked values of several dtypes are read back together in float64, which holds each exactly
     (in float32 a positive total mass of 1e-300 would read as 0)."""
-    values = [torch.tensor(1e-300, dtype=torch.float64), torch.tensor(0.1, dtype=torch.float32),
-              torch.tensor(-0.5, dtype=torch.bfloat16), torch.tensor(7.0, dtype=torch.float16)]
+    values = [
+        torch.tensor(1e-300, dtype=torch.float64),
+        torch.tensor(0.1, dtype=torch.float32),
+        torch.tensor(-0.5, dtype=torch.bfloat16),
+        torch.tensor(7.0, dtype=torch.float16),
+    ]
     assert _checks._read_back([v.to(DEVICE) for v in values]) == [v.item() for v in values]
     C = t(1, 3, 4)  # float32 cost, bfloat16 weights: one read-back of both
     with pytest.raises(ValueError, match="`a` must be non-negative"):
-        sinkhorn(C, torch.tensor([0.5, 0.75, -0.25], dtype=torch.bfloat16, device=DEVICE),
-                 uniform(4, torch.bfloat16), backend="torch")
+        sinkhorn(
+            C, torch.tensor([0.5, 0.75, -0.25], dtype=torch.bfloat16, device=DEVICE), uniform(4, torch.bfloat16), backend="torch"
+        )
 
 
 # ---------------------------------------------------------------------------

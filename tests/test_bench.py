@@ -52,7 +52,9 @@ def test_bench_sinkhorn_fixed(benchmark, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bench_sinkhorn_tol(benchmark, backend):
     C = ak.cosine_cost(_points(8, 64, 8), _points(8, 64, 8, seed=1), backend="torch")
-    res = benchmark.pedantic(ak.sinkhorn, args=(C,), kwargs=dict(n_iters=500, tol=1e-4, eps=0.05, grad="none", backend=backend), **ROUNDS)
+    res = benchmark.pedantic(
+        ak.sinkhorn, args=(C,), kwargs=dict(n_iters=500, tol=1e-4, eps=0.05, grad="none", backend=backend), **ROUNDS
+    )
     assert float(res.err.max()) <= 1e-4
 
 
@@ -91,7 +93,15 @@ def test_measures():
     assert measure.column_violation(plan * 2, b) == pytest.approx(1.0)
     assert measure.relative_error(torch.tensor([1.0, 2.1]), torch.tensor([1.0, 2.0])) == pytest.approx(0.05)
     timing, first = measure.time_call(
-        lambda i: i + 1, [1, 2], torch.device("cpu"), warmup=1, min_reps=3, max_reps=4, target_s=0.0, max_call_s=1.0, first=lambda i: i + 10
+        lambda i: i + 1,
+        [1, 2],
+        torch.device("cpu"),
+        warmup=1,
+        min_reps=3,
+        max_reps=4,
+        target_s=0.0,
+        max_call_s=1.0,
+        first=lambda i: i + 10,
     )
     assert timing.reps == 3 and timing.p20_ms <= timing.median_ms <= timing.p80_ms and first == 11
 
@@ -118,8 +128,23 @@ def test_threads_flag_limits_every_library(tmp_path):
     out = tmp_path / "t"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(machine, "columns", spy)
-        assert run.main(["--quick", "--threads", "1", "--out", str(out), "--ops", "cosine_cost",
-                         "--impls", "ours-torch,pot-dist-numpy", "--no-plots"]) == 0
+        assert (
+            run.main(
+                [
+                    "--quick",
+                    "--threads",
+                    "1",
+                    "--out",
+                    str(out),
+                    "--ops",
+                    "cosine_cost",
+                    "--impls",
+                    "ours-torch,pot-dist-numpy",
+                    "--no-plots",
+                ]
+            )
+            == 0
+        )
     assert seen and all(n == 1 for pools in seen for n in pools)
     assert torch.get_num_threads() == before
     with open(out / "results.csv", newline="") as f:
@@ -141,14 +166,39 @@ def test_thread_limit_holds_for_libraries_loaded_later():
 
 
 REQUIRED = [
-    "op", "impl", "device", "dtype", "B", "N", "M", "D", "n_iters", "median_ms", "p20_ms", "p80_ms",
-    "peak_mem_mb", "marginal_err", "plan_err", "speedup_vs_pot", "machine", "torch", "pot",
+    "op",
+    "impl",
+    "device",
+    "dtype",
+    "B",
+    "N",
+    "M",
+    "D",
+    "n_iters",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "peak_mem_mb",
+    "marginal_err",
+    "plan_err",
+    "speedup_vs_pot",
+    "machine",
+    "torch",
+    "pot",
 ]
 
 
 def test_quick_run_writes_results_and_plots(tmp_path):
     out = tmp_path / "bench"
-    argv = ["--quick", "--out", str(out), "--ops", "cosine_cost,sinkhorn_fixed", "--impls", "ours-torch,pot-batch-torch,pot-dist-torch"]
+    argv = [
+        "--quick",
+        "--out",
+        str(out),
+        "--ops",
+        "cosine_cost,sinkhorn_fixed",
+        "--impls",
+        "ours-torch,pot-batch-torch,pot-dist-torch",
+    ]
     assert run.main(argv) == 0
     with open(out / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -208,8 +258,14 @@ def test_fused_sinkhorn_loop_compiled_for_sm90_as_launched():
         pytest.skip("on a GPU the kernels are compiled for the device by every other test")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "bench.kernel_stats", "--only", "sinkhorn fused 128x128"], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.kernel_stats", "--only", "sinkhorn fused 128x128"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     header, row = [line.split() for line in proc.stdout.splitlines() if line.startswith(("kernel ", "sinkhorn fused 128x128"))]
     values = dict(zip(header[1:], row[3:]))  # the row's name is three words

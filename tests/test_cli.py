@@ -27,8 +27,12 @@ def tiny_model_dir(tmp_path_factory):
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_mod.default_model_path(), local_files_only=True)
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=128,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=128,
     )
     transformers.BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -103,8 +107,9 @@ def test_aplot_compares_the_score_layers_input(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(loop, "APLOTLoss", Recording)
     split = loop.SplitFeatures(features, 3, torch.zeros(3, dtype=torch.bool))
     config = loop.TrainConfig(steps=3, batch_size=3, eval_every=3)
-    loop.train_run(lambda: model_mod.RewardNet(encoder, 0), split, {"test_id": split}, config, seed=0,
-                   aplot=dict(scale=1.0, backend="torch"))
+    loop.train_run(
+        lambda: model_mod.RewardNet(encoder, 0), split, {"test_id": split}, config, seed=0, aplot=dict(scale=1.0, backend="torch")
+    )
     assert len(seen) == 3 and all(grad for _, grad in seen)
     assert seen[0][0].shape[1] == net.head[-1].in_features
     # The same pairs every step (batch = all 3): the representation moves with training.
@@ -113,11 +118,31 @@ def test_aplot_compares_the_score_layers_input(tiny_model_dir, monkeypatch):
 
 def test_train_smoke_file_data_with_margin_and_top_layer(tmp_path, tiny_model_dir):
     path = tmp_path / "pairs.jsonl"
-    rows = [{"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no",
-             "rejected": "no" if i % 2 == 0 else "yes", "margin": 0.1} for i in range(30)]
+    rows = [
+        {
+            "prompt": f"Is {i} even?",
+            "chosen": "yes" if i % 2 == 0 else "no",
+            "rejected": "no" if i % 2 == 0 else "yes",
+            "margin": 0.1,
+        }
+        for i in range(30)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics = run_train(tmp_path, "--model", tiny_model_dir, "--data", str(path), "--train-layers", "1", "--threads", "1",
-                        "--similarity", "unit", "--seeds", "3,5")
+    metrics = run_train(
+        tmp_path,
+        "--model",
+        tiny_model_dir,
+        "--data",
+        str(path),
+        "--train-layers",
+        "1",
+        "--threads",
+        "1",
+        "--similarity",
+        "unit",
+        "--seeds",
+        "3,5",
+    )
     assert metrics["splits"] == {"train": 27, "test_id": 3}
     assert metrics["config"]["train_layers"] == 1
     assert metrics["seeds"] == [3, 5] and list(metrics["runs"]) == ["bt", "aplot-unit-scale1"]
@@ -141,8 +166,13 @@ def test_default_model_files_ship_in_the_package():
 def test_bad_arguments_and_commands(tmp_path, capsys):
     assert cli.main(["train", "--steps", "0", "--no-progress", "--out", str(tmp_path)]) == 2
     assert "--steps" in capsys.readouterr().err
-    for bad, name in ((["--seeds", "0"], "--seeds"), (["--seeds", "1,x"], "--seeds"), (["--seeds", "2,2"], "--seeds"),
-                      (["--scale", "-1"], "--scale"), (["--scale", "1", "1"], "--scale")):
+    for bad, name in (
+        (["--seeds", "0"], "--seeds"),
+        (["--seeds", "1,x"], "--seeds"),
+        (["--seeds", "2,2"], "--seeds"),
+        (["--scale", "-1"], "--scale"),
+        (["--scale", "1", "1"], "--scale"),
+    ):
         assert cli.main(["train", *bad, "--no-progress", "--out", str(tmp_path)]) == 2
         assert name in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -167,5 +197,5 @@ def test_length_sorted_encoding_matches_one_text_at_a_time(tiny_model_dir):
     responses = ["Here.", "Short.", "A long long long answer with words.", "Because."]
     batched = model_mod.encode(encoder, prompts, responses, train_layers=0, batch_size=3)
     for i in range(len(prompts)):
-        alone = model_mod.encode(encoder, prompts[i:i + 1], responses[i:i + 1], train_layers=0)
+        alone = model_mod.encode(encoder, prompts[i : i + 1], responses[i : i + 1], train_layers=0)
         torch.testing.assert_close(batched.hidden[i], alone.hidden[0], rtol=1e-5, atol=1e-5)

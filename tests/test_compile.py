@@ -84,7 +84,8 @@ def _compare(fn, compiler: str, seed: int = 0, rtol: float = 1e-7, atol: float =
 TORCH_FAST = ("cosine_cost", "cosine_cost_self", "aplot_cost", "aplot_cost_cosine", "bt_loss", "loss_detached")
 TABLE = [
     pytest.param(backend, case, marks=() if backend == "native" or case in TORCH_FAST else pytest.mark.slow)
-    for backend in BACKENDS for case in _cases(backend)
+    for backend in BACKENDS
+    for case in _cases(backend)
 ]
 
 
@@ -101,9 +102,9 @@ def test_fullgraph_matches_eager(backend, case):
 TRITON_FAST = ("aplot_cost", "loss_detached")
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(case, marks=() if case in TRITON_FAST else pytest.mark.slow) for case in _cases("triton")
-])
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=() if case in TRITON_FAST else pytest.mark.slow) for case in _cases("triton")]
+)
 def test_fullgraph_matches_eager_triton(case):
     if "triton" not in COST_BACKENDS:
         pytest.skip("Triton cannot run here")
@@ -157,9 +158,13 @@ def test_model_step_has_no_graph_break(backend):
         return loss.detach()
 
     gen = torch.Generator().manual_seed(1)
-    chosen, rejected = torch.randn(N, 8, generator=gen, dtype=torch.float64), torch.randn(N, 8, generator=gen, dtype=torch.float64)
-    forward_only = torch._dynamo.explain(lambda c, r: loss_fn(head(embed(c)).squeeze(-1), head(embed(r)).squeeze(-1),
-                                                                embed(c), embed(r)))(chosen, rejected)
+    chosen, rejected = (
+        torch.randn(N, 8, generator=gen, dtype=torch.float64),
+        torch.randn(N, 8, generator=gen, dtype=torch.float64),
+    )
+    forward_only = torch._dynamo.explain(
+        lambda c, r: loss_fn(head(embed(c)).squeeze(-1), head(embed(r)).squeeze(-1), embed(c), embed(r))
+    )(chosen, rejected)
     assert (forward_only.graph_count, forward_only.graph_break_count) == (1, 0), forward_only.break_reasons
     # With the backward in the step, dynamo breaks at `.backward()` itself (a torch limitation, outside
     # aplot_kernels); no break may come from inside the package.

@@ -29,8 +29,12 @@ def _backends():
 
 def _batch(seed: int):
     gen = torch.Generator().manual_seed(seed)
-    tensors = (torch.randn(N, generator=gen), torch.randn(M, generator=gen),
-               torch.randn(N, D, generator=gen), torch.randn(M, D, generator=gen))
+    tensors = (
+        torch.randn(N, generator=gen),
+        torch.randn(M, generator=gen),
+        torch.randn(N, D, generator=gen),
+        torch.randn(M, D, generator=gen),
+    )
     return [t.cuda() for t in tensors]
 
 

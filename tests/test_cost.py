@@ -72,7 +72,10 @@ def test_zero_vectors_cost_one(cost_backend, gen):
     grad_x, grad_y = torch.autograd.grad((cost * torch.randn(cost.shape, generator=gen).to(cost)).sum(), (x, y))
     assert_finite(grad_x=grad_x, grad_y=grad_y)
     # A zero vector's cost is the constant 1 at 0, but its gradient is that of x / eps.
-    assert max_abs(cost, 1 - F.normalize(x.double(), dim=-1, eps=1e-8) @ F.normalize(y.double(), dim=-1, eps=1e-8).transpose(-1, -2)) <= 1e-6
+    assert (
+        max_abs(cost, 1 - F.normalize(x.double(), dim=-1, eps=1e-8) @ F.normalize(y.double(), dim=-1, eps=1e-8).transpose(-1, -2))
+        <= 1e-6
+    )
 
 
 def test_cosine_cost_y_none_is_self_cost(cost_backend, gen):
@@ -198,7 +201,11 @@ def test_kernel_cost_gradients_match_reference(cost_backend, gen):
     grad_out = torch.randn(2, 7, 6, generator=gen).to(DEVICE)
     inputs = [t.clone().requires_grad_() for t in (c, r, rc, rr)]
     got = torch.autograd.grad(aplot_cost(*inputs, alpha=0.6, temperature=0.7, backend=cost_backend), inputs, grad_out)
-    want = _autograd_grads(lambda *t: aplot_cost(*t, alpha=0.6, temperature=0.7, backend="torch"), [t.double() for t in (c, r, rc, rr)], grad_out.double())
+    want = _autograd_grads(
+        lambda *t: aplot_cost(*t, alpha=0.6, temperature=0.7, backend="torch"),
+        [t.double() for t in (c, r, rc, rr)],
+        grad_out.double(),
+    )
     for g, w in zip(got, want):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
@@ -216,7 +223,6 @@ def test_half_precision_gradients_keep_input_dtype(cost_backend, gen):
     for g, t in zip(grads, inputs):
         assert g.dtype == torch.bfloat16 and g.shape == t.shape
     assert_finite(**{f"grad_{i}": g.float() for i, g in enumerate(grads)})
-
 
 
 def test_strided_inputs(cost_backend, gen):

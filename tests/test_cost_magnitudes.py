@@ -184,8 +184,9 @@ def _check_magnitudes(backend, data, dtype, max_side):
         assert torch.equal(before, after)
 
 
-MAGNITUDE_BACKENDS = [(b, dtype) for b in COST_BACKENDS for dtype in (torch.float32, torch.float64)
-                      if dtype == torch.float32 or has_float64(b)]
+MAGNITUDE_BACKENDS = [
+    (b, dtype) for b in COST_BACKENDS for dtype in (torch.float32, torch.float64) if dtype == torch.float32 or has_float64(b)
+]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 

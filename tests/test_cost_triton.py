@@ -33,9 +33,7 @@ def test_cost_kernels_match_reference(shape, dtype):
     # Reference on the same (rounded) inputs, in float64.
     x64, y64, rx64, ry64 = (t.double() for t in (x, y, rx, ry))
     torch.testing.assert_close(cosine.double(), cost_reference.cosine_cost(x64, y64, 1e-8), rtol=0, atol=5e-7)
-    torch.testing.assert_close(
-        aplot.double(), cost_reference.aplot_cost(x64, y64, rx64, ry64, 0.7, 0.5, 1e-8), rtol=0, atol=5e-7
-    )
+    torch.testing.assert_close(aplot.double(), cost_reference.aplot_cost(x64, y64, rx64, ry64, 0.7, 0.5, 1e-8), rtol=0, atol=5e-7)
     assert bool((cosine[0, 0] == 1).all())
 
 

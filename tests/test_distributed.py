@@ -27,12 +27,14 @@ def global_batch():
     gen = torch.Generator().manual_seed(7)
     parts = []
     for n, e in zip(PAIRS, EXTRA):
-        parts.append((
-            torch.randn(n, generator=gen, dtype=torch.float64),
-            torch.randn(n + e, generator=gen, dtype=torch.float64),
-            torch.randn(n, DIM, generator=gen, dtype=torch.float64),
-            torch.randn(n + e, DIM, generator=gen, dtype=torch.float64),
-        ))
+        parts.append(
+            (
+                torch.randn(n, generator=gen, dtype=torch.float64),
+                torch.randn(n + e, generator=gen, dtype=torch.float64),
+                torch.randn(n, DIM, generator=gen, dtype=torch.float64),
+                torch.randn(n + e, DIM, generator=gen, dtype=torch.float64),
+            )
+        )
     return parts
 
 
@@ -40,8 +42,8 @@ def concatenated(parts):
     """The single-process problem: all chosen; all paired rejected, then all extras."""
     rc = torch.cat([p[0] for p in parts])
     ec = torch.cat([p[2] for p in parts])
-    rr = torch.cat([p[1][: len(p[0])] for p in parts] + [p[1][len(p[0]):] for p in parts])
-    er = torch.cat([p[3][: len(p[0])] for p in parts] + [p[3][len(p[0]):] for p in parts])
+    rr = torch.cat([p[1][: len(p[0])] for p in parts] + [p[1][len(p[0]) :] for p in parts])
+    er = torch.cat([p[3][: len(p[0])] for p in parts] + [p[3][len(p[0]) :] for p in parts])
     return rc, rr, ec, er
 
 
@@ -58,7 +60,7 @@ def reference(parts, detach):
     world, total = len(parts), sum(PAIRS)
     losses, start = [], 0
     for (c, r, _, _), n in zip(leaves, PAIRS):
-        losses.append(world / total * bt_loss(c, r[:n], margins[start:start + n], reduction="sum"))
+        losses.append(world / total * bt_loss(c, r[:n], margins[start : start + n], reduction="sum"))
         start += n
     sum(losses).backward()
     splits = torch.split(margins.detach(), list(PAIRS))
@@ -72,8 +74,13 @@ MODEL_PAIRS, FEATURES = (8, 4), 5
 def model_inputs():
     """Features ``(chosen [n_r, F], rejected [n_r, F])`` of every rank, float64."""
     gen = torch.Generator().manual_seed(11)
-    return [(torch.randn(n, FEATURES, generator=gen, dtype=torch.float64),
-             torch.randn(n, FEATURES, generator=gen, dtype=torch.float64)) for n in MODEL_PAIRS]
+    return [
+        (
+            torch.randn(n, FEATURES, generator=gen, dtype=torch.float64),
+            torch.randn(n, FEATURES, generator=gen, dtype=torch.float64),
+        )
+        for n in MODEL_PAIRS
+    ]
 
 
 def tiny_reward_model():
@@ -100,9 +107,18 @@ def model_reference(detach):
 def bank_dtype_steps():
     """Two micro-steps per rank: float32 rewards, bfloat16 embeddings."""
     gen = torch.Generator().manual_seed(13)
-    return [[(torch.randn(n, generator=gen), torch.randn(n, generator=gen),
-              torch.randn(n, DIM, generator=gen).bfloat16(), torch.randn(n, DIM, generator=gen).bfloat16())
-             for n in PAIRS] for _ in range(2)]
+    return [
+        [
+            (
+                torch.randn(n, generator=gen),
+                torch.randn(n, generator=gen),
+                torch.randn(n, DIM, generator=gen).bfloat16(),
+                torch.randn(n, DIM, generator=gen).bfloat16(),
+            )
+            for n in PAIRS
+        ]
+        for _ in range(2)
+    ]
 
 
 def _worker(rank, world, port, out_dir):
@@ -120,8 +136,11 @@ def _worker(rank, world, port, out_dir):
             out = module(*inputs, return_outputs=True)
             out.loss.backward()
             results[detach] = dict(
-                margins=out.margins.detach(), loss=out.loss.detach(), grads=tuple(t.grad for t in inputs),
-                plan_shape=tuple(out.plan.shape), local_offset=module.local_offset,
+                margins=out.margins.detach(),
+                loss=out.loss.detach(),
+                grads=tuple(t.grad for t in inputs),
+                plan_shape=tuple(out.plan.shape),
+                local_offset=module.local_offset,
             )
         for detach in (True, False):
             model = torch.nn.parallel.DistributedDataParallel(tiny_reward_model())
@@ -200,7 +219,7 @@ def test_gathered_bank_keeps_float32_rewards(two_rank_results):
     for rank, res in enumerate(two_rank_results):
         start = sum(PAIRS[:rank])
         assert res["bank_dtype"].dtype == torch.float32
-        torch.testing.assert_close(res["bank_dtype"], expected[start:start + PAIRS[rank]], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(res["bank_dtype"], expected[start : start + PAIRS[rank]], rtol=1e-5, atol=1e-5)
 
 
 def test_gather_is_a_no_op_without_a_process_group():
@@ -212,8 +231,12 @@ def test_gather_is_a_no_op_without_a_process_group():
 def micro_steps(count, n=4, m=5, dtype=torch.float64, seed=3):
     gen = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(n, generator=gen, dtype=dtype), torch.randn(m, generator=gen, dtype=dtype),
-         torch.randn(n, DIM, generator=gen, dtype=dtype), torch.randn(m, DIM, generator=gen, dtype=dtype))
+        (
+            torch.randn(n, generator=gen, dtype=dtype),
+            torch.randn(m, generator=gen, dtype=dtype),
+            torch.randn(n, DIM, generator=gen, dtype=dtype),
+            torch.randn(m, DIM, generator=gen, dtype=dtype),
+        )
         for _ in range(count)
     ]
 
@@ -235,8 +258,8 @@ def test_bank_sees_only_its_effective_batch(accumulation):
         assert out.plan.shape == (4 * (k + 1), 5 * (k + 1))  # nothing from an earlier effective batch
         if k == accumulation - 1:
             # One problem over the whole effective batch, in its natural order.
-            whole = aplot_margin(*concatenated(steps[batch_start:index + 1]), **OPTIONS)
-            torch.testing.assert_close(out.margins, whole[k * n:], rtol=1e-8, atol=1e-10)
+            whole = aplot_margin(*concatenated(steps[batch_start : index + 1]), **OPTIONS)
+            torch.testing.assert_close(out.margins, whole[k * n :], rtol=1e-8, atol=1e-10)
             assert len(module.bank) == 0
         else:
             assert len(module.bank) == k + 1

@@ -63,8 +63,17 @@ def _tiny_weight_case(name):
     raise KeyError(name)
 
 
-TINY_CASES = ["2x2-2", "2x2-3", "2x2-12", "3x3-1e-38", "5x7-padding", "mass-1e30", "float64-1e-160", "float64-1e-300",
-              "4x1000-1e-37"]
+TINY_CASES = [
+    "2x2-2",
+    "2x2-3",
+    "2x2-12",
+    "3x3-1e-38",
+    "5x7-padding",
+    "mass-1e30",
+    "float64-1e-160",
+    "float64-1e-300",
+    "4x1000-1e-37",
+]
 
 
 @pytest.mark.parametrize("case", TINY_CASES)
@@ -135,14 +144,17 @@ def test_native_log_domain_fallback_does_not_depend_on_the_thread_count(batch, n
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("eps, scale, dtype", [
-    (1e-45, 1.0, torch.float32),     # eps itself subnormal: the plan was NaN on every backend
-    (1e-39, 0.0, torch.float32),     # subnormal even for a zero cost
-    (1e-30, 1.0, torch.float32),     # normal, but max|C| / eps = 1e30 > 2^23
-    (1e-8, 1.0, torch.bfloat16),     # half inputs compute in float32: the same limit
-    (1e-310, 0.0, torch.float64),    # subnormal in float64
-    (1e-20, 1.0, torch.float64),     # max|C| / eps = 1e20 > 2^52
-])
+@pytest.mark.parametrize(
+    "eps, scale, dtype",
+    [
+        (1e-45, 1.0, torch.float32),  # eps itself subnormal: the plan was NaN on every backend
+        (1e-39, 0.0, torch.float32),  # subnormal even for a zero cost
+        (1e-30, 1.0, torch.float32),  # normal, but max|C| / eps = 1e30 > 2^23
+        (1e-8, 1.0, torch.bfloat16),  # half inputs compute in float32: the same limit
+        (1e-310, 0.0, torch.float64),  # subnormal in float64
+        (1e-20, 1.0, torch.float64),  # max|C| / eps = 1e20 > 2^52
+    ],
+)
 def test_sinkhorn_eps_too_small_is_rejected(sinkhorn_backend, eps, scale, dtype):
     if dtype == torch.float64 and not has_float64(sinkhorn_backend):
         pytest.skip("float64 case")

@@ -32,12 +32,23 @@ def save_tiny_model(folder) -> None:
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="</s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>",
+        tokenizer_object=backend,
+        bos_token="</s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="</s>",
     )
     torch.manual_seed(0)
     config = transformers.GPT2Config(
-        vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=64, num_labels=1,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        n_positions=64,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
     )
     transformers.GPT2ForSequenceClassification(config).save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -58,15 +69,43 @@ def test_example_trains_offline(tmp_path, monkeypatch):
     save_tiny_model(model_dir)
     write_preferences(data)
     config = tmp_path / "rm.yaml"
-    config.write_text(yaml.safe_dump(dict(
-        aplot_eps=0.2, aplot_n_iters=20, aplot_backend="torch", aplot_bank=True, gradient_accumulation_steps=2,
-        per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3, use_cpu=True, bf16=False,
-        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-    )))
-    trainer = load_example().run([
-        "--config", str(config), "--model_name_or_path", str(model_dir), "--dataset_name", str(data),
-        "--output_dir", str(out), "--aplot_alpha", "0.8", "--aplot_detach", "false",
-    ])
+    config.write_text(
+        yaml.safe_dump(
+            dict(
+                aplot_eps=0.2,
+                aplot_n_iters=20,
+                aplot_backend="torch",
+                aplot_bank=True,
+                gradient_accumulation_steps=2,
+                per_device_train_batch_size=2,
+                max_steps=2,
+                learning_rate=1e-3,
+                use_cpu=True,
+                bf16=False,
+                report_to="none",
+                save_strategy="no",
+                logging_steps=1,
+                disable_tqdm=True,
+                dataloader_num_workers=0,
+            )
+        )
+    )
+    trainer = load_example().run(
+        [
+            "--config",
+            str(config),
+            "--model_name_or_path",
+            str(model_dir),
+            "--dataset_name",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--aplot_alpha",
+            "0.8",
+            "--aplot_detach",
+            "false",
+        ]
+    )
     assert trainer.state.global_step == 2
     loss = trainer.aplot_loss
     assert (loss.alpha, loss.eps, loss.n_iters, loss.backend, loss.detach) == (0.8, 0.2, 20, "torch", False)

@@ -55,7 +55,7 @@ def test_key_covers_sources_flags_and_compiler(tmp_path, monkeypatch):
         pytest.skip("no C++ compiler")
     link = tmp_path / "bin" / "g++-other"
     link.parent.mkdir()
-    link.write_text(f"#!/bin/sh\nexec {compiler} \"$@\"\n")
+    link.write_text(f'#!/bin/sh\nexec {compiler} "$@"\n')
     link.chmod(0o755)
     monkeypatch.setenv("CXX", str(link))
     assert directory(csrc_dir) != changed
@@ -96,8 +96,12 @@ def test_two_checkouts_each_build_once(tmp_path):
         copy_csrc(tmp_path / name)
         for attempt in range(2):
             out = subprocess.run(
-                [sys.executable, "-c", script], cwd=str(tmp_path / name), env=dict(env, PYTHONPATH=str(tmp_path / name)),
-                capture_output=True, text=True, timeout=1200,
+                [sys.executable, "-c", script],
+                cwd=str(tmp_path / name),
+                env=dict(env, PYTHONPATH=str(tmp_path / name)),
+                capture_output=True,
+                text=True,
+                timeout=1200,
             )
             assert "loaded (True" in out.stdout, out.stdout + out.stderr
             outputs[name, attempt] = out.stdout

@@ -122,8 +122,9 @@ def test_envelope_second_derivatives(sinkhorn_backend, gen):
     # Finite differences of the first derivatives in float64 on the reference.
     d_c, d_a, step = _weights(gen, C).double(), _sum_zero(gen, a).double(), 1e-4
     C64, a64 = C.double(), a.double()
-    measured = (loss((C64 + step * d_c).requires_grad_(), (a64 + step * d_a).requires_grad_(), "envelope", False, "torch")
-                - loss((C64 - step * d_c).requires_grad_(), (a64 - step * d_a).requires_grad_(), "envelope", False, "torch"))
+    measured = loss((C64 + step * d_c).requires_grad_(), (a64 + step * d_a).requires_grad_(), "envelope", False, "torch") - loss(
+        (C64 - step * d_c).requires_grad_(), (a64 - step * d_a).requires_grad_(), "envelope", False, "torch"
+    )
     measured = float(measured) / (2 * step)
     rtol = 1e-6 if dtype == torch.float64 else 1e-3
     for grad, (g_c, g_a) in second.items():

@@ -249,7 +249,9 @@ def test_half_precision_rewards_are_subtracted_in_float32(loss_backend, dtype, g
     with_ot = aplot_loss(rc, rr, ce, re, reduction="none", **opts(loss_backend))
     margins = aplot_margin(rc, rr, ce, re, **opts(loss_backend))
     assert with_ot.dtype == torch.float32
-    torch.testing.assert_close(with_ot.double(), -F.logsigmoid(rc.double() - rr.double() - margins.double()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        with_ot.double(), -F.logsigmoid(rc.double() - rr.double() - margins.double()), rtol=1e-5, atol=1e-5
+    )
 
 
 @pytest.mark.skipif("triton" not in LOSS_BACKENDS, reason="Triton cannot run here")
@@ -260,9 +262,17 @@ def test_fused_margin_scaling_loop_is_chosen_by_argument_only(monkeypatch, gen):
 
     seen = []
     real = loss_triton._aplot_margin_kernel
-    monkeypatch.setattr(loss_triton, "_aplot_margin_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: lambda *a, **k: (seen.append(k["SCALING"]), real[grid](*a, **k)),
-    })())
+    monkeypatch.setattr(
+        loss_triton,
+        "_aplot_margin_kernel",
+        type(
+            "Spy",
+            (),
+            {
+                "__getitem__": lambda self, grid: lambda *a, **k: (seen.append(k["SCALING"]), real[grid](*a, **k)),
+            },
+        )(),
+    )
     monkeypatch.setenv("APLOT_KERNELS_TRITON_SCALING", "1")
     rc, rr, ce, re = _batch(gen, 6)
     plain = aplot_margin(rc, rr, ce, re, backend="triton", n_iters=10)

@@ -21,8 +21,6 @@ if TRITON_OK:
     from aplot_kernels.sinkhorn import triton as triton_sinkhorn
 
 
-
-
 def test_margin_through_triton_matches_torch():
     import aplot_kernels
 
@@ -31,11 +29,11 @@ def test_margin_through_triton_matches_torch():
     want = aplot_kernels.aplot_margin(rx.double(), ry.double(), x.double(), y.double(), eps=0.05, n_iters=30, backend="torch")
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
 
+
 @pytest.mark.parametrize("emb_dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n, m", [(7, 7), (16, 16), (20, 20), (7, 12), (16, 24)])
 def test_detached_triton_margin_writes_no_plan(n, m, emb_dtype, monkeypatch):
     import aplot_kernels
-
 
     x, y, rx, ry = (t[0] for t in embeddings(1, n, m, 32, emb_dtype, seed=n * m))
     options = dict(alpha=0.8, temperature=0.7, eps=0.05, n_iters=20, scale=1.3)
@@ -119,8 +117,9 @@ def test_fused_margin_kernel_in_scaling_domain(case):
     n, m, d, dtype = case
     x, y, rx, ry = (t[0] for t in embeddings(1, n, m, d, dtype, seed=3 * n + m + d))
     got = loss_triton.aplot_margin(rx, ry, x, y, 0.8, 0.7, 1e-8, 0.05, 20, 1.3, scaling=True)
-    want = aplot_kernels.aplot_margin(*(t.double() for t in (rx, ry, x, y)), alpha=0.8, temperature=0.7, eps=0.05,
-                                      n_iters=20, scale=1.3, backend="torch")
+    want = aplot_kernels.aplot_margin(
+        *(t.double() for t in (rx, ry, x, y)), alpha=0.8, temperature=0.7, eps=0.05, n_iters=20, scale=1.3, backend="torch"
+    )
     torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
 
 
@@ -151,8 +150,9 @@ def test_fused_margin_with_underflowing_column(scaling):
 
 
 @pytest.mark.parametrize("scaling", [False, True])
-@pytest.mark.parametrize("n, m, d, dtype", [(128, 128, 64, torch.bfloat16), (100, 113, 72, torch.float32)],
-                         ids=["128x128-bf16", "100x113-fp32"])
+@pytest.mark.parametrize(
+    "n, m, d, dtype", [(128, 128, 64, torch.bfloat16), (100, 113, 72, torch.float32)], ids=["128x128-bf16", "100x113-fp32"]
+)
 def test_fused_margin_kernel_at_its_largest_size(n, m, d, dtype, scaling):
     """The sizes a training step uses (up to 128 pairs on a side), with the default 50 iterations."""
     import aplot_kernels
@@ -208,8 +208,9 @@ def test_fused_margin_falls_back_when_it_cannot_launch(monkeypatch):
     assert launches == [1] and not loss_triton.available()  # tried once, then not again
     want = aplot_kernels.aplot_margin(rx.double(), ry.double(), x.double(), y.double(), backend="torch", **options)
     torch.testing.assert_close(first.double(), want, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(second.double(), -torch.nn.functional.logsigmoid((rx - ry[:11]).double() - want), rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        second.double(), -torch.nn.functional.logsigmoid((rx - ry[:11]).double() - want), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_fused_margin_call_runs_its_checks_and_one_kernel(monkeypatch):
@@ -222,8 +223,11 @@ def test_fused_margin_call_runs_its_checks_and_one_kernel(monkeypatch):
     from aplot_kernels.margin import triton as loss_triton
 
     launches = []
-    monkeypatch.setattr(loss_triton, "_aplot_margin_kernel", type("Records", (), {
-        "__getitem__": lambda self, grid: lambda *args, **kwargs: launches.append(grid)})())
+    monkeypatch.setattr(
+        loss_triton,
+        "_aplot_margin_kernel",
+        type("Records", (), {"__getitem__": lambda self, grid: lambda *args, **kwargs: launches.append(grid)})(),
+    )
     x, y, rx, ry = (t[0] for t in embeddings(1, 11, 13, 16, torch.bfloat16, seed=47))
     aplot_kernels.aplot_margin(rx, ry, x, y, backend="triton")  # a training step repeats the same call
     with DeviceOps() as recorded:
@@ -242,8 +246,11 @@ def test_cost_call_launches_one_norm_pass_and_one_cost_kernel(monkeypatch):
 
     launches = []
     for name in ("_row_norms_kernel", "_aplot_cost_kernel"):
-        monkeypatch.setattr(cost_kernels, name, type("Records", (), {
-            "__getitem__": lambda self, grid, name=name: lambda *args, **kwargs: launches.append(name)})())
+        monkeypatch.setattr(
+            cost_kernels,
+            name,
+            type("Records", (), {"__getitem__": lambda self, grid, name=name: lambda *args, **kwargs: launches.append(name)})(),
+        )
     x, y, rx, ry = embeddings(2, 11, 13, 16, torch.bfloat16, seed=53)
     with DeviceOps() as recorded:
         aplot_kernels.aplot_cost(x, y, rx, ry, backend="triton")

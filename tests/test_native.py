@@ -54,9 +54,17 @@ def _assert_same_as_reference(out, ref, rtol):
     assert out.n_iters.dtype == torch.int64
 
 
-@pytest.mark.parametrize("batch,n,m,eps,n_iters", [(1, 1, 1, 0.1, 1), (3, 7, 5, 0.1, 20), (4, 24, 31, 0.05, 60),
-                                                   (2, 40, 33, 0.01, 150), (1, 130, 70, 0.05, 25),
-                                                   (1, 515, 520, 0.05, 8)])
+@pytest.mark.parametrize(
+    "batch,n,m,eps,n_iters",
+    [
+        (1, 1, 1, 0.1, 1),
+        (3, 7, 5, 0.1, 20),
+        (4, 24, 31, 0.05, 60),
+        (2, 40, 33, 0.01, 150),
+        (1, 130, 70, 0.05, 25),
+        (1, 515, 520, 0.05, 8),
+    ],
+)
 def test_float64_matches_reference_and_pot(batch, n, m, eps, n_iters):
     gen = _gen(n * m)
     C = random_cost(gen, batch, n, m, scale=2.0, device=CPU)
@@ -64,7 +72,9 @@ def test_float64_matches_reference_and_pot(batch, n, m, eps, n_iters):
     out = native.solve(C, a, b, eps, n_iters, None, 10)
     assert out.plan.dtype == torch.float64
     _assert_same_as_reference(out, reference.solve(C, a, b, eps, n_iters, None, 10), 1e-12)
-    for i in range(batch):  # docs/contract.md section 5: fixed iterations vs POT sinkhorn_log, float64, each problem on its support
+    for i in range(
+        batch
+    ):  # docs/contract.md section 5: fixed iterations vs POT sinkhorn_log, float64, each problem on its support
         rows, cols = a[i] > 0, b[i] > 0
         plan, f, g = pot_sinkhorn_log(C[i][rows][:, cols], a[i][rows], b[i][cols], eps, n_iters)
         assert max_abs(out.plan[i][rows][:, cols], plan) <= 1e-10
@@ -159,8 +169,9 @@ def test_expanded_marginals_and_large_costs():
     out = native.solve(C, a, b, 0.005, 30, None, 10)
     ref = reference.solve(C, a, b, 0.005, 30, None, 10)
     assert bool(torch.isfinite(out.plan).all())
-    assert_plan_close_relative(out.plan, reference.solve(C.double(), a.double(), b.double(), 0.005, 30, None, 10).plan,
-                               bound=1e-4)
+    assert_plan_close_relative(
+        out.plan, reference.solve(C.double(), a.double(), b.double(), 0.005, 30, None, 10).plan, bound=1e-4
+    )
     assert max_abs(out.f, ref.f) <= 1e-4 * float(ref.f.abs().max())
 
 

@@ -29,9 +29,17 @@ PAD, EOS, VOCAB = 0, 2, 40
 def tiny_llama(pad_token_id=PAD, eos_token_id=EOS):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, num_labels=1,
-        pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=1,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=1,
     )
     return transformers.LlamaForSequenceClassification(config).eval()
 
@@ -98,7 +106,12 @@ def test_head_found_through_peft_wrapper():
 def test_pre_pooled_head_input_is_used_as_is():
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_labels=1,
     )
     model = transformers.BertForSequenceClassification(config).eval()
     ids, mask = batch([5, 3], side="right", pad=PAD)

@@ -79,7 +79,9 @@ def test_every_backend_matches_torch(backend):
     max_size = 24 if interpreted(backend) else 40
 
     @settings(
-        max_examples=5 if interpreted(backend) else 8, deadline=None, derandomize=True,
+        max_examples=5 if interpreted(backend) else 8,
+        deadline=None,
+        derandomize=True,
         suppress_health_check=[HealthCheck.function_scoped_fixture],
     )
     @given(problem=problems(max_size=max_size), use_tol=st.booleans())

@@ -73,9 +73,7 @@ def test_fixed_iterations_unbatched_match_pot(float64_backend, gen):
     C = random_cost(gen, 1, 9, 11)[0]
     a, b = random_marginal(gen, 1, 9)[0], random_marginal(gen, 1, 11)[0]
     result = sinkhorn(C, a, b, eps=0.07, n_iters=12, backend=float64_backend)
-    _assert_matches_pot(
-        type(result)(*(t.unsqueeze(0) for t in result)), C[None], a[None], b[None], 0.07, 12
-    )
+    _assert_matches_pot(type(result)(*(t.unsqueeze(0) for t in result)), C[None], a[None], b[None], 0.07, 12)
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.01])
@@ -95,9 +93,7 @@ def test_converged_matches_pot_batch_solver(float64_backend, gen):
     a, b = random_marginal(gen, 3, 10, mass=1.5), random_marginal(gen, 3, 14, mass=1.5)
     eps = 0.1
     result = sinkhorn(C, a, b, eps=eps, n_iters=3000, tol=1e-14, check_every=10, backend=float64_backend)
-    reference = ot.batch.solve_batch(
-        C.cpu(), reg=eps, a=a.cpu(), b=b.cpu(), max_iter=5000, tol=1e-15, method="log_sinkhorn"
-    )
+    reference = ot.batch.solve_batch(C.cpu(), reg=eps, a=a.cpu(), b=b.cpu(), max_iter=5000, tol=1e-15, method="log_sinkhorn")
     assert max_abs(result.plan, reference.plan) <= 1e-9
 
 
@@ -214,8 +210,11 @@ def test_module_is_callable_and_marginals_broadcast(gen):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     uniform = sinkhorn(C, n_iters=5, backend="torch")
     explicit = sinkhorn(
-        C, torch.full((6,), 1 / 6, dtype=C.dtype, device=DEVICE), torch.full((4,), 0.25, dtype=C.dtype, device=DEVICE),
-        n_iters=5, backend="torch",
+        C,
+        torch.full((6,), 1 / 6, dtype=C.dtype, device=DEVICE),
+        torch.full((4,), 0.25, dtype=C.dtype, device=DEVICE),
+        n_iters=5,
+        backend="torch",
     )
     torch.testing.assert_close(uniform.plan, explicit.plan, rtol=1e-14, atol=1e-15)
 
@@ -273,7 +272,7 @@ def test_tolerance_stops_each_problem_on_its_own(float64_backend, gen, n_iters, 
 def test_tolerance_float32_every_backend(sinkhorn_backend, gen):
     """Kernels stop each problem at the same count as the reference (float32, loose tol)."""
     scales = torch.tensor([0.05, 1.0, 6.0])
-    C = (random_cost(gen, 3, 9, 7, dtype=torch.float32) * scales[:, None, None].to(DEVICE))
+    C = random_cost(gen, 3, 9, 7, dtype=torch.float32) * scales[:, None, None].to(DEVICE)
     a, b = random_marginal(gen, 3, 9, dtype=torch.float32), None
     kwargs = dict(eps=0.1, n_iters=small(sinkhorn_backend, 120, 60), tol=1e-3, check_every=5)
     r = sinkhorn(C, a, b, backend=sinkhorn_backend, **kwargs)
@@ -386,8 +385,9 @@ def test_strided_inputs(sinkhorn_backend, gen):
     a = random_marginal(gen, 1, 6, dtype=dtype).expand(2, 6)
     b = random_marginal(gen, 1, 5, dtype=dtype)[0]
     r = sinkhorn(C, a, b, eps=0.1, n_iters=10, tol=1e-5, check_every=3, backend=sinkhorn_backend)
-    ref = sinkhorn(C.contiguous(), a.contiguous(), b.expand(2, 5).contiguous(), eps=0.1, n_iters=10, tol=1e-5,
-                   check_every=3, backend="torch")
+    ref = sinkhorn(
+        C.contiguous(), a.contiguous(), b.expand(2, 5).contiguous(), eps=0.1, n_iters=10, tol=1e-5, check_every=3, backend="torch"
+    )
     assert_plan_close_relative(r.plan, ref.plan, bound=1e-6)
     assert r.n_iters.tolist() == ref.n_iters.tolist()
 
@@ -398,7 +398,9 @@ def test_extreme_costs_stay_finite(sinkhorn_backend, gen, scale, eps):
     C = random_cost(gen, 2, 6, 5, scale=scale, dtype=torch.float32)
     r = sinkhorn(C, eps=eps, n_iters=20, backend=sinkhorn_backend)
     assert_finite(**r._asdict())
-    if abs(scale) / eps <= 200:  # beyond that, float32 rounding of C / eps alone moves the plan (and its marginals) by more than 1e-5
+    if (
+        abs(scale) / eps <= 200
+    ):  # beyond that, float32 rounding of C / eps alone moves the plan (and its marginals) by more than 1e-5
         ref = sinkhorn(C.double(), eps=eps, n_iters=20, backend="torch")
         assert_plan_close_relative(r.plan, ref.plan)
 

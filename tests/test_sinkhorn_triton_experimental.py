@@ -72,8 +72,16 @@ def test_onepass_exact_column_pass_when_sums_are_small(tol, small_tiles, monkeyp
     assert_matches_reference(exact, C, a, b, 0.1, 28, tol, 7)
     torch.testing.assert_close(exact.plan, summed.plan, rtol=0, atol=2e-6 * summed.plan.max().item())
     with pytest.raises(ValueError, match="whole rows"):
-        triton_sinkhorn.solve(torch.rand(1, 4, 100, device=DEVICE), a[:1, :4] * 0 + 0.25,
-                               torch.full((1, 100), 0.01, device=DEVICE), 0.1, 3, None, 10, strategy="onepass")
+        triton_sinkhorn.solve(
+            torch.rand(1, 4, 100, device=DEVICE),
+            a[:1, :4] * 0 + 0.25,
+            torch.full((1, 100), 0.01, device=DEVICE),
+            0.1,
+            3,
+            None,
+            10,
+            strategy="onepass",
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="programs meeting at a barrier run concurrently only on a GPU")
@@ -106,8 +114,14 @@ def _interpreter_programs_in_threads(timeout_s: float = 120.0):
 
         builder = interp.interpreter_builder
         original_call = interp.GridExecutor.__call__
-        needed = (interp._patch_lang, interp._implicit_cvt, interp.GridExecutor._init_args_hst,
-                  interp.GridExecutor._restore_args_dev, builder.set_grid_idx, builder.set_grid_dim)
+        needed = (
+            interp._patch_lang,
+            interp._implicit_cvt,
+            interp.GridExecutor._init_args_hst,
+            interp.GridExecutor._restore_args_dev,
+            builder.set_grid_idx,
+            builder.set_grid_dim,
+        )
     except AttributeError as exc:
         pytest.skip(f"Triton interpreter internals differ: {exc}")
     assert all(needed)
@@ -149,8 +163,9 @@ def _interpreter_programs_in_threads(timeout_s: float = 120.0):
         self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
 
     switch_interval = sys.getswitchinterval()
-    builder_type.grid_idx = property(lambda self: getattr(per_thread, "idx", None),
-                                     lambda self, value: setattr(per_thread, "idx", value))
+    builder_type.grid_idx = property(
+        lambda self: getattr(per_thread, "idx", None), lambda self, value: setattr(per_thread, "idx", value)
+    )
     interp.GridExecutor.__call__ = call
     sys.setswitchinterval(1e-4)  # programs spinning at a barrier hand the interpreter over sooner
     try:

@@ -76,8 +76,10 @@ def test_trl_format_files(tmp_path, ext):
 
 def test_conversational_rows_and_bad_files(tmp_path):
     path = tmp_path / "chat.jsonl"
-    row = {"chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
-           "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go away."}]}
+    row = {
+        "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}],
+        "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go away."}],
+    }
     path.write_text(json.dumps(row) + "\n")
     (pair,) = data.load_preference_file(str(path))
     assert pair["chosen"] == "Hi?\nHello." and pair["prompt"] == "" and "margin" not in pair

@@ -30,7 +30,10 @@ def tiny_tokenizer(pad_is_eos=False):
     backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
         pad_token="</s>" if pad_is_eos else "<pad>",
     )
     return tok
@@ -39,9 +42,17 @@ def tiny_tokenizer(pad_is_eos=False):
 def tiny_model(tok):
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, max_position_embeddings=64, num_labels=1,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
     )
     return transformers.LlamaForSequenceClassification(config)
 
@@ -61,18 +72,33 @@ def preference_data(with_margin):
     return datasets.Dataset.from_dict(data)
 
 
-def make_trainer(tmp_path, *, pad_is_eos=False, with_margin=False, max_steps=3, peft_config=None, eval_dataset=None,
-                 bf16=False, **kwargs):
+def make_trainer(
+    tmp_path, *, pad_is_eos=False, with_margin=False, max_steps=3, peft_config=None, eval_dataset=None, bf16=False, **kwargs
+):
     tok = tiny_tokenizer(pad_is_eos)
     args = trl.RewardConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=max_steps, learning_rate=1e-2,
-        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, dataloader_num_workers=0,
-        dataset_num_proc=None, center_rewards_coefficient=kwargs.pop("center_rewards_coefficient", None),
-        disable_tqdm=True, bf16=bf16,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=3,
+        max_steps=max_steps,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+        center_rewards_coefficient=kwargs.pop("center_rewards_coefficient", None),
+        disable_tqdm=True,
+        bf16=bf16,
     )
     return APLOTRewardTrainer(
-        model=tiny_model(tok), args=args, train_dataset=preference_data(with_margin), processing_class=tok,
-        peft_config=peft_config, eval_dataset=eval_dataset, **kwargs,
+        model=tiny_model(tok),
+        args=args,
+        train_dataset=preference_data(with_margin),
+        processing_class=tok,
+        peft_config=peft_config,
+        eval_dataset=eval_dataset,
+        **kwargs,
     )
 
 
@@ -99,8 +125,13 @@ def first_batch(trainer):
 
 @pytest.mark.parametrize("pad_is_eos, with_margin, center", [(False, False, None), (True, True, 0.01)])
 def test_loss_equals_aplot_loss_by_hand(tmp_path, pad_is_eos, with_margin, center):
-    trainer = make_trainer(tmp_path, pad_is_eos=pad_is_eos, with_margin=with_margin,
-                           center_rewards_coefficient=center, aplot_loss=APLOTLoss(**OPTIONS))
+    trainer = make_trainer(
+        tmp_path,
+        pad_is_eos=pad_is_eos,
+        with_margin=with_margin,
+        center_rewards_coefficient=center,
+        aplot_loss=APLOTLoss(**OPTIONS),
+    )
     trainer.model.eval()
     batch = first_batch(trainer)
     assert ("margin" in batch) == with_margin
@@ -164,8 +195,17 @@ def config_trainer(tmp_path, rows=6, **fields):
 
     tok = tiny_tokenizer()
     args = APLOTRewardConfig(
-        output_dir=str(tmp_path), learning_rate=1e-2, logging_steps=1, report_to="none", save_strategy="no",
-        use_cpu=True, bf16=False, dataloader_num_workers=0, dataset_num_proc=None, disable_tqdm=True, **fields,
+        output_dir=str(tmp_path),
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+        disable_tqdm=True,
+        **fields,
     )
     data = preference_data(False).select(range(rows))
     return APLOTRewardTrainer(model=tiny_model(tok), args=args, train_dataset=data, processing_class=tok)
@@ -173,23 +213,53 @@ def config_trainer(tmp_path, rows=6, **fields):
 
 def test_config_fields_reach_the_loss(tmp_path):
     trainer = config_trainer(
-        tmp_path, aplot_alpha=0.7, aplot_temperature=0.5, aplot_similarity="cosine", aplot_eps=0.3, aplot_n_iters=17,
-        aplot_scale=2.0, aplot_detach=False, aplot_backend="torch", aplot_gather=True, aplot_bank=True,
+        tmp_path,
+        aplot_alpha=0.7,
+        aplot_temperature=0.5,
+        aplot_similarity="cosine",
+        aplot_eps=0.3,
+        aplot_n_iters=17,
+        aplot_scale=2.0,
+        aplot_detach=False,
+        aplot_backend="torch",
+        aplot_gather=True,
+        aplot_bank=True,
         gradient_accumulation_steps=3,
     )
     loss = trainer.aplot_loss
-    got = (loss.alpha, loss.temperature, loss.similarity, loss.eps, loss.n_iters, loss.scale, loss.detach, loss.backend,
-           loss.gather_across_devices, loss.bank_size)
+    got = (
+        loss.alpha,
+        loss.temperature,
+        loss.similarity,
+        loss.eps,
+        loss.n_iters,
+        loss.scale,
+        loss.detach,
+        loss.backend,
+        loss.gather_across_devices,
+        loss.bank_size,
+    )
     assert got == (0.7, 0.5, "cosine", 0.3, 17, 2.0, False, "torch", True, 2)
     with pytest.raises(ValueError, match="aplot_"):
-        APLOTRewardTrainer(model=trainer.model, args=trainer.args, train_dataset=trainer.train_dataset,
-                           processing_class=trainer.processing_class, alpha=0.5)
+        APLOTRewardTrainer(
+            model=trainer.model,
+            args=trainer.args,
+            train_dataset=trainer.train_dataset,
+            processing_class=trainer.processing_class,
+            alpha=0.5,
+        )
 
 
-@pytest.mark.parametrize("field, value, error", [
-    ("aplot_alpha", 1.5, ValueError), ("aplot_detach", "no", TypeError), ("aplot_n_iters", 10.5, TypeError),
-    ("aplot_backend", "cuda", ValueError), ("aplot_similarity", "dot", ValueError),
-])
+@pytest.mark.parametrize(
+    "field, value, error",
+    [
+        ("aplot_alpha", 1.5, ValueError),
+        ("aplot_detach", "no", TypeError),
+        ("aplot_n_iters", 10.5, TypeError),
+        ("aplot_backend", "cuda", ValueError),
+        ("aplot_similarity", "dot", ValueError),
+    ],
+)
 def test_config_fields_are_checked(tmp_path, field, value, error):
     from aplot_kernels.trl import APLOTRewardConfig
 
@@ -203,8 +273,15 @@ def test_bank_holds_only_the_current_optimizer_step(tmp_path):
     """6 rows, micro-batches of 2, 2 accumulation steps: optimizer steps of micro-batches [0, 1], [2] (the
     epoch's short last step), [0, 1], [2]. Each training call finds in the bank exactly the earlier
     micro-steps of its own optimizer step."""
-    trainer = config_trainer(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4,
-                             aplot_bank=True, aplot_backend="torch", aplot_n_iters=20)
+    trainer = config_trainer(
+        tmp_path,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        aplot_bank=True,
+        aplot_backend="torch",
+        aplot_n_iters=20,
+    )
     held = []
     trainer.aplot_loss.register_forward_pre_hook(lambda module, _: held.append(len(module.bank)) if module.training else None)
     assert trainer.train().global_step == 4

@@ -35,7 +35,9 @@ def _triton_ops():
 
 
 @autocast_off
-def cosine_cost(x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float = NORM_EPS, backend: str = "auto") -> torch.Tensor:
+def cosine_cost(
+    x: torch.Tensor, y: Optional[torch.Tensor] = None, *, eps: float = NORM_EPS, backend: str = "auto"
+) -> torch.Tensor:
     """Cosine cost ``C[i, j] = 1 - <x_hat_i, y_hat_j>``.
 
     Args:

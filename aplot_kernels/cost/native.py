@@ -35,6 +35,13 @@ def aplot_cost(
     """``[B, N, D], [B, M, D], [B, N], [B, M] -> [B, N, M]``: the APLOT cost."""
     sim_weight, sim_offset = reference.similarity_terms(float(alpha), similarity)
     return _native.ops().aplot_cost(
-        chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, float(alpha), float(temperature), float(eps),
-        sim_weight, sim_offset,
+        chosen_emb,
+        rejected_emb,
+        chosen_rewards,
+        rejected_rewards,
+        float(alpha),
+        float(temperature),
+        float(eps),
+        sim_weight,
+        sim_offset,
     )

@@ -118,9 +118,7 @@ def _normalize_backward(x: torch.Tensor, grad_x_hat: torch.Tensor, eps: float) -
     return ((grad_x_hat - x_hat * radial) / clamped) * sigma
 
 
-def similarity_backward(
-    grad_s: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
+def similarity_backward(grad_s: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``cosine_similarity(x, y)`` given ``dL/dS`` ``[B, N, M]``."""
     x_hat, y_hat = normalize(x, eps), normalize(y, eps)
     grad_x_hat = grad_s @ y_hat

@@ -47,8 +47,19 @@ NUM_STAGES = 3
 
 @triton.jit
 def _product_tile(
-    x_base, y_base, x_scale, y_scale, row_ok, col_ok, D, stride_xd, stride_yd,
-    IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_base,
+    y_base,
+    x_scale,
+    y_scale,
+    row_ok,
+    col_ok,
+    D,
+    stride_xd,
+    stride_yd,
+    IEEE_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """``(x_scale x) (y_scale y)^T`` for one tile, ``[BLOCK_N, BLOCK_M]`` fp32.
 
@@ -96,9 +107,26 @@ def _aplot_combine(s, rx, ry, alpha, inv_temperature, sim_weight, sim_offset):
 
 @triton.jit
 def _similarity_tile(
-    x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, pid_b, rows, cols, N, M, D,
-    stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
-    IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    x_norm_ptr,
+    y_norm_ptr,
+    pid_b,
+    rows,
+    cols,
+    N,
+    M,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    stride_yb,
+    stride_ym,
+    stride_yd,
+    IEEE_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """``S`` for one tile: ``<x_i, y_j> / (|x_i|_eps |y_j|_eps)``, ``[BLOCK_N, BLOCK_M]`` fp32.
 
@@ -112,8 +140,19 @@ def _similarity_tile(
     x_scale, x_norm = _load_row_norms(x_norm_ptr, pid_b * N + rows, row_ok)
     y_scale, y_norm = _load_row_norms(y_norm_ptr, pid_b * M + cols, col_ok)
     acc = _product_tile(
-        x_base, y_base, x_scale, y_scale, row_ok, col_ok, D, stride_xd, stride_yd, IEEE_FP32,
-        BLOCK_N, BLOCK_M, BLOCK_D,
+        x_base,
+        y_base,
+        x_scale,
+        y_scale,
+        row_ok,
+        col_ok,
+        D,
+        stride_xd,
+        stride_yd,
+        IEEE_FP32,
+        BLOCK_N,
+        BLOCK_M,
+        BLOCK_D,
     )
     return _normalized(acc, x_norm, y_norm)
 
@@ -161,8 +200,9 @@ def _clamped_row_norms(base, row_ok, D, stride_d, eps, BLOCK_R: tl.constexpr, BL
 
 
 @triton.jit
-def _row_norms_block(x_ptr, out_ptr, block, R, N, D, stride_xb, stride_xn, stride_xd, eps,
-                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _row_norms_block(
+    x_ptr, out_ptr, block, R, N, D, stride_xb, stride_xn, stride_xd, eps, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+):
     """``(sigma, sigma max(|x_r|, eps))`` for rows ``block * BLOCK_R ..`` of the ``R = B * N`` rows of ``x``,
     into ``out [R, 2]``."""
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -175,17 +215,32 @@ def _row_norms_block(x_ptr, out_ptr, block, R, N, D, stride_xb, stride_xn, strid
 
 @triton.jit
 def _row_norms_kernel(
-    x_ptr, y_ptr, x_out_ptr, y_out_ptr, RX, NX, RY, NY, D,
-    stride_xb, stride_xn, stride_xd, stride_yb, stride_yn, stride_yd, eps, X_BLOCKS,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    x_out_ptr,
+    y_out_ptr,
+    RX,
+    NX,
+    RY,
+    NY,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    stride_yb,
+    stride_yn,
+    stride_yd,
+    eps,
+    X_BLOCKS,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Row scales and scaled clamped norms of ``x`` (the first ``X_BLOCKS`` programs) and of ``y`` (the others)."""
     pid = tl.program_id(0)
     if pid < X_BLOCKS:
         _row_norms_block(x_ptr, x_out_ptr, pid, RX, NX, D, stride_xb, stride_xn, stride_xd, eps, BLOCK_R, BLOCK_D)
     else:
-        _row_norms_block(y_ptr, y_out_ptr, pid - X_BLOCKS, RY, NY, D, stride_yb, stride_yn, stride_yd, eps,
-                         BLOCK_R, BLOCK_D)
+        _row_norms_block(y_ptr, y_out_ptr, pid - X_BLOCKS, RY, NY, D, stride_yb, stride_yn, stride_yd, eps, BLOCK_R, BLOCK_D)
 
 
 ROW_NORMS_BLOCK_R = 16
@@ -198,30 +253,78 @@ def _row_norms(x: torch.Tensor, y: torch.Tensor, eps: float):
     batch, n, d = x.shape
     m = y.shape[1]
     out = torch.empty(2 * batch * (n + m), dtype=torch.float32, device=x.device)
-    x_norm, y_norm = out[:2 * batch * n].view(batch, n, 2), out[2 * batch * n:].view(batch, m, 2)
+    x_norm, y_norm = out[: 2 * batch * n].view(batch, n, 2), out[2 * batch * n :].view(batch, m, 2)
     block_r, block_d = ROW_NORMS_BLOCK_R, block_size(d, lo=16, hi=256)
     x_blocks = cdiv(batch * n, block_r)
     _row_norms_kernel[(x_blocks + cdiv(batch * m, block_r),)](
-        x, y, x_norm, y_norm, batch * n, n, batch * m, m, d, *x.stride(), *y.stride(), float(eps), x_blocks,
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+        x,
+        y,
+        x_norm,
+        y_norm,
+        batch * n,
+        n,
+        batch * m,
+        m,
+        d,
+        *x.stride(),
+        *y.stride(),
+        float(eps),
+        x_blocks,
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     return x_norm, y_norm
 
 
 @triton.jit
 def _cosine_cost_kernel(
-    x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, out_ptr, N, M, D,
-    stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
-    stride_ob, stride_on, stride_om,
-    IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    x_norm_ptr,
+    y_norm_ptr,
+    out_ptr,
+    N,
+    M,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    stride_yb,
+    stride_ym,
+    stride_yd,
+    stride_ob,
+    stride_on,
+    stride_om,
+    IEEE_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     s = _similarity_tile(
-        x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, pid_b, rows, cols, N, M, D,
-        stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
-        IEEE_FP32, BLOCK_N, BLOCK_M, BLOCK_D,
+        x_ptr,
+        y_ptr,
+        x_norm_ptr,
+        y_norm_ptr,
+        pid_b,
+        rows,
+        cols,
+        N,
+        M,
+        D,
+        stride_xb,
+        stride_xn,
+        stride_xd,
+        stride_yb,
+        stride_ym,
+        stride_yd,
+        IEEE_FP32,
+        BLOCK_N,
+        BLOCK_M,
+        BLOCK_D,
     )
     out = out_ptr + pid_b * stride_ob + rows[:, None] * stride_on + cols[None, :] * stride_om
     tl.store(out, 1.0 - s, mask=(rows < N)[:, None] & (cols < M)[None, :])
@@ -229,12 +332,37 @@ def _cosine_cost_kernel(
 
 @triton.jit
 def _aplot_cost_kernel(
-    x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, rx_ptr, ry_ptr, out_ptr, N, M, D,
-    stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
-    stride_rxb, stride_rxn, stride_ryb, stride_rym,
-    stride_ob, stride_on, stride_om,
-    alpha, inv_temperature, sim_weight, sim_offset,
-    IEEE_FP32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    x_norm_ptr,
+    y_norm_ptr,
+    rx_ptr,
+    ry_ptr,
+    out_ptr,
+    N,
+    M,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    stride_yb,
+    stride_ym,
+    stride_yd,
+    stride_rxb,
+    stride_rxn,
+    stride_ryb,
+    stride_rym,
+    stride_ob,
+    stride_on,
+    stride_om,
+    alpha,
+    inv_temperature,
+    sim_weight,
+    sim_offset,
+    IEEE_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -242,9 +370,26 @@ def _aplot_cost_kernel(
     row_ok = rows < N
     col_ok = cols < M
     s = _similarity_tile(
-        x_ptr, y_ptr, x_norm_ptr, y_norm_ptr, pid_b, rows, cols, N, M, D,
-        stride_xb, stride_xn, stride_xd, stride_yb, stride_ym, stride_yd,
-        IEEE_FP32, BLOCK_N, BLOCK_M, BLOCK_D,
+        x_ptr,
+        y_ptr,
+        x_norm_ptr,
+        y_norm_ptr,
+        pid_b,
+        rows,
+        cols,
+        N,
+        M,
+        D,
+        stride_xb,
+        stride_xn,
+        stride_xd,
+        stride_yb,
+        stride_ym,
+        stride_yd,
+        IEEE_FP32,
+        BLOCK_N,
+        BLOCK_M,
+        BLOCK_D,
     )
     rx = tl.load(rx_ptr + pid_b * stride_rxb + rows * stride_rxn, mask=row_ok, other=0.0).to(tl.float32)
     ry = tl.load(ry_ptr + pid_b * stride_ryb + cols * stride_rym, mask=col_ok, other=0.0).to(tl.float32)
@@ -291,11 +436,26 @@ def _launch(kernel, x, y, extra_args, extra_strides, scalars, eps, out_dtype):
     block_d = block_size(d, lo=MIN_DOT_BLOCK, hi=tile_d)
     grid = (batch, cdiv(n, block_n), cdiv(m, block_m))
     kernel[grid](
-        x, y, x_norm, y_norm, *extra_args, out, n, m, d,
-        *x.stride(), *y.stride(), *extra_strides, *out.stride(),
+        x,
+        y,
+        x_norm,
+        y_norm,
+        *extra_args,
+        out,
+        n,
+        m,
+        d,
+        *x.stride(),
+        *y.stride(),
+        *extra_strides,
+        *out.stride(),
         *scalars,
-        IEEE_FP32=_dot_in_float32(x), BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=warps, num_stages=NUM_STAGES,
+        IEEE_FP32=_dot_in_float32(x),
+        BLOCK_N=block_n,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=warps,
+        num_stages=NUM_STAGES,
     )
     return out
 
@@ -319,16 +479,27 @@ def aplot_cost(
     out_dtype = float32_or_wider(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
     sim_weight, sim_offset = reference.similarity_terms(float(alpha), similarity)
     return _launch(
-        _aplot_cost_kernel, chosen_emb, rejected_emb,
-        (chosen_rewards, rejected_rewards), (*chosen_rewards.stride(), *rejected_rewards.stride()),
-        (float(alpha), 1.0 / float(temperature), sim_weight, sim_offset), eps, out_dtype,
+        _aplot_cost_kernel,
+        chosen_emb,
+        rejected_emb,
+        (chosen_rewards, rejected_rewards),
+        (*chosen_rewards.stride(), *rejected_rewards.stride()),
+        (float(alpha), 1.0 / float(temperature), sim_weight, sim_offset),
+        eps,
+        out_dtype,
     )
 
 
 # The backward passes live in triton_backward (which uses this module's row pass); their names are
 # read through this module, as the dispatch and the tests do, and load it on first use.
-_BACKWARD_NAMES = ("cosine_cost_backward", "aplot_cost_backward", "_grad_product_kernel", "_normalize_backward_kernel",
-                   "BACKWARD_TILE", "JACOBIAN_TILE")
+_BACKWARD_NAMES = (
+    "cosine_cost_backward",
+    "aplot_cost_backward",
+    "_grad_product_kernel",
+    "_normalize_backward_kernel",
+    "BACKWARD_TILE",
+    "JACOBIAN_TILE",
+)
 
 
 def __getattr__(name: str):

@@ -33,12 +33,35 @@ JACOBIAN_TILE = (16, 256, 4)
 
 @triton.jit
 def _grad_product_kernel(
-    g_ptr, y_ptr, y_norm_ptr, rx_ptr, ry_ptr, p_ptr, grad_rx_ptr, N, M, D,
-    stride_gb, stride_gn, stride_gm, stride_yb, stride_ym, stride_yd,
-    stride_rxb, stride_rxn, stride_ryb, stride_rym,
-    stride_pb, stride_pn, stride_pd,
-    reward_scale, inv_temperature,
-    REWARDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    g_ptr,
+    y_ptr,
+    y_norm_ptr,
+    rx_ptr,
+    ry_ptr,
+    p_ptr,
+    grad_rx_ptr,
+    N,
+    M,
+    D,
+    stride_gb,
+    stride_gn,
+    stride_gm,
+    stride_yb,
+    stride_ym,
+    stride_yd,
+    stride_rxb,
+    stride_rxn,
+    stride_ryb,
+    stride_rym,
+    stride_pb,
+    stride_pn,
+    stride_pd,
+    reward_scale,
+    inv_temperature,
+    REWARDS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """``P = G @ y_hat`` for one ``BLOCK_N x BLOCK_D`` tile of ``P [B, N, D]`` (fp32).
 
@@ -91,9 +114,22 @@ def _grad_product_kernel(
 
 @triton.jit
 def _normalize_backward_kernel(
-    x_ptr, x_norm_ptr, p_ptr, R, N, D, stride_xb, stride_xn, stride_xd, stride_pb, stride_pn, stride_pd,
-    scale, eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    x_norm_ptr,
+    p_ptr,
+    R,
+    N,
+    D,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    stride_pb,
+    stride_pn,
+    stride_pd,
+    scale,
+    eps,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """In place on ``P [B, N, D]`` (``dL/dx_hat`` up to ``scale``), for ``BLOCK_R`` of the ``R = B * N`` rows:
     ``scale * (p - x_hat <x_hat, p>) / |x|_eps`` where ``|x| > eps``, else ``scale * p / eps``.
@@ -138,13 +174,29 @@ def _grad_product(g, g_strides, y, y_norm, rx, ry, out, grad_rx, n, m, inv_tempe
         rx, ry, grad_rx = out, out, out
     grid = (batch, cdiv(n, block_n), cdiv(d, block_d))
     _grad_product_kernel[grid](
-        g, y, y_norm, rx, ry, out, grad_rx, n, m, d,
-        *g_strides, *y.stride(),
-        *(rx.stride() if rewards else (0, 0)), *(ry.stride() if rewards else (0, 0)),
+        g,
+        y,
+        y_norm,
+        rx,
+        ry,
+        out,
+        grad_rx,
+        n,
+        m,
+        d,
+        *g_strides,
+        *y.stride(),
+        *(rx.stride() if rewards else (0, 0)),
+        *(ry.stride() if rewards else (0, 0)),
         *out.stride(),
-        float(reward_scale), float(inv_temperature),
-        REWARDS=rewards, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=warps, num_stages=forward.NUM_STAGES,
+        float(reward_scale),
+        float(inv_temperature),
+        REWARDS=rewards,
+        BLOCK_N=block_n,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
+        num_warps=warps,
+        num_stages=forward.NUM_STAGES,
     )
 
 
@@ -154,8 +206,19 @@ def _normalize_backward(x, x_norm, p, scale, eps):
     block_r, max_block_d, warps = JACOBIAN_TILE
     block_d = block_size(d, lo=16, hi=max_block_d)
     _normalize_backward_kernel[(cdiv(batch * n, block_r),)](
-        x, x_norm, p, batch * n, n, d, *x.stride(), *p.stride(), float(scale), float(eps),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+        x,
+        x_norm,
+        p,
+        batch * n,
+        n,
+        d,
+        *x.stride(),
+        *p.stride(),
+        float(scale),
+        float(eps),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
+        num_warps=warps,
     )
 
 
@@ -204,6 +267,14 @@ def aplot_cost_backward(
     out_dtype = float32_or_wider(grad_cost, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
     sim_weight, _ = reference.similarity_terms(float(alpha), similarity)
     return _embedding_grads(
-        grad_cost, chosen_emb, rejected_emb, chosen_rewards, rejected_rewards,
-        sim_weight, 1.0 / float(temperature), -float(alpha) / float(temperature), eps, out_dtype,
+        grad_cost,
+        chosen_emb,
+        rejected_emb,
+        chosen_rewards,
+        rejected_rewards,
+        sim_weight,
+        1.0 / float(temperature),
+        -float(alpha) / float(temperature),
+        eps,
+        out_dtype,
     )

@@ -42,7 +42,6 @@ def check_rewards(chosen_rewards, rejected_rewards, *, same_length: bool) -> Non
         raise ValueError(f"`rejected_rewards` must hold at least as many entries as `chosen_rewards` ({n}), got {m}")
 
 
-
 def check_options(options: dict) -> dict:
     """The options of :func:`aplot_margin`, checked before any kernel runs (the cost would run first)."""
     return dict(
@@ -58,7 +57,6 @@ def check_options(options: dict) -> dict:
     )
 
 
-
 def check_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb):
     """Shapes now; values (NaN/inf) at the end of the caller's ``one_sync`` block."""
     check_rewards(chosen_rewards, rejected_rewards, same_length=False)
@@ -69,10 +67,21 @@ def check_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb):
     _checks.rewards_for("rejected_rewards", rejected_rewards, "rejected_emb", rejected_emb)
 
 
-
 def margin_and_plan(
-    chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, *, alpha, temperature, similarity, eps, n_iters, scale,
-    detach, backend, need_plan=True,
+    chosen_rewards,
+    rejected_rewards,
+    chosen_emb,
+    rejected_emb,
+    *,
+    alpha,
+    temperature,
+    similarity,
+    eps,
+    n_iters,
+    scale,
+    detach,
+    backend,
+    need_plan=True,
 ):
     """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked (no check, no host sync here).
 
@@ -97,8 +106,17 @@ def margin_and_plan(
 
                 with torch.no_grad():  # detached: the op has no autograd formula
                     margins = _triton_ops.aplot_margin(
-                        chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, NORM_EPS, eps,
-                        n_iters, scale, _triton_ops.similarity_code(similarity),
+                        chosen_rewards,
+                        rejected_rewards,
+                        chosen_emb,
+                        rejected_emb,
+                        alpha,
+                        temperature,
+                        NORM_EPS,
+                        eps,
+                        n_iters,
+                        scale,
+                        _triton_ops.similarity_code(similarity),
                     )
                 return margins, None, None
             except loss_triton.KERNEL_UNAVAILABLE as exc:  # cannot run on this GPU: the two-kernel path below
@@ -106,8 +124,17 @@ def margin_and_plan(
     if detach and not need_plan and impl == "native":
         # The cost op, then Sinkhorn's row-cost op, which reduces each plan row against the cost as it forms it.
         margins = native.detached_margins(
-            chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, NORM_EPS, similarity, eps,
-            n_iters, scale,
+            chosen_rewards,
+            rejected_rewards,
+            chosen_emb,
+            rejected_emb,
+            alpha,
+            temperature,
+            NORM_EPS,
+            similarity,
+            eps,
+            n_iters,
+            scale,
         )
         return margins, None, None
     if detach and not need_plan and impl == "triton":
@@ -130,7 +157,6 @@ def margin_and_plan(
         result = sinkhorn_checked(cost, eps=eps, n_iters=n_iters, grad="none" if detach else "implicit", backend=backend)
         margins = reference.margins(result.plan, cost, scale)
     return margins, result.plan, cost
-
 
 
 @autocast_off
@@ -169,8 +195,16 @@ def aplot_margin(
     """
     with _checks.one_sync():
         check_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
-    options = check_options(dict(
-        alpha=alpha, temperature=temperature, similarity=similarity, eps=eps, n_iters=n_iters, scale=scale,
-        detach=detach, backend=backend,
-    ))
+    options = check_options(
+        dict(
+            alpha=alpha,
+            temperature=temperature,
+            similarity=similarity,
+            eps=eps,
+            n_iters=n_iters,
+            scale=scale,
+            detach=detach,
+            backend=backend,
+        )
+    )
     return margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, **options, need_plan=False)[0]

@@ -36,12 +36,20 @@ def uniform(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return weights
 
 
-def _margins(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, norm_eps, similarity,
-             eps, n_iters, scale):
+def _margins(
+    chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, norm_eps, similarity, eps, n_iters, scale
+):
     sim_weight, sim_offset = similarity_terms(alpha, similarity)
     cost = _native.ops().aplot_cost.default(
-        chosen_emb.unsqueeze(0), rejected_emb.unsqueeze(0), chosen_rewards.unsqueeze(0), rejected_rewards.unsqueeze(0),
-        alpha, temperature, norm_eps, sim_weight, sim_offset,
+        chosen_emb.unsqueeze(0),
+        rejected_emb.unsqueeze(0),
+        chosen_rewards.unsqueeze(0),
+        rejected_rewards.unsqueeze(0),
+        alpha,
+        temperature,
+        norm_eps,
+        sim_weight,
+        sim_offset,
     )
     n, m = cost.shape[1], cost.shape[2]
     weights_dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32

@@ -53,11 +53,41 @@ def _margin_neg_cost(source, IEEE_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
     scaled clamped norms as the cost kernels' ``_clamped_row_norms``); also the ``RELOAD`` of the
     scaling-domain loop, which recomputes the tile rather than keep it.
     """
-    (x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_scale, x_norm, y_scale, y_norm, rx, ry,
-     alpha, inv_temperature, sim_weight, sim_offset, neg_inv_hi, neg_inv_lo) = source
+    (
+        x_rows,
+        y_rows,
+        row_ok,
+        col_ok,
+        D,
+        stride_xd,
+        stride_yd,
+        x_scale,
+        x_norm,
+        y_scale,
+        y_norm,
+        rx,
+        ry,
+        alpha,
+        inv_temperature,
+        sim_weight,
+        sim_offset,
+        neg_inv_hi,
+        neg_inv_lo,
+    ) = source
     product = cost_kernels._product_tile(
-        x_rows[:, None], y_rows[:, None], x_scale, y_scale, row_ok, col_ok, D, stride_xd, stride_yd, IEEE_FP32,
-        row_ok.shape[0], col_ok.shape[0], BLOCK_D,
+        x_rows[:, None],
+        y_rows[:, None],
+        x_scale,
+        y_scale,
+        row_ok,
+        col_ok,
+        D,
+        stride_xd,
+        stride_yd,
+        IEEE_FP32,
+        row_ok.shape[0],
+        col_ok.shape[0],
+        BLOCK_D,
     )
     s = cost_kernels._normalized(product, x_norm, y_norm)
     c = cost_kernels._aplot_combine(s, rx, ry, alpha, inv_temperature, sim_weight, sim_offset)
@@ -67,10 +97,36 @@ def _margin_neg_cost(source, IEEE_FP32: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _aplot_margin_kernel(
-    x_ptr, y_ptr, rx_ptr, ry_ptr, out_ptr, N, M, D,
-    stride_xn, stride_xd, stride_ym, stride_yd, stride_rx, stride_ry,
-    alpha, inv_temperature, sim_weight, sim_offset, norm_eps, eps, neg_inv_hi, neg_inv_lo, n_iters, row_weight, col_weight, margin_scale,
-    IEEE_FP32: tl.constexpr, SCALING: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    x_ptr,
+    y_ptr,
+    rx_ptr,
+    ry_ptr,
+    out_ptr,
+    N,
+    M,
+    D,
+    stride_xn,
+    stride_xd,
+    stride_ym,
+    stride_yd,
+    stride_rx,
+    stride_ry,
+    alpha,
+    inv_temperature,
+    sim_weight,
+    sim_offset,
+    norm_eps,
+    eps,
+    neg_inv_hi,
+    neg_inv_lo,
+    n_iters,
+    row_weight,
+    col_weight,
+    margin_scale,
+    IEEE_FP32: tl.constexpr,
+    SCALING: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     rows = tl.arange(0, BLOCK_N)
@@ -84,14 +140,43 @@ def _aplot_margin_kernel(
     y_scale, y_norm = cost_kernels._clamped_row_norms(y_rows, col_ok, D, stride_yd, norm_eps, BLOCK_M, BLOCK_D)
     rx = tl.load(rx_ptr + rows * stride_rx, mask=row_ok, other=0.0).to(tl.float32)
     ry = tl.load(ry_ptr + cols * stride_ry, mask=col_ok, other=0.0).to(tl.float32)
-    source = (x_rows, y_rows, row_ok, col_ok, D, stride_xd, stride_yd, x_scale, x_norm, y_scale, y_norm, rx, ry,
-              alpha, inv_temperature, sim_weight, sim_offset, neg_inv_hi, neg_inv_lo)
+    source = (
+        x_rows,
+        y_rows,
+        row_ok,
+        col_ok,
+        D,
+        stride_xd,
+        stride_yd,
+        x_scale,
+        x_norm,
+        y_scale,
+        y_norm,
+        rx,
+        ry,
+        alpha,
+        inv_temperature,
+        sim_weight,
+        sim_offset,
+        neg_inv_hi,
+        neg_inv_lo,
+    )
     neg_c = _margin_neg_cost(source, IEEE_FP32, BLOCK_D)
     wa = tl.where(row_ok, row_weight, 0.0)
     wb = tl.where(col_ok, col_weight, 0.0)
     if SCALING:
         log_u, log_v, iters, err, plan = fused_scaling.scaling_iterations(
-            neg_c, _margin_neg_cost, source, IEEE_FP32, BLOCK_D, wa, wb, n_iters, 1, 0.0, False,
+            neg_c,
+            _margin_neg_cost,
+            source,
+            IEEE_FP32,
+            BLOCK_D,
+            wa,
+            wb,
+            n_iters,
+            1,
+            0.0,
+            False,
         )
         neg_c = _margin_neg_cost(source, IEEE_FP32, BLOCK_D)  # not kept through the loop: formed again
     else:
@@ -105,8 +190,12 @@ def _aplot_margin_kernel(
 # registers for the GPU, a compiler or ptxas error), as opposed to a wrong input. The margin then
 # takes the cost kernel and the row-cost Sinkhorn, which ran on the GPUs we have measured.
 KERNEL_UNAVAILABLE = tuple(
-    error for error in (getattr(triton, "OutOfResources", None), getattr(triton, "CompilationError", None),
-                        getattr(getattr(triton.runtime, "errors", None), "PTXASError", None))
+    error
+    for error in (
+        getattr(triton, "OutOfResources", None),
+        getattr(triton, "CompilationError", None),
+        getattr(getattr(triton.runtime, "errors", None), "PTXASError", None),
+    )
     if isinstance(error, type)
 )
 _unavailable_reason: Optional[str] = None
@@ -182,10 +271,35 @@ def aplot_margin(
     hi, lo = common.split_reciprocal(eps)
     sim_weight, sim_offset = cost_reference.similarity_terms(float(alpha), similarity)
     _aplot_margin_kernel[(1,)](
-        x, y, chosen_rewards, rejected_rewards, out, n, m, d,
-        *x.stride(), *y.stride(), chosen_rewards.stride(0), rejected_rewards.stride(0),
-        float(alpha), 1.0 / float(temperature), sim_weight, sim_offset, float(norm_eps), float(eps), hi, lo, int(n_iters), 1.0 / n, 1.0 / m, float(scale) * n,
-        IEEE_FP32=ieee, SCALING=scaling, BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d,
+        x,
+        y,
+        chosen_rewards,
+        rejected_rewards,
+        out,
+        n,
+        m,
+        d,
+        *x.stride(),
+        *y.stride(),
+        chosen_rewards.stride(0),
+        rejected_rewards.stride(0),
+        float(alpha),
+        1.0 / float(temperature),
+        sim_weight,
+        sim_offset,
+        float(norm_eps),
+        float(eps),
+        hi,
+        lo,
+        int(n_iters),
+        1.0 / n,
+        1.0 / m,
+        float(scale) * n,
+        IEEE_FP32=ieee,
+        SCALING=scaling,
+        BLOCK_N=block_n,
+        BLOCK_M=block_m,
+        BLOCK_D=block_d,
         num_warps=num_warps_for(block_n * block_m, per_thread=fused.FUSED_ENTRIES_PER_THREAD),
         num_stages=cost_kernels.NUM_STAGES,
     )

@@ -157,7 +157,8 @@ def sinkhorn(
             # Half-precision weights cannot sum to 1e-5 accuracy: allow their own rounding.
             mass_rtol = max([MASS_RTOL] + [torch.finfo(w.dtype).eps for w in (a, b) if w is not None])
             _checks.require(
-                lambda: _mass_mismatch(a_full.sum(-1), b_full.sum(-1), mass_rtol), lambda excess: excess <= 0,
+                lambda: _mass_mismatch(a_full.sum(-1), b_full.sum(-1), mass_rtol),
+                lambda excess: excess <= 0,
                 f"`a` and `b` must have the same total mass in every problem (within {mass_rtol:g} relative)",
             )
     return _solve(C, a_full, b_full, impl, eps, n_iters, tol, check_every, grad)

@@ -150,11 +150,25 @@ def _solve_fixed_point_system(plan, diag_a, diag_b, gauge, rhs):
     if n + m <= DIRECT_SOLVE_MAX and batch * (n + m) ** 2 <= DIRECT_SOLVE_MAX_ENTRIES:
         # float64 keeps the solve accurate when eps is small and H is ill-conditioned.
         if n < m:  # eliminate the longer side: the system left is min(n, m) wide
-            nu_g, nu_f = _schur_solve(plan.transpose(-1, -2).double(), diag_b.double(), diag_a.double(),
-                                      -gauge[:, n:].double(), -gauge[:, :n].double(), rhs[:, n:].double(), rhs[:, :n].double())
+            nu_g, nu_f = _schur_solve(
+                plan.transpose(-1, -2).double(),
+                diag_b.double(),
+                diag_a.double(),
+                -gauge[:, n:].double(),
+                -gauge[:, :n].double(),
+                rhs[:, n:].double(),
+                rhs[:, :n].double(),
+            )
         else:
-            nu_f, nu_g = _schur_solve(plan.double(), diag_a.double(), diag_b.double(), gauge[:, :n].double(),
-                                      gauge[:, n:].double(), rhs[:, :n].double(), rhs[:, n:].double())
+            nu_f, nu_g = _schur_solve(
+                plan.double(),
+                diag_a.double(),
+                diag_b.double(),
+                gauge[:, :n].double(),
+                gauge[:, n:].double(),
+                rhs[:, :n].double(),
+                rhs[:, n:].double(),
+            )
         return torch.cat([nu_f, nu_g], -1).to(plan.dtype)
     return _conjugate_gradients(plan, diag_a, diag_b, rhs)
 

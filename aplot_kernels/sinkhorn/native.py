@@ -28,9 +28,7 @@ def solve(
 ) -> SolveOutput:
     """``C [B, N, M]`` (any float dtype; half precision is read directly and computed in float32),
     ``a [B, N]``, ``b [B, M]`` -> :class:`SolveOutput` (float64 for float64 ``C``, else float32)."""
-    out = _native.ops().sinkhorn_solve(
-        C, a, b, float(eps), int(n_iters), -1.0 if tol is None else float(tol), int(check_every)
-    )
+    out = _native.ops().sinkhorn_solve(C, a, b, float(eps), int(n_iters), -1.0 if tol is None else float(tol), int(check_every))
     return SolveOutput(*out)
 
 

@@ -56,12 +56,42 @@ Pair = Dict[str, object]
 # Vocabularies
 # ---------------------------------------------------------------------------
 
-NAMES = ["Anna", "Ben", "Clara", "David", "Emma", "Felix", "Grace", "Hugo", "Iris", "Jonas", "Kira", "Leo",
-         "Maya", "Noah", "Olga", "Paul", "Rosa", "Sam", "Tara", "Victor"]
+NAMES = [
+    "Anna",
+    "Ben",
+    "Clara",
+    "David",
+    "Emma",
+    "Felix",
+    "Grace",
+    "Hugo",
+    "Iris",
+    "Jonas",
+    "Kira",
+    "Leo",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Paul",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Victor",
+]
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 TIMES = ["8 am", "9 am", "10 am", "11 am", "noon", "1 pm", "2 pm", "3 pm", "4 pm", "5 pm", "6 pm", "7 pm"]
-EVENTS = ["team meeting", "dentist appointment", "yoga class", "piano lesson", "book club", "job interview",
-          "science exam", "birthday party", "football practice", "doctor visit"]
+EVENTS = [
+    "team meeting",
+    "dentist appointment",
+    "yoga class",
+    "piano lesson",
+    "book club",
+    "job interview",
+    "science exam",
+    "birthday party",
+    "football practice",
+    "doctor visit",
+]
 ITEMS = ["apples", "pencils", "books", "stamps", "marbles", "candles", "plates", "shirts", "coins", "cups"]
 CONTAINERS = ["basket", "drawer", "box", "bag", "cupboard", "crate"]
 OBJECTS = ["keys", "wallet", "umbrella", "phone", "glasses", "notebook", "scarf", "laptop", "camera", "ticket"]
@@ -72,10 +102,18 @@ TEAMS = ["Falcons", "Tigers", "Rovers", "Comets", "Giants", "Sharks", "Wolves", 
 PRODUCTS = ["lamp", "kettle", "backpack", "helmet", "blender", "jacket", "printer", "guitar", "toaster", "tent"]
 STORES = ["the corner shop", "the market", "the mall", "the outlet", "the hardware store"]
 CITIES = ["Lisbon", "Oslo", "Madrid", "Vienna", "Dublin", "Prague", "Athens", "Warsaw", "Zurich", "Helsinki"]
-ACTIVITIES = [("swims", "swim"), ("cycles to work", "cycle to work"), ("drinks coffee", "drink coffee"),
-              ("reads the news", "read the news"), ("plays chess", "play chess"), ("walks the dog", "walk the dog"),
-              ("cooks dinner", "cook dinner"), ("takes the bus", "take the bus"), ("watches films", "watch films"),
-              ("goes running", "go running")]
+ACTIVITIES = [
+    ("swims", "swim"),
+    ("cycles to work", "cycle to work"),
+    ("drinks coffee", "drink coffee"),
+    ("reads the news", "read the news"),
+    ("plays chess", "play chess"),
+    ("walks the dog", "walk the dog"),
+    ("cooks dinner", "cook dinner"),
+    ("takes the bus", "take the bus"),
+    ("watches films", "watch films"),
+    ("goes running", "go running"),
+]
 
 ID_OFF_TOPIC = [
     "The Pacific is the largest ocean on Earth.",
@@ -157,8 +195,11 @@ def _location(rng):
 
 def _preference(rng):
     name, (liked, disliked) = rng.choice(NAMES), rng.sample(FOODS, 2)
-    fact = f"{name} likes {liked} but does not like {disliked}." if rng.random() < 0.5 else \
-        f"{name} does not like {disliked} but likes {liked}."
+    fact = (
+        f"{name} likes {liked} but does not like {disliked}."
+        if rng.random() < 0.5
+        else f"{name} does not like {disliked} but likes {liked}."
+    )
     food = rng.choice([liked, disliked])
     yes, no = f"Yes, {name} likes {food}.", f"No, {name} does not like {food}."
     good, bad = (yes, no) if food == liked else (no, yes)
@@ -168,18 +209,24 @@ def _preference(rng):
 def _sports(rng):
     (w1, l1, w2, l2), first = rng.sample(TEAMS, 4), rng.random() < 0.5
     (a1, b1), (a2, b2) = sorted(rng.sample(range(0, 10), 2), reverse=True), sorted(rng.sample(range(0, 10), 2), reverse=True)
-    prompt = (f"Yesterday the {w1} beat the {l1} {a1} to {b1}, and the {w2} beat the {l2} {a2} to {b2}. "
-              f"What was the score of the {w1 if first else w2} game?")
+    prompt = (
+        f"Yesterday the {w1} beat the {l1} {a1} to {b1}, and the {w2} beat the {l2} {a2} to {b2}. "
+        f"What was the score of the {w1 if first else w2} game?"
+    )
     w, a, b, ao = (w1, a1, b1, a2) if first else (w2, a2, b2, a1)
     chosen = f"The {w} won {a} to {b}."
-    hard = f"The {w} won {ao if ao != a else a + 1} to {b}." if rng.random() < 0.5 else f"The {l1 if first else l2} won {a} to {b}."
+    hard = (
+        f"The {w} won {ao if ao != a else a + 1} to {b}." if rng.random() < 0.5 else f"The {l1 if first else l2} won {a} to {b}."
+    )
     return prompt, chosen, hard, w
 
 
 def _price(rng):
     (product, product2), store = rng.sample(PRODUCTS, 2), rng.choice(STORES)
     p, p2 = rng.sample(range(12, 96), 2)
-    prompt = f"At {store}, a {product2} is sold for {p2} dollars and a {product} for {p} dollars. What does the {product} cost there?"
+    prompt = (
+        f"At {store}, a {product2} is sold for {p2} dollars and a {product} for {p} dollars. What does the {product} cost there?"
+    )
     wrong = p2 if rng.random() < 0.75 else _near_number(rng, p)
     return prompt, f"The {product} costs {p} dollars.", f"The {product} costs {wrong} dollars.", product
 
@@ -188,8 +235,10 @@ def _flight(rng):
     codes = [f"{c}{rng.randint(100, 999)}" for c in rng.sample("ABCDEFGH", 2)]
     (city, city2), (gate, gate2) = rng.sample(CITIES, 2), rng.sample(range(1, 41), 2)
     code = codes[0]
-    prompt = (f"Flight {codes[1]} to {city2} departs from gate {gate2}, while passengers for flight {code} to {city} "
-              f"board at gate {gate}. Which gate is flight {code}?")
+    prompt = (
+        f"Flight {codes[1]} to {city2} departs from gate {gate2}, while passengers for flight {code} to {city} "
+        f"board at gate {gate}. Which gate is flight {code}?"
+    )
     if rng.random() < 0.5:
         hard = f"Flight {code} to {city} boards at gate {_swap(rng, range(1, 41), gate, gate2)}."
     else:
@@ -207,8 +256,12 @@ def _habit(rng):
     return f"{prompt_fact} Does {name} ever {base}?", good, bad, name
 
 
-ID_DOMAINS: Dict[str, Callable] = {"schedule": _schedule, "inventory": _inventory, "location": _location,
-                                   "preference": _preference}
+ID_DOMAINS: Dict[str, Callable] = {
+    "schedule": _schedule,
+    "inventory": _inventory,
+    "location": _location,
+    "preference": _preference,
+}
 OOD_DOMAINS: Dict[str, Callable] = {"sports": _sports, "price": _price, "flight": _flight, "habit": _habit}
 
 
@@ -312,12 +365,18 @@ def load_preference_file(path: str) -> List[Pair]:
         raise ValueError(f"`data`: {path!r} holds no rows")
     missing = {"chosen", "rejected"} - set(rows[0])
     if missing:
-        raise ValueError(f"`data`: {path!r} lacks column(s) {sorted(missing)} (TRL's format: chosen, rejected, optional prompt, margin)")
+        raise ValueError(
+            f"`data`: {path!r} lacks column(s) {sorted(missing)} (TRL's format: chosen, rejected, optional prompt, margin)"
+        )
     pairs = []
     for row in rows:
-        pair: Pair = {"prompt": _as_text(row.get("prompt")), "chosen": _as_text(row["chosen"]),
-                      "rejected": _as_text(row["rejected"]), "kind": str(row.get("kind") or ""),
-                      "domain": str(row.get("domain") or "")}
+        pair: Pair = {
+            "prompt": _as_text(row.get("prompt")),
+            "chosen": _as_text(row["chosen"]),
+            "rejected": _as_text(row["rejected"]),
+            "kind": str(row.get("kind") or ""),
+            "domain": str(row.get("domain") or ""),
+        }
         if row.get("margin") not in (None, ""):
             pair["margin"] = float(row["margin"])
         pairs.append(pair)

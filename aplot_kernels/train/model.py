@@ -140,8 +140,13 @@ def encode(
     batched by length (less padding to compute); otherwise every text is
     padded to the longest one, the shape of the cached hidden states.
     """
-    tok = encoder.tokenizer(**_texts(encoder.tokenizer, prompts, responses), padding="longest", truncation=True,
-                            max_length=max_length, return_tensors="pt")
+    tok = encoder.tokenizer(
+        **_texts(encoder.tokenizer, prompts, responses),
+        padding="longest",
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
+    )
     ids, mask = tok["input_ids"], tok["attention_mask"]
     extra = {k: v for k, v in tok.items() if k not in ("input_ids", "attention_mask")}
     n_layers = encoder.model.config.num_hidden_layers
@@ -149,12 +154,16 @@ def encode(
     order = torch.argsort(lengths, stable=True) if train_layers == 0 else torch.arange(ids.shape[0])
     outputs: List[torch.Tensor] = []
     for start in range(0, ids.shape[0], batch_size):
-        rows = order[start:start + batch_size]
+        rows = order[start : start + batch_size]
         width = int(lengths[rows].max()) if train_layers == 0 else ids.shape[1]
         # Right padding (BERT-style tokenizers): trimming trailing columns drops padding only.
         keep = slice(0, width) if encoder.tokenizer.padding_side == "right" else slice(ids.shape[1] - width, ids.shape[1])
-        out = encoder.model(input_ids=ids[rows, keep], attention_mask=mask[rows, keep],
-                            output_hidden_states=train_layers > 0, **{k: v[rows, keep] for k, v in extra.items()})
+        out = encoder.model(
+            input_ids=ids[rows, keep],
+            attention_mask=mask[rows, keep],
+            output_hidden_states=train_layers > 0,
+            **{k: v[rows, keep] for k, v in extra.items()},
+        )
         if train_layers > 0:
             outputs.append(out.hidden_states[n_layers - train_layers])
         else:
@@ -190,8 +199,9 @@ class RewardNet(torch.nn.Module):
             if train_layers > len(encoder.layers):
                 raise ValueError(f"`train_layers` must be <= {len(encoder.layers)}, got {train_layers}")
         self.top = torch.nn.ModuleList(
-            [copy.deepcopy(layer).requires_grad_(True) for layer in encoder.layers[len(encoder.layers) - train_layers:]]
-            if train_layers > 0 else []
+            [copy.deepcopy(layer).requires_grad_(True) for layer in encoder.layers[len(encoder.layers) - train_layers :]]
+            if train_layers > 0
+            else []
         )
         self.pooling = encoder.pooling
         hidden = encoder.hidden_size

@@ -48,8 +48,7 @@ def _value(result: dict, spec: dict):
     return result["final"][spec["split"]][spec["field"]]
 
 
-def summarize_runs(runs: Dict[str, List[dict]], labels: Dict[str, str], target_accuracy: float,
-                   level: float = LEVEL) -> dict:
+def summarize_runs(runs: Dict[str, List[dict]], labels: Dict[str, str], target_accuracy: float, level: float = LEVEL) -> dict:
     """Mean and spread of every metric per method, and each method's paired difference from the first (baseline)."""
     specs = metric_specs(runs, target_accuracy)
     baseline = next(iter(runs))
@@ -68,8 +67,9 @@ def summarize_runs(runs: Dict[str, List[dict]], labels: Dict[str, str], target_a
             summary["methods"][method][spec["key"]] = summarize([_value(r, spec) for r in results])
         if method != baseline:
             summary["differences"][method] = {
-                spec["key"]: paired_difference([_value(r, spec) for r in runs[baseline]],
-                                               [_value(r, spec) for r in results], level)
+                spec["key"]: paired_difference(
+                    [_value(r, spec) for r in runs[baseline]], [_value(r, spec) for r in results], level
+                )
                 for spec in specs
             }
     return summary
@@ -107,21 +107,27 @@ def table(summary: dict) -> str:
     header += [m["label"] for m in summary["metrics"]]
     rows = []
     for method, stats in summary["methods"].items():
-        rows.append([stats["label"]] + [_cell_stats(stats[m["key"]], m["key"] == "steps_to_target", len(seeds))
-                                        for m in summary["metrics"]])
+        rows.append(
+            [stats["label"]]
+            + [_cell_stats(stats[m["key"]], m["key"] == "steps_to_target", len(seeds)) for m in summary["metrics"]]
+        )
         if method in summary["differences"]:
             diffs = summary["differences"][method]
-            rows.append([f"{stats['label']} - {baseline_label}"]
-                        + [_cell_diff(diffs[m["key"]], m["key"] == "steps_to_target", len(seeds)) for m in summary["metrics"]])
+            rows.append(
+                [f"{stats['label']} - {baseline_label}"]
+                + [_cell_diff(diffs[m["key"]], m["key"] == "steps_to_target", len(seeds)) for m in summary["metrics"]]
+            )
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
 
     def line(cells):
         return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
 
     seeds_text = ", ".join(map(str, seeds))
-    intro = (f"Final pairwise accuracy and steps to the target accuracy, mean +- sd over {len(seeds)} seeds ({seeds_text}); "
-             f"rows '- {baseline_label}': the paired difference (a seed gives both losses the same initial weights and "
-             f"batch order), mean [{summary['interval']}].")
+    intro = (
+        f"Final pairwise accuracy and steps to the target accuracy, mean +- sd over {len(seeds)} seeds ({seeds_text}); "
+        f"rows '- {baseline_label}': the paired difference (a seed gives both losses the same initial weights and "
+        f"batch order), mean [{summary['interval']}]."
+    )
     separator = "|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
     return "\n".join([intro, "", line(header), separator] + [line(r) for r in rows])
 
@@ -147,8 +153,9 @@ def _stack(results: List[dict], key: str):
     return np.array([[np.nan if _is_missing(v) else v for v in r["curves"][key]] for r in results], dtype=float)
 
 
-def plot_curves(path: str, runs: Dict[str, List[dict]], labels: Dict[str, str], target_accuracy: float, title: str,
-                level: float = LEVEL) -> None:
+def plot_curves(
+    path: str, runs: Dict[str, List[dict]], labels: Dict[str, str], target_accuracy: float, title: str, level: float = LEVEL
+) -> None:
     """Top row: accuracy against step per split, the mean over seeds with a min-max band (hard pairs dashed).
     Bottom row: each method's paired difference from the baseline with its t-interval band, so that
     methods whose curves coincide above stay distinguishable."""
@@ -176,8 +183,7 @@ def plot_curves(path: str, runs: Dict[str, List[dict]], labels: Dict[str, str], 
             top.fill_between(steps, acc.min(0), acc.max(0), color=colour, alpha=0.15, linewidth=0)
             hard = _stack(results, f"{split}/hard")
             if not np.isnan(hard).all():
-                top.plot(steps, hard.mean(0), color=colour, linewidth=width * 0.6, linestyle="--",
-                         label=f"{label}, hard pairs")
+                top.plot(steps, hard.mean(0), color=colour, linewidth=width * 0.6, linestyle="--", label=f"{label}, hard pairs")
             if method == baseline:
                 continue
             diff = acc - _stack(runs[baseline], f"{split}/accuracy")
@@ -188,18 +194,24 @@ def plot_curves(path: str, runs: Dict[str, List[dict]], labels: Dict[str, str], 
                 bottom.fill_between(steps, mean - half, mean + half, color=colour, alpha=0.2, linewidth=0)
             hard_diff = hard - _stack(runs[baseline], f"{split}/hard")
             if not np.isnan(hard_diff).all():
-                bottom.plot(steps, hard_diff.mean(0), color=colour, linewidth=1.0, linestyle="--",
-                            label=f"{label} - {labels.get(baseline, baseline)}, hard pairs")
+                bottom.plot(
+                    steps,
+                    hard_diff.mean(0),
+                    color=colour,
+                    linewidth=1.0,
+                    linestyle="--",
+                    label=f"{label} - {labels.get(baseline, baseline)}, hard pairs",
+                )
         top.axhline(target_accuracy, color="grey", linewidth=0.8, linestyle=":")
-        top.set_title(f"{SPLIT_LABELS.get(split, split)}: accuracy, mean and min-max over {len(runs[baseline])} seeds",
-                      fontsize=9)
+        top.set_title(
+            f"{SPLIT_LABELS.get(split, split)}: accuracy, mean and min-max over {len(runs[baseline])} seeds", fontsize=9
+        )
         top.set_ylabel("pairwise accuracy")
         top.set_ylim(0.0, 1.02)
         top.grid(alpha=0.3)
         top.legend(loc="lower right", fontsize=7)
         bottom.axhline(0.0, color="black", linewidth=0.8)
-        bottom.set_title(f"{SPLIT_LABELS.get(split, split)}: paired difference, mean and {level:.0%} t-interval",
-                         fontsize=9)
+        bottom.set_title(f"{SPLIT_LABELS.get(split, split)}: paired difference, mean and {level:.0%} t-interval", fontsize=9)
         bottom.set_xlabel("training step")
         bottom.set_ylabel("accuracy difference")
         bottom.grid(alpha=0.3)

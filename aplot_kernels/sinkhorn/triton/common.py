@@ -130,8 +130,18 @@ def load_potential(ptr, mask, FROM_L2: tl.constexpr):
 
 @triton.jit
 def column_lse(
-    c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_L2: tl.constexpr,
+    c_ptr,
+    log_u_ptr,
+    cols,
+    N,
+    M,
+    stride_cn,
+    stride_cm,
+    neg_inv_hi,
+    neg_inv_lo,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    FROM_L2: tl.constexpr,
 ):
     """``LSE_i(-C_ij / eps + log_u_i)`` for one problem's columns ``cols`` (``[BLOCK_M]``), streaming rows."""
     col_ok = cols < M
@@ -150,8 +160,18 @@ def column_lse(
 
 @triton.jit
 def row_lse(
-    c_ptr, log_v_ptr, rows, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_L2: tl.constexpr,
+    c_ptr,
+    log_v_ptr,
+    rows,
+    N,
+    M,
+    stride_cn,
+    stride_cm,
+    neg_inv_hi,
+    neg_inv_lo,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    FROM_L2: tl.constexpr,
 ):
     """``LSE_j(-C_ij / eps + log_v_j)`` for one problem's rows ``rows`` (``[BLOCK_N]``), streaming columns."""
     row_ok = rows < N
@@ -170,8 +190,22 @@ def row_lse(
 
 @triton.jit
 def column_updates(
-    c_ptr, log_u_ptr, b_ptr, log_v_ptr, first, step, N, M, stride_cn, stride_cm, stride_bm, neg_inv_hi, neg_inv_lo,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_L2: tl.constexpr,
+    c_ptr,
+    log_u_ptr,
+    b_ptr,
+    log_v_ptr,
+    first,
+    step,
+    N,
+    M,
+    stride_cn,
+    stride_cm,
+    stride_bm,
+    neg_inv_hi,
+    neg_inv_lo,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    FROM_L2: tl.constexpr,
 ):
     """The v-update ``log_v_j = log b_j - LSE_i(-C_ij / eps + log_u_i)`` of one problem's column blocks
     starting at columns ``first, first + step, ...``."""
@@ -185,8 +219,22 @@ def column_updates(
 
 @triton.jit
 def row_updates(
-    c_ptr, log_v_ptr, a_ptr, log_u_ptr, first, step, N, M, stride_cn, stride_cm, stride_an, neg_inv_hi, neg_inv_lo,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, FROM_L2: tl.constexpr,
+    c_ptr,
+    log_v_ptr,
+    a_ptr,
+    log_u_ptr,
+    first,
+    step,
+    N,
+    M,
+    stride_cn,
+    stride_cm,
+    stride_an,
+    neg_inv_hi,
+    neg_inv_lo,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    FROM_L2: tl.constexpr,
 ):
     """The u-update ``log_u_i = log a_i - LSE_j(-C_ij / eps + log_v_j)`` of one problem's row blocks
     starting at rows ``first, first + step, ...``."""
@@ -200,8 +248,22 @@ def row_updates(
 
 @triton.jit
 def plan_rows(
-    c_ptr, log_u_ptr, log_v_ptr, plan_ptr, rows, N, M, stride_cn, stride_cm, stride_pn, stride_pm,
-    neg_inv_hi, neg_inv_lo, WRITE_PLAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    c_ptr,
+    log_u_ptr,
+    log_v_ptr,
+    plan_ptr,
+    rows,
+    N,
+    M,
+    stride_cn,
+    stride_cm,
+    stride_pn,
+    stride_pm,
+    neg_inv_hi,
+    neg_inv_lo,
+    WRITE_PLAN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     FROM_L2: tl.constexpr,
 ):
     """``sum_j P_ij C_ij`` of one problem's rows, with ``P_ij = exp(log_u_i + log_v_j - C_ij / eps)``.

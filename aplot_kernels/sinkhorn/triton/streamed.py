@@ -34,17 +34,26 @@ STREAMED_MAX_BYTES = 32 << 20
 
 @triton.jit
 def _column_violation(
-    c_ptr, log_u_ptr, log_v_ptr, b_ptr, N, M, stride_cn, stride_cm, stride_bm, neg_inv_hi, neg_inv_lo,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    c_ptr,
+    log_u_ptr,
+    log_v_ptr,
+    b_ptr,
+    N,
+    M,
+    stride_cn,
+    stride_cm,
+    stride_bm,
+    neg_inv_hi,
+    neg_inv_lo,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """``sum_j |(P^T 1)_j - b_j|`` of one problem, with ``(P^T 1)_j = exp(log_v_j + LSE_i(-C_ij / eps + log_u_i))``."""
     err = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         cols = m0 + tl.arange(0, BLOCK_M)
         col_ok = cols < M
-        lse = column_lse(
-            c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M, False
-        )
+        lse = column_lse(c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M, False)
         log_v = tl.load(log_v_ptr + cols, mask=col_ok, other=float("-inf"))
         wb = tl.load(b_ptr + cols * stride_bm, mask=col_ok, other=0.0)
         err += tl.abs(tl.math.exp2((log_v + lse) * LOG2E_K) - wb)
@@ -53,12 +62,38 @@ def _column_violation(
 
 @triton.jit
 def streamed_kernel(
-    c_ptr, a_ptr, b_ptr, log_u_ptr, log_v_ptr, plan_ptr, row_cost_ptr, iters_ptr, err_ptr,
-    N, M, stride_cb, stride_cn, stride_cm, stride_ab, stride_an, stride_bb, stride_bm,
-    stride_pb, stride_pn, stride_pm,
-    neg_inv_hi, neg_inv_lo, n_iters, check_every, tol,
-    HAS_TOL: tl.constexpr, WRITE_PLAN: tl.constexpr, ROW_BLOCK_N: tl.constexpr, ROW_BLOCK_M: tl.constexpr,
-    COL_BLOCK_N: tl.constexpr, COL_BLOCK_M: tl.constexpr,
+    c_ptr,
+    a_ptr,
+    b_ptr,
+    log_u_ptr,
+    log_v_ptr,
+    plan_ptr,
+    row_cost_ptr,
+    iters_ptr,
+    err_ptr,
+    N,
+    M,
+    stride_cb,
+    stride_cn,
+    stride_cm,
+    stride_ab,
+    stride_an,
+    stride_bb,
+    stride_bm,
+    stride_pb,
+    stride_pn,
+    stride_pm,
+    neg_inv_hi,
+    neg_inv_lo,
+    n_iters,
+    check_every,
+    tol,
+    HAS_TOL: tl.constexpr,
+    WRITE_PLAN: tl.constexpr,
+    ROW_BLOCK_N: tl.constexpr,
+    ROW_BLOCK_M: tl.constexpr,
+    COL_BLOCK_N: tl.constexpr,
+    COL_BLOCK_M: tl.constexpr,
 ):
     """All iterations of one problem; ``log_u``/``log_v`` (initialised by the host) live in global scratch.
 
@@ -77,28 +112,82 @@ def streamed_kernel(
     for k in range(1, n_iters + 1):
         if active != 0:
             column_updates(
-                c_ptr, log_u_ptr, b_ptr, log_v_ptr, 0, COL_BLOCK_M, N, M, stride_cn, stride_cm, stride_bm,
-                neg_inv_hi, neg_inv_lo, COL_BLOCK_N, COL_BLOCK_M, False,
+                c_ptr,
+                log_u_ptr,
+                b_ptr,
+                log_v_ptr,
+                0,
+                COL_BLOCK_M,
+                N,
+                M,
+                stride_cn,
+                stride_cm,
+                stride_bm,
+                neg_inv_hi,
+                neg_inv_lo,
+                COL_BLOCK_N,
+                COL_BLOCK_M,
+                False,
             )
             tl.debug_barrier()
             row_updates(
-                c_ptr, log_v_ptr, a_ptr, log_u_ptr, 0, ROW_BLOCK_N, N, M, stride_cn, stride_cm, stride_an,
-                neg_inv_hi, neg_inv_lo, ROW_BLOCK_N, ROW_BLOCK_M, False,
+                c_ptr,
+                log_v_ptr,
+                a_ptr,
+                log_u_ptr,
+                0,
+                ROW_BLOCK_N,
+                N,
+                M,
+                stride_cn,
+                stride_cm,
+                stride_an,
+                neg_inv_hi,
+                neg_inv_lo,
+                ROW_BLOCK_N,
+                ROW_BLOCK_M,
+                False,
             )
             tl.debug_barrier()
             iters += 1
             if HAS_TOL:
                 if k % check_every == 0:
                     err = _column_violation(
-                        c_ptr, log_u_ptr, log_v_ptr, b_ptr, N, M, stride_cn, stride_cm, stride_bm,
-                        neg_inv_hi, neg_inv_lo, COL_BLOCK_N, COL_BLOCK_M,
+                        c_ptr,
+                        log_u_ptr,
+                        log_v_ptr,
+                        b_ptr,
+                        N,
+                        M,
+                        stride_cn,
+                        stride_cm,
+                        stride_bm,
+                        neg_inv_hi,
+                        neg_inv_lo,
+                        COL_BLOCK_N,
+                        COL_BLOCK_M,
                     )
                     active = (err > tol).to(tl.int32)
     for n0 in range(0, N, ROW_BLOCK_N):
         rows = n0 + tl.arange(0, ROW_BLOCK_N)
         row_cost = plan_rows(
-            c_ptr, log_u_ptr, log_v_ptr, plan_ptr + pid * stride_pb, rows, N, M, stride_cn, stride_cm,
-            stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, WRITE_PLAN, ROW_BLOCK_N, ROW_BLOCK_M, False,
+            c_ptr,
+            log_u_ptr,
+            log_v_ptr,
+            plan_ptr + pid * stride_pb,
+            rows,
+            N,
+            M,
+            stride_cn,
+            stride_cm,
+            stride_pn,
+            stride_pm,
+            neg_inv_hi,
+            neg_inv_lo,
+            WRITE_PLAN,
+            ROW_BLOCK_N,
+            ROW_BLOCK_M,
+            False,
         )
         tl.store(row_cost_ptr + pid * N + rows, row_cost, mask=rows < N)
     tl.store(iters_ptr + pid, iters.to(tl.int64))
@@ -118,12 +207,32 @@ def solve_streamed(C, a, b, eps, n_iters, tol, check_every, write_plan):
     err = torch.empty(batch, dtype=torch.float32, device=dev)
     tile = max(blocks["row_block_n"] * blocks["row_block_m"], blocks["col_block_n"] * blocks["col_block_m"])
     streamed_kernel[(batch,)](
-        C, a, b, log_u, log_v, plan, row_cost, iters, err, n, m,
-        *C.stride(), *a.stride(), *b.stride(), *plan.stride(),
-        hi, lo, int(n_iters), int(check_every), float(tol if tol is not None else 0.0),
-        HAS_TOL=tol is not None, WRITE_PLAN=write_plan,
-        ROW_BLOCK_N=blocks["row_block_n"], ROW_BLOCK_M=blocks["row_block_m"],
-        COL_BLOCK_N=blocks["col_block_n"], COL_BLOCK_M=blocks["col_block_m"],
+        C,
+        a,
+        b,
+        log_u,
+        log_v,
+        plan,
+        row_cost,
+        iters,
+        err,
+        n,
+        m,
+        *C.stride(),
+        *a.stride(),
+        *b.stride(),
+        *plan.stride(),
+        hi,
+        lo,
+        int(n_iters),
+        int(check_every),
+        float(tol if tol is not None else 0.0),
+        HAS_TOL=tol is not None,
+        WRITE_PLAN=write_plan,
+        ROW_BLOCK_N=blocks["row_block_n"],
+        ROW_BLOCK_M=blocks["row_block_m"],
+        COL_BLOCK_N=blocks["col_block_n"],
+        COL_BLOCK_M=blocks["col_block_m"],
         num_warps=num_warps_for(tile, per_thread=TILED_ENTRIES_PER_THREAD),
     )
     return finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost

@@ -45,10 +45,23 @@ GRAPH_CACHE_SIZE = 8
 
 @triton.jit
 def column_pass_kernel(
-    c_ptr, log_u_ptr, b_ptr, out_ptr, active_ptr,
-    N, M, stride_cb, stride_cn, stride_cm, stride_bb, stride_bm,
-    neg_inv_hi, neg_inv_lo,
-    WRITE_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    c_ptr,
+    log_u_ptr,
+    b_ptr,
+    out_ptr,
+    active_ptr,
+    N,
+    M,
+    stride_cb,
+    stride_cn,
+    stride_cm,
+    stride_bb,
+    stride_bm,
+    neg_inv_hi,
+    neg_inv_lo,
+    WRITE_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """``lse_j = LSE_i(-C_ij / eps + log_u_i)``; writes ``log_v = log b - lse`` (``WRITE_V``) or ``lse``."""
     pid_b = tl.program_id(0).to(tl.int64)
@@ -56,8 +69,18 @@ def column_pass_kernel(
         cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         col_ok = cols < M
         lse = column_lse(
-            c_ptr + pid_b * stride_cb, log_u_ptr + pid_b * N, cols, N, M, stride_cn, stride_cm,
-            neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M, False,
+            c_ptr + pid_b * stride_cb,
+            log_u_ptr + pid_b * N,
+            cols,
+            N,
+            M,
+            stride_cn,
+            stride_cm,
+            neg_inv_hi,
+            neg_inv_lo,
+            BLOCK_N,
+            BLOCK_M,
+            False,
         )
         if WRITE_V:
             wb = tl.load(b_ptr + pid_b * stride_bb + cols * stride_bm, mask=col_ok, other=0.0)
@@ -67,10 +90,22 @@ def column_pass_kernel(
 
 @triton.jit
 def row_pass_kernel(
-    c_ptr, log_v_ptr, a_ptr, log_u_ptr, active_ptr,
-    N, M, stride_cb, stride_cn, stride_cm, stride_ab, stride_an,
-    neg_inv_hi, neg_inv_lo,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    c_ptr,
+    log_v_ptr,
+    a_ptr,
+    log_u_ptr,
+    active_ptr,
+    N,
+    M,
+    stride_cb,
+    stride_cn,
+    stride_cm,
+    stride_ab,
+    stride_an,
+    neg_inv_hi,
+    neg_inv_lo,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """``log_u_i = log a_i - LSE_j(-C_ij / eps + log_v_j)``."""
     pid_b = tl.program_id(0).to(tl.int64)
@@ -78,8 +113,18 @@ def row_pass_kernel(
         rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         lse = row_lse(
-            c_ptr + pid_b * stride_cb, log_v_ptr + pid_b * M, rows, N, M, stride_cn, stride_cm,
-            neg_inv_hi, neg_inv_lo, BLOCK_N, BLOCK_M, False,
+            c_ptr + pid_b * stride_cb,
+            log_v_ptr + pid_b * M,
+            rows,
+            N,
+            M,
+            stride_cn,
+            stride_cm,
+            neg_inv_hi,
+            neg_inv_lo,
+            BLOCK_N,
+            BLOCK_M,
+            False,
         )
         wa = tl.load(a_ptr + pid_b * stride_ab + rows * stride_an, mask=row_ok, other=0.0)
         tl.store(log_u_ptr + pid_b * N + rows, potential(wa, lse), mask=row_ok)
@@ -87,8 +132,18 @@ def row_pass_kernel(
 
 @triton.jit
 def check_kernel(
-    col_lse_ptr, log_v_ptr, b_ptr, active_ptr, err_ptr, iters_ptr,
-    M, stride_bb, stride_bm, tol, k, apply_next_v,
+    col_lse_ptr,
+    log_v_ptr,
+    b_ptr,
+    active_ptr,
+    err_ptr,
+    iters_ptr,
+    M,
+    stride_bb,
+    stride_bm,
+    tol,
+    k,
+    apply_next_v,
     BLOCK: tl.constexpr,
 ):
     """After iteration ``k``: ``err = sum_j |exp(log_v_j + lse_j) - b_j|``; stop the problem once ``err <= tol``.
@@ -122,17 +177,45 @@ def check_kernel(
 
 @triton.jit
 def plan_kernel(
-    c_ptr, log_u_ptr, log_v_ptr, plan_ptr, row_cost_ptr,
-    N, M, stride_cb, stride_cn, stride_cm, stride_pb, stride_pn, stride_pm,
-    neg_inv_hi, neg_inv_lo,
-    WRITE_PLAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    c_ptr,
+    log_u_ptr,
+    log_v_ptr,
+    plan_ptr,
+    row_cost_ptr,
+    N,
+    M,
+    stride_cb,
+    stride_cn,
+    stride_cm,
+    stride_pb,
+    stride_pn,
+    stride_pm,
+    neg_inv_hi,
+    neg_inv_lo,
+    WRITE_PLAN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """The row sums of ``P * C`` and, when ``WRITE_PLAN``, the plan; one block of rows per program."""
     pid_b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_cost = plan_rows(
-        c_ptr + pid_b * stride_cb, log_u_ptr + pid_b * N, log_v_ptr + pid_b * M, plan_ptr + pid_b * stride_pb,
-        rows, N, M, stride_cn, stride_cm, stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, WRITE_PLAN, BLOCK_N, BLOCK_M,
+        c_ptr + pid_b * stride_cb,
+        log_u_ptr + pid_b * N,
+        log_v_ptr + pid_b * M,
+        plan_ptr + pid_b * stride_pb,
+        rows,
+        N,
+        M,
+        stride_cn,
+        stride_cm,
+        stride_pn,
+        stride_pm,
+        neg_inv_hi,
+        neg_inv_lo,
+        WRITE_PLAN,
+        BLOCK_N,
+        BLOCK_M,
         False,
     )
     tl.store(row_cost_ptr + pid_b * N + rows, row_cost, mask=rows < N)
@@ -156,8 +239,21 @@ def solve_tiled(C, a, b, eps, n_iters, tol, check_every, write_plan):
 
     def column_pass(out, write_v):
         column_pass_kernel[col_grid](
-            C, log_u, b, out, active, n, m, *C.stride(), *b.stride(), hi, lo,
-            WRITE_V=write_v, BLOCK_N=blocks["col_block_n"], BLOCK_M=blocks["col_block_m"], num_warps=col_warps,
+            C,
+            log_u,
+            b,
+            out,
+            active,
+            n,
+            m,
+            *C.stride(),
+            *b.stride(),
+            hi,
+            lo,
+            WRITE_V=write_v,
+            BLOCK_N=blocks["col_block_n"],
+            BLOCK_M=blocks["col_block_m"],
+            num_warps=col_warps,
         )
 
     v_ready = False  # the check kernel already applied this iteration's v-update
@@ -165,15 +261,38 @@ def solve_tiled(C, a, b, eps, n_iters, tol, check_every, write_plan):
         if not v_ready:
             column_pass(log_v, True)
         row_pass_kernel[row_grid](
-            C, log_v, a, log_u, active, n, m, *C.stride(), *a.stride(), hi, lo,
-            BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"], num_warps=row_warps,
+            C,
+            log_v,
+            a,
+            log_u,
+            active,
+            n,
+            m,
+            *C.stride(),
+            *a.stride(),
+            hi,
+            lo,
+            BLOCK_N=blocks["row_block_n"],
+            BLOCK_M=blocks["row_block_m"],
+            num_warps=row_warps,
         )
         v_ready = tol is not None and k % check_every == 0
         if v_ready:
             column_pass(col_lse, False)
             check_kernel[(batch,)](
-                col_lse, log_v, b, active, err, iters, m, *b.stride(), float(tol), k, int(k < n_iters),
-                BLOCK=min(blocks["check_block"], block_size(m, hi=1 << 30)), num_warps=4,
+                col_lse,
+                log_v,
+                b,
+                active,
+                err,
+                iters,
+                m,
+                *b.stride(),
+                float(tol),
+                k,
+                int(k < n_iters),
+                BLOCK=min(blocks["check_block"], block_size(m, hi=1 << 30)),
+                num_warps=4,
             )
 
     return plan_epilogue(C, a, b, eps, log_u, log_v, iters, err, write_plan)
@@ -187,8 +306,20 @@ def plan_epilogue(C, a, b, eps, log_u, log_v, iters, err, write_plan):
     plan = plan_buffer(batch, n, m, C.device, write_plan)
     row_cost = torch.empty(batch, n, dtype=torch.float32, device=C.device)
     plan_kernel[(batch, cdiv(n, blocks["row_block_n"]))](
-        C, log_u, log_v, plan, row_cost, n, m, *C.stride(), *plan.stride(), hi, lo,
-        WRITE_PLAN=write_plan, BLOCK_N=blocks["row_block_n"], BLOCK_M=blocks["row_block_m"],
+        C,
+        log_u,
+        log_v,
+        plan,
+        row_cost,
+        n,
+        m,
+        *C.stride(),
+        *plan.stride(),
+        hi,
+        lo,
+        WRITE_PLAN=write_plan,
+        BLOCK_N=blocks["row_block_n"],
+        BLOCK_M=blocks["row_block_m"],
         num_warps=num_warps_for(blocks["row_block_n"] * blocks["row_block_m"], per_thread=TILED_ENTRIES_PER_THREAD),
     )
     return finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost

@@ -49,13 +49,41 @@ def _problem_barrier(sync_ptr, target):
 
 @triton.jit
 def cooperative_kernel(
-    c_ptr, a_ptr, b_ptr, log_u_ptr, log_v_ptr, col_lse_ptr, partial_err_ptr, sync_ptr,
-    plan_ptr, row_cost_ptr, iters_ptr, err_ptr,
-    N, M, stride_cb, stride_cn, stride_cm, stride_ab, stride_an, stride_bb, stride_bm,
-    stride_pb, stride_pn, stride_pm,
-    neg_inv_hi, neg_inv_lo, n_iters, check_every, tol,
-    HAS_TOL: tl.constexpr, WRITE_PLAN: tl.constexpr, ROW_BLOCK_N: tl.constexpr, ROW_BLOCK_M: tl.constexpr,
-    COL_BLOCK_N: tl.constexpr, COL_BLOCK_M: tl.constexpr,
+    c_ptr,
+    a_ptr,
+    b_ptr,
+    log_u_ptr,
+    log_v_ptr,
+    col_lse_ptr,
+    partial_err_ptr,
+    sync_ptr,
+    plan_ptr,
+    row_cost_ptr,
+    iters_ptr,
+    err_ptr,
+    N,
+    M,
+    stride_cb,
+    stride_cn,
+    stride_cm,
+    stride_ab,
+    stride_an,
+    stride_bb,
+    stride_bm,
+    stride_pb,
+    stride_pn,
+    stride_pm,
+    neg_inv_hi,
+    neg_inv_lo,
+    n_iters,
+    check_every,
+    tol,
+    HAS_TOL: tl.constexpr,
+    WRITE_PLAN: tl.constexpr,
+    ROW_BLOCK_N: tl.constexpr,
+    ROW_BLOCK_M: tl.constexpr,
+    COL_BLOCK_N: tl.constexpr,
+    COL_BLOCK_M: tl.constexpr,
 ):
     """Problem ``program_id(0)``, part ``program_id(1)`` of ``num_programs(1)``.
 
@@ -88,14 +116,42 @@ def cooperative_kernel(
         if active != 0:
             if v_ready == 0:
                 column_updates(
-                    c_ptr, log_u_ptr, b_ptr, log_v_ptr, part * COL_BLOCK_M, parts * COL_BLOCK_M, N, M,
-                    stride_cn, stride_cm, stride_bm, neg_inv_hi, neg_inv_lo, COL_BLOCK_N, COL_BLOCK_M, True,
+                    c_ptr,
+                    log_u_ptr,
+                    b_ptr,
+                    log_v_ptr,
+                    part * COL_BLOCK_M,
+                    parts * COL_BLOCK_M,
+                    N,
+                    M,
+                    stride_cn,
+                    stride_cm,
+                    stride_bm,
+                    neg_inv_hi,
+                    neg_inv_lo,
+                    COL_BLOCK_N,
+                    COL_BLOCK_M,
+                    True,
                 )
                 phase += 1
                 _problem_barrier(sync_ptr, phase * parts)
             row_updates(
-                c_ptr, log_v_ptr, a_ptr, log_u_ptr, part * ROW_BLOCK_N, parts * ROW_BLOCK_N, N, M,
-                stride_cn, stride_cm, stride_an, neg_inv_hi, neg_inv_lo, ROW_BLOCK_N, ROW_BLOCK_M, True,
+                c_ptr,
+                log_v_ptr,
+                a_ptr,
+                log_u_ptr,
+                part * ROW_BLOCK_N,
+                parts * ROW_BLOCK_N,
+                N,
+                M,
+                stride_cn,
+                stride_cm,
+                stride_an,
+                neg_inv_hi,
+                neg_inv_lo,
+                ROW_BLOCK_N,
+                ROW_BLOCK_M,
+                True,
             )
             phase += 1
             _problem_barrier(sync_ptr, phase * parts)
@@ -108,8 +164,18 @@ def cooperative_kernel(
                         cols = m0 + tl.arange(0, COL_BLOCK_M)
                         col_ok = cols < M
                         lse = column_lse(
-                            c_ptr, log_u_ptr, cols, N, M, stride_cn, stride_cm, neg_inv_hi, neg_inv_lo,
-                            COL_BLOCK_N, COL_BLOCK_M, True,
+                            c_ptr,
+                            log_u_ptr,
+                            cols,
+                            N,
+                            M,
+                            stride_cn,
+                            stride_cm,
+                            neg_inv_hi,
+                            neg_inv_lo,
+                            COL_BLOCK_N,
+                            COL_BLOCK_M,
+                            True,
                         )
                         tl.store(col_lse_ptr + cols, lse, mask=col_ok)  # read back by this program only
                         log_v = tl.load(log_v_ptr + cols, mask=col_ok, other=float("-inf"))  # this part's columns
@@ -137,8 +203,23 @@ def cooperative_kernel(
     for n0 in range(part * ROW_BLOCK_N, N, parts * ROW_BLOCK_N):
         rows = n0 + tl.arange(0, ROW_BLOCK_N)
         row_cost = plan_rows(
-            c_ptr, log_u_ptr, log_v_ptr, plan_ptr + pid * stride_pb, rows, N, M, stride_cn, stride_cm,
-            stride_pn, stride_pm, neg_inv_hi, neg_inv_lo, WRITE_PLAN, ROW_BLOCK_N, ROW_BLOCK_M, True,
+            c_ptr,
+            log_u_ptr,
+            log_v_ptr,
+            plan_ptr + pid * stride_pb,
+            rows,
+            N,
+            M,
+            stride_cn,
+            stride_cm,
+            stride_pn,
+            stride_pm,
+            neg_inv_hi,
+            neg_inv_lo,
+            WRITE_PLAN,
+            ROW_BLOCK_N,
+            ROW_BLOCK_M,
+            True,
         )
         tl.store(row_cost_ptr + pid * N + rows, row_cost, mask=rows < N)
     if part == 0:
@@ -172,8 +253,9 @@ def solve_cooperative(C, a, b, eps, n_iters, tol, check_every, write_plan, parts
     dev = C.device
     parts = parts or cooperative_parts(C)
     if parts > 1 and batch * parts > resident_programs(dev):
-        raise ValueError(f"the cooperative strategy needs all {batch * parts} programs resident at once; "
-                         f"{resident_programs(dev)} are on {dev}")
+        raise ValueError(
+            f"the cooperative strategy needs all {batch * parts} programs resident at once; {resident_programs(dev)} are on {dev}"
+        )
     blocks = COOPERATIVE_BLOCKS
     hi, lo = split_reciprocal(eps)
     log_u = torch.where(a > 0, 0.0, NEG_INF).contiguous()  # padded rows never enter a column update
@@ -187,12 +269,35 @@ def solve_cooperative(C, a, b, eps, n_iters, tol, check_every, write_plan, parts
     err = torch.empty(batch, dtype=torch.float32, device=dev)
     tile = max(blocks["row_block_n"] * blocks["row_block_m"], blocks["col_block_n"] * blocks["col_block_m"])
     cooperative_kernel[(batch, parts)](
-        C, a, b, log_u, log_v, col_lse, partial_err, sync, plan, row_cost, iters, err, n, m,
-        *C.stride(), *a.stride(), *b.stride(), *plan.stride(),
-        hi, lo, int(n_iters), int(check_every), float(tol if tol is not None else 0.0),
-        HAS_TOL=tol is not None, WRITE_PLAN=write_plan,
-        ROW_BLOCK_N=blocks["row_block_n"], ROW_BLOCK_M=blocks["row_block_m"],
-        COL_BLOCK_N=blocks["col_block_n"], COL_BLOCK_M=blocks["col_block_m"],
+        C,
+        a,
+        b,
+        log_u,
+        log_v,
+        col_lse,
+        partial_err,
+        sync,
+        plan,
+        row_cost,
+        iters,
+        err,
+        n,
+        m,
+        *C.stride(),
+        *a.stride(),
+        *b.stride(),
+        *plan.stride(),
+        hi,
+        lo,
+        int(n_iters),
+        int(check_every),
+        float(tol if tol is not None else 0.0),
+        HAS_TOL=tol is not None,
+        WRITE_PLAN=write_plan,
+        ROW_BLOCK_N=blocks["row_block_n"],
+        ROW_BLOCK_M=blocks["row_block_m"],
+        COL_BLOCK_N=blocks["col_block_n"],
+        COL_BLOCK_M=blocks["col_block_m"],
         num_warps=num_warps_for(tile, per_thread=TILED_ENTRIES_PER_THREAD),
     )
     return finish(a, b, eps, log_u, log_v, plan, row_cost, iters, err) if write_plan else row_cost

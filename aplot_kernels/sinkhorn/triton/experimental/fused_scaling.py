@@ -19,8 +19,8 @@ from ..fused import solve_fused, store_outputs
 
 # Scalings of non-zero weights stay within [SCALING_LO, SCALING_HI]; an iteration that leaves the
 # range runs again in the log domain (see scaling_iterations).
-SCALING_LO_K = tl.constexpr(2.0 ** -32)
-SCALING_HI_K = tl.constexpr(2.0 ** 32)
+SCALING_LO_K = tl.constexpr(2.0**-32)
+SCALING_HI_K = tl.constexpr(2.0**32)
 
 
 @triton.jit
@@ -49,8 +49,17 @@ def reload_neg_cost(source, RELOAD_FLAG: tl.constexpr, RELOAD_BLOCK: tl.constexp
 
 @triton.jit
 def scaling_iterations(
-    neg_c, RELOAD: tl.constexpr, source, RELOAD_FLAG: tl.constexpr, RELOAD_BLOCK: tl.constexpr,
-    wa, wb, n_iters, check_every, tol, HAS_TOL: tl.constexpr,
+    neg_c,
+    RELOAD: tl.constexpr,
+    source,
+    RELOAD_FLAG: tl.constexpr,
+    RELOAD_BLOCK: tl.constexpr,
+    wa,
+    wb,
+    n_iters,
+    check_every,
+    tol,
+    HAS_TOL: tl.constexpr,
 ):
     """:func:`..fused.fused_iterations` in the scaling domain: the same iterates without an ``exp`` per iteration.
 
@@ -115,12 +124,39 @@ def scaling_iterations(
 
 @triton.jit
 def fused_scaling_kernel(
-    c_ptr, a_ptr, b_ptr, plan_ptr, row_cost_ptr, f_ptr, g_ptr, cost_ptr, reg_ptr, iters_ptr, err_ptr,
-    N, M,
-    stride_cb, stride_cn, stride_cm, stride_ab, stride_an, stride_bb, stride_bm,
-    stride_pb, stride_pn, stride_pm,
-    eps, neg_inv_hi, neg_inv_lo, n_iters, check_every, tol,
-    HAS_TOL: tl.constexpr, WRITE_PLAN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    c_ptr,
+    a_ptr,
+    b_ptr,
+    plan_ptr,
+    row_cost_ptr,
+    f_ptr,
+    g_ptr,
+    cost_ptr,
+    reg_ptr,
+    iters_ptr,
+    err_ptr,
+    N,
+    M,
+    stride_cb,
+    stride_cn,
+    stride_cm,
+    stride_ab,
+    stride_an,
+    stride_bb,
+    stride_bm,
+    stride_pb,
+    stride_pn,
+    stride_pm,
+    eps,
+    neg_inv_hi,
+    neg_inv_lo,
+    n_iters,
+    check_every,
+    tol,
+    HAS_TOL: tl.constexpr,
+    WRITE_PLAN: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """:func:`..fused.fused_kernel` with :func:`scaling_iterations` as its loop (same arguments)."""
     pid = tl.program_id(0).to(tl.int64)
@@ -134,13 +170,48 @@ def fused_scaling_kernel(
     wb = tl.load(b_ptr + pid * stride_bb + cols * stride_bm, mask=col_ok, other=0.0).to(tl.float32)
     neg_c = load_neg_cost(c_tile, inside, neg_inv_hi, neg_inv_lo)
     log_u, log_v, iters, err, plan = scaling_iterations(
-        neg_c, reload_neg_cost, (c_tile, inside, neg_inv_hi, neg_inv_lo), False, 1, wa, wb, n_iters, check_every,
-        tol, HAS_TOL,
+        neg_c,
+        reload_neg_cost,
+        (c_tile, inside, neg_inv_hi, neg_inv_lo),
+        False,
+        1,
+        wa,
+        wb,
+        n_iters,
+        check_every,
+        tol,
+        HAS_TOL,
     )
     store_outputs(
-        plan, log_u, log_v, iters, err, wa, wb, c_tile, inside, rows, cols, row_ok, col_ok, pid,
-        plan_ptr, row_cost_ptr, f_ptr, g_ptr, cost_ptr, reg_ptr, iters_ptr, err_ptr, N, M,
-        stride_pb, stride_pn, stride_pm, eps, WRITE_PLAN,
+        plan,
+        log_u,
+        log_v,
+        iters,
+        err,
+        wa,
+        wb,
+        c_tile,
+        inside,
+        rows,
+        cols,
+        row_ok,
+        col_ok,
+        pid,
+        plan_ptr,
+        row_cost_ptr,
+        f_ptr,
+        g_ptr,
+        cost_ptr,
+        reg_ptr,
+        iters_ptr,
+        err_ptr,
+        N,
+        M,
+        stride_pb,
+        stride_pn,
+        stride_pm,
+        eps,
+        WRITE_PLAN,
     )
 
 

@@ -34,16 +34,29 @@ from .cooperative import resident_programs
 # entries falls below ONEPASS_MIN_SUM (2**-80) gets its v-update from a log-sum-exp pass.
 ONEPASS_TILE = 8192
 ONEPASS_ENTRIES_PER_THREAD = 32
-ONEPASS_MIN_SUM_K = tl.constexpr(2.0 ** -80)
+ONEPASS_MIN_SUM_K = tl.constexpr(2.0**-80)
 ONEPASS_SUM_BLOCK = 256  # columns per program of the column-sum kernels
 
 
 @triton.jit
 def row_pass_partials_kernel(
-    c_ptr, log_v_ptr, a_ptr, log_u_ptr, partial_ptr, active_ptr,
-    N, M, stride_cb, stride_cn, stride_cm, stride_ab, stride_an,
-    neg_inv_hi, neg_inv_lo,
-    ROWS: tl.constexpr, BLOCK_M: tl.constexpr,
+    c_ptr,
+    log_v_ptr,
+    a_ptr,
+    log_u_ptr,
+    partial_ptr,
+    active_ptr,
+    N,
+    M,
+    stride_cb,
+    stride_cn,
+    stride_cm,
+    stride_ab,
+    stride_an,
+    neg_inv_hi,
+    neg_inv_lo,
+    ROWS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """Row update ``log_u_i = log a_i - LSE_j(-C_ij / eps + log_v_j)`` of the ``ROWS``-row blocks
     ``part, part + parts, ...`` of problem ``program_id(0)`` (``part = program_id(1)``), whole rows at a
@@ -74,8 +87,16 @@ def row_pass_partials_kernel(
 
 @triton.jit
 def column_sums_kernel(
-    partial_ptr, col_sum_ptr, b_ptr, block_err_ptr, block_small_ptr, active_ptr,
-    M, parts, stride_bb, stride_bm,
+    partial_ptr,
+    col_sum_ptr,
+    b_ptr,
+    block_err_ptr,
+    block_small_ptr,
+    active_ptr,
+    M,
+    parts,
+    stride_bb,
+    stride_bm,
     BLOCK: tl.constexpr,
 ):
     """After a row pass: the column sums ``S_j = (P^T 1)_j`` of one block of columns (the parts' sums
@@ -99,9 +120,24 @@ def column_sums_kernel(
 
 @triton.jit
 def apply_column_sums_kernel(
-    col_sum_ptr, log_v_ptr, b_ptr, block_err_ptr, block_small_ptr, active_ptr, exact_ptr, err_ptr, iters_ptr,
-    M, stride_bb, stride_bm, tol, k, check, apply_next_v,
-    BLOCK: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+    col_sum_ptr,
+    log_v_ptr,
+    b_ptr,
+    block_err_ptr,
+    block_small_ptr,
+    active_ptr,
+    exact_ptr,
+    err_ptr,
+    iters_ptr,
+    M,
+    stride_bb,
+    stride_bm,
+    tol,
+    k,
+    check,
+    apply_next_v,
+    BLOCK: tl.constexpr,
+    MAX_BLOCKS: tl.constexpr,
 ):
     """The check of iteration ``k`` (when ``check``) and, for a problem that goes on (when
     ``apply_next_v``), the next v-update ``log_v_j += log b_j - log S_j`` of one block of columns.
@@ -178,20 +214,71 @@ def solve_onepass(C, a, b, eps, n_iters, tol, check_every, write_plan):
     for k in range(1, n_iters + 1):
         # The v-update as a log-sum-exp: the first iteration, and problems whose sums the last check flagged.
         column_pass_kernel[col_grid](
-            C, log_u, b, log_v, exact, n, m, *C.stride(), *b.stride(), hi, lo,
-            WRITE_V=True, BLOCK_N=blocks["col_block_n"], BLOCK_M=blocks["col_block_m"], num_warps=col_warps,
+            C,
+            log_u,
+            b,
+            log_v,
+            exact,
+            n,
+            m,
+            *C.stride(),
+            *b.stride(),
+            hi,
+            lo,
+            WRITE_V=True,
+            BLOCK_N=blocks["col_block_n"],
+            BLOCK_M=blocks["col_block_m"],
+            num_warps=col_warps,
         )
         row_pass_partials_kernel[(batch, parts)](
-            C, log_v, a, log_u, partial, active, n, m, *C.stride(), *a.stride(), hi, lo,
-            ROWS=rows, BLOCK_M=block_m, num_warps=row_warps,
+            C,
+            log_v,
+            a,
+            log_u,
+            partial,
+            active,
+            n,
+            m,
+            *C.stride(),
+            *a.stride(),
+            hi,
+            lo,
+            ROWS=rows,
+            BLOCK_M=block_m,
+            num_warps=row_warps,
         )
         check = tol is not None and k % check_every == 0
         column_sums_kernel[sum_grid](
-            partial, col_sum, b, block_err, block_small, active, m, parts, *b.stride(), BLOCK=sum_block, num_warps=4,
+            partial,
+            col_sum,
+            b,
+            block_err,
+            block_small,
+            active,
+            m,
+            parts,
+            *b.stride(),
+            BLOCK=sum_block,
+            num_warps=4,
         )
         apply_column_sums_kernel[sum_grid](
-            col_sum, log_v, b, block_err, block_small, active, exact, err, iters, m, *b.stride(),
-            float(tol if tol is not None else 0.0), k, int(check), int(k < n_iters),
-            BLOCK=sum_block, MAX_BLOCKS=block_size(sum_grid[1], hi=1 << 30), num_warps=4,
+            col_sum,
+            log_v,
+            b,
+            block_err,
+            block_small,
+            active,
+            exact,
+            err,
+            iters,
+            m,
+            *b.stride(),
+            float(tol if tol is not None else 0.0),
+            k,
+            int(check),
+            int(k < n_iters),
+            BLOCK=sum_block,
+            MAX_BLOCKS=block_size(sum_grid[1], hi=1 << 30),
+            num_warps=4,
         )
     return plan_epilogue(C, a, b, eps, log_u, log_v, iters, err, write_plan)
