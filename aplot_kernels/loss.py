@@ -238,9 +238,8 @@ class APLOTLoss(torch.nn.Module):
         _checks.choice("reduction", reduction, REDUCTIONS)
         _checks.positive_int("bank_size", bank_size, minimum=0)
         _checks.choice("backend", backend, BACKENDS)
-        for name, value in (("detach", detach), ("gather_across_devices", gather_across_devices)):
-            if not isinstance(value, bool):
-                raise _checks.ArgumentTypeError(f"`{name}` must be a bool, got {type(value).__name__} {value!r}")
+        _checks.boolean("detach", detach)
+        _checks.boolean("gather_across_devices", gather_across_devices)
         self.alpha, self.temperature, self.eps, self.n_iters = alpha, temperature, eps, n_iters
         self.similarity = similarity
         self.scale, self.detach, self.backend, self.reduction = scale, detach, backend, reduction

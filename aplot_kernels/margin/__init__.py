@@ -83,7 +83,8 @@ def margin_and_plan(
     backend,
     need_plan=True,
 ):
-    """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked (no check, no host sync here).
+    """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked, but for the option bounds that
+    depend on the compute dtype (host arithmetic only: no host synchronisation here).
 
     With ``need_plan=False`` the plan and the cost may come back as ``None``:
     a detached margin on a kernel backend (Triton; native on the CPU) then
@@ -144,10 +145,7 @@ def margin_and_plan(
             cost = aplot_cost_checked(
                 chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, alpha, temperature, NORM_EPS, impl, similarity
             )
-            m = cost.shape[1]
-            weights_dtype = torch.float64 if cost.dtype == torch.float64 else torch.float32
-            a = torch.full((1, n), 1.0 / n, dtype=weights_dtype, device=cost.device)
-            b = torch.full((1, m), 1.0 / m, dtype=weights_dtype, device=cost.device)
+            a, b = reference.uniform(n, cost.dtype, cost.device), reference.uniform(cost.shape[1], cost.dtype, cost.device)
             row_costs = _triton_ops.sinkhorn_row_costs(cost.unsqueeze(0), a, b, eps, n_iters)[0]
         return reference.margins_from_row_costs(row_costs, n, scale), None, cost
     with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
