@@ -61,17 +61,23 @@ def value_checks(enabled: bool):
         set_value_checks(previous)
 
 
-@contextlib.contextmanager
-def one_sync():
-    """Collect the value checks made inside the block; read them with one synchronisation at its end."""
-    outer = getattr(_collecting, "checks", None)
-    _collecting.checks = []
-    try:
-        yield
-        checks = _collecting.checks
-    finally:
-        _collecting.checks = outer
-    _run(checks)
+class one_sync:
+    """Collect the value checks made inside the block; read them with one synchronisation at its end.
+
+    A class rather than a generator context: it is entered on every call of every op.
+    """
+
+    __slots__ = ("outer",)
+
+    def __enter__(self):
+        self.outer = getattr(_collecting, "checks", None)
+        _collecting.checks = []
+
+    def __exit__(self, exc_type, exc, tb):
+        checks, _collecting.checks = _collecting.checks, self.outer
+        if exc_type is None:
+            _run(checks)
+        return False
 
 
 def require(
@@ -102,20 +108,27 @@ def require(
         checks.append((value, ok, message, confirm))
 
 
-def _read_back(values: List[torch.Tensor]) -> List[float]:
-    """The 0-d ``values`` as numbers, with one device-to-host copy (one synchronisation).
+def _read_back(values: list) -> List[float]:
+    """The 0-d tensors among ``values`` as numbers, with one device-to-host copy (one synchronisation);
+    numbers (checks already answered on the host) pass through.
 
     Values of one dtype are stacked as they are; a mix is read in float64 if it
     holds any (float32 would round a float64 of 1e-300 to 0), else in float32,
     which holds every half-precision value exactly (and exists on every device).
     """
-    if len(values) == 1:
-        return [values[0].item()]
-    dtypes = {v.dtype for v in values}
-    if len(dtypes) > 1:
-        wide = torch.float64 if torch.float64 in dtypes else torch.float32
-        values = [v.to(wide) for v in values]
-    return torch.stack(values).tolist()
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return values
+    if len(tensors) == 1:
+        numbers = [tensors[0].item()]
+    else:
+        dtypes = {v.dtype for v in tensors}
+        if len(dtypes) > 1:
+            wide = torch.float64 if torch.float64 in dtypes else torch.float32
+            tensors = [v.to(wide) for v in tensors]
+        numbers = torch.stack(tensors).tolist()
+    answers = iter(numbers)
+    return [next(answers) if isinstance(v, torch.Tensor) else v for v in values]
 
 
 # Finite checks of small tensors in one block share one reduction (one launch instead of one per tensor);
@@ -136,28 +149,61 @@ class _Finite:
 
 
 def _group_finite(checks: list) -> list:
-    """Replace the small :class:`_Finite` entries of each device by one check of their concatenation, placed at
-    the first one's position; if it fails, the members are confirmed one by one, in order."""
+    """Replace the small :class:`_Finite` entries of each device by one check of them all, placed at the
+    first one's position; if it fails, the members are confirmed one by one, in order. On the CPU, with
+    the extension loaded, its ``first_nonfinite`` op checks every member (any size) in one call."""
     groups: dict = {}
+    cpu_op = _cpu_finite_op()
     for index, c in enumerate(checks):
-        if isinstance(c, _Finite) and c.tensor.numel() <= GROUP_MAX_NUMEL:
-            groups.setdefault(c.tensor.device, []).append(index)
+        if isinstance(c, _Finite):
+            device = c.tensor.device
+            if (cpu_op is not None and device.type == "cpu") or c.tensor.numel() <= GROUP_MAX_NUMEL:
+                groups.setdefault(device, []).append(index)
     out = list(checks)
-    for indices in groups.values():
+    for device, indices in groups.items():
         members = [checks[i] for i in indices]
-        if len(members) == 1:
+        if cpu_op is not None and device.type == "cpu":
+            first = cpu_op([m.tensor for m in members])  # an int: no read-back needed
+            out[indices[0]] = (float(first), _is_negative, members, None)
+        elif len(members) == 1:
             continue
+        else:
+            dtype = torch.float64 if any(m.tensor.dtype == torch.float64 for m in members) else torch.float32
+            total = torch.cat([m.tensor.reshape(-1) for m in members]).sum(dtype=dtype)
+            out[indices[0]] = (total, math.isfinite, members, None)
         for i in indices[1:]:
             out[i] = None
-        dtype = torch.float64 if any(m.tensor.dtype == torch.float64 for m in members) else torch.float32
-        total = torch.cat([m.tensor.reshape(-1) for m in members]).sum(dtype=dtype)
-        out[indices[0]] = (total, math.isfinite, members, None)
     return [c.check() if isinstance(c, _Finite) else c for c in out if c is not None]
+
+
+def _is_negative(index: float) -> bool:
+    return index < 0
+
+
+_first_nonfinite = None
+
+
+def _cpu_finite_op():
+    """The extension's ``first_nonfinite`` op if the extension has already loaded, else ``None``
+    (a check never loads, let alone compiles, it)."""
+    global _first_nonfinite
+    if _first_nonfinite is None:
+        from . import _native
+
+        loaded = _native._load_result
+        if loaded is None or not loaded[0] or not hasattr(torch.ops.aplot_kernels, "first_nonfinite"):
+            return None
+        _first_nonfinite = torch.ops.aplot_kernels.first_nonfinite.default
+    return _first_nonfinite
 
 
 def _run(checks: list) -> None:
     if not checks:
         return
+    if len(checks) == 1 and type(checks[0]) is _CpuFinite:  # the common case: one call, no read-back
+        checks[0].run()
+        return
+    checks = [m for c in checks for m in (c.members() if type(c) is _CpuFinite else (c,))]
     checks = _group_finite(checks)
     for number, (_, ok, message, confirm) in zip(_read_back([c[0] for c in checks]), checks):
         if ok(number):
@@ -195,13 +241,59 @@ def tensor(
 
 
 def _finite(name: str, value: torch.Tensor) -> None:
+    finite_all(**{name: value})
+
+
+def finite_all(**tensors: torch.Tensor) -> None:
+    """Check that each tensor (by its argument name) is finite: deferred to the end of an enclosing
+    :func:`one_sync` block, immediate otherwise."""
     if not _value_checks_on or torch.compiler.is_compiling():
         return
     checks = getattr(_collecting, "checks", None)
-    if checks is None:
-        require(**_finite_kwargs(name, value))
-    elif not (value.is_cuda and torch.cuda.is_current_stream_capturing()):
-        checks.append(_Finite(name, value))
+    if checks is not None and _cpu_finite_op() is not None and all(t.is_cpu for t in tensors.values()):
+        checks.append(_CpuFinite(tensors))
+        return
+    for name, value in tensors.items():
+        if checks is None:
+            require(**_finite_kwargs(name, value))
+        elif not (value.is_cuda and torch.cuda.is_current_stream_capturing()):
+            checks.append(_Finite(name, value))
+
+
+class _CpuFinite:
+    """Deferred finiteness checks of CPU tensors (by name), made by the extension's ``first_nonfinite`` op in
+    one call when they are a block's only checks, else checked as :class:`_Finite` members."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: dict):
+        self.tensors = tensors
+
+    def run(self) -> None:
+        first = _first_nonfinite(list(self.tensors.values()))
+        if first >= 0:
+            raise ValueError(f"`{list(self.tensors)[first]}` contains NaN or inf")
+
+    def members(self) -> list:
+        return [_Finite(name, value) for name, value in self.tensors.items()]
+
+
+_FLOATS = frozenset(FLOAT_DTYPES)
+
+
+def same_place(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors are on one device (CPU tensors answer without building device objects)."""
+    for t in tensors:
+        if not t.is_cpu:
+            first = tensors[0].device
+            return all(t.device == first for t in tensors)
+    return True
+
+
+def plain(value, ndim: int) -> bool:
+    """A quick yes for a floating tensor with ``ndim`` dimensions, none empty (what :func:`tensor` accepts
+    for ``ndims=(ndim,)``); on no, :func:`tensor` says what is wrong."""
+    return isinstance(value, torch.Tensor) and value.dtype in _FLOATS and value.dim() == ndim and value.numel() > 0
 
 
 def _finite_kwargs(name: str, value: torch.Tensor) -> dict:

@@ -52,7 +52,14 @@ CUDA_DEFINE = "-DAPLOT_WITH_CUDA"
 
 def source_files(csrc_dir: str, with_cuda: bool) -> List[str]:
     """The translation units of the extension, relative to nothing (absolute if ``csrc_dir`` is)."""
-    names = ["ops.cpp", "cpu/cpu_kernels.cpp", "cpu/sinkhorn_cpu.cpp", "cpu/cost_cpu.cpp"]
+    names = [
+        "ops.cpp",
+        "cpu/cpu_kernels.cpp",
+        "cpu/sinkhorn_cpu.cpp",
+        "cpu/cost_cpu.cpp",
+        "cpu/margin_cpu.cpp",
+        "cpu/checks_cpu.cpp",
+    ]
     if with_cuda:
         names += ["cuda/sinkhorn_cuda.cu", "cuda/cost_cuda.cu"]
     return [os.path.join(csrc_dir, name) for name in names]
@@ -249,3 +256,16 @@ def ops():
     if not ok:
         raise RuntimeError(f"the native extension is unavailable: {why}")
     return torch.ops.aplot_kernels
+
+
+_OVERLOADS = {}
+
+
+def op(name: str):
+    """``ops().<name>.default``, looked up once (two attribute lookups less per call on the hot path)."""
+    if torch.compiler.is_compiling():  # no guard on the cache, which the trace itself may fill
+        return getattr(ops(), name).default
+    overload = _OVERLOADS.get(name)
+    if overload is None:
+        overload = _OVERLOADS[name] = getattr(ops(), name).default
+    return overload

@@ -10,7 +10,8 @@ against a schema that does not exist yet would fail, and the extension is
 compiled lazily, on first use. Python rather than C++ keeps the backward
 formulas in one place (:mod:`aplot_kernels.cost.reference`) for every backend.
 
-The Sinkhorn solves carry no autograd formula of their own: their gradient
+``aplot_margins`` (the detached margin, CPU only) has no autograd formula: it
+is only called without gradient. The Sinkhorn solves carry no autograd formula of their own: their gradient
 mode (envelope or implicit) is chosen per call, by
 :mod:`aplot_kernels.sinkhorn.gradients`, around any backend's solve.
 """
@@ -52,6 +53,11 @@ def _sinkhorn_solve_fake(C, a, b, eps, n_iters, tol, check_every):
 
 def _sinkhorn_row_costs_fake(C, a, b, eps, n_iters, tol, check_every):
     return C.new_empty(C.shape[:2], dtype=_compute_dtype(C))
+
+
+def _aplot_margins_fake(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards, *options):
+    dtype = _compute_dtype(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards)
+    return chosen_emb.new_empty(chosen_emb.shape[:-1], dtype=dtype)
 
 
 def _cosine_cost_setup(ctx, inputs, output):
@@ -96,5 +102,6 @@ def register() -> None:
     lib.register_fake("aplot_kernels::aplot_cost", _aplot_cost_fake)
     lib.register_fake("aplot_kernels::sinkhorn_solve", _sinkhorn_solve_fake)
     lib.register_fake("aplot_kernels::sinkhorn_row_costs", _sinkhorn_row_costs_fake)
+    lib.register_fake("aplot_kernels::aplot_margins", _aplot_margins_fake)
     lib.register_autograd("aplot_kernels::cosine_cost", _cosine_cost_backward, setup_context=_cosine_cost_setup)
     lib.register_autograd("aplot_kernels::aplot_cost", _aplot_cost_backward, setup_context=_aplot_cost_setup)

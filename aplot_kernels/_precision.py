@@ -26,7 +26,10 @@ def float32_or_wider(*tensors: torch.Tensor) -> torch.dtype:
     Half-precision inputs compute in float32; float64 stays float64. (Written out rather than
     through ``torch.promote_types``, a dispatcher call per input, several times per op call.)
     """
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    for t in tensors:  # a loop, not any(...): no generator per call
+        if t.dtype == torch.float64:
+            return torch.float64
+    return torch.float32
 
 
 def autocast_off(fn):

@@ -19,7 +19,7 @@ from ._precision import autocast_off, float32_or_wider
 from .backends import BACKENDS
 from .distributed import PairBank, Responses, concat_responses, gather_responses, is_distributed, mean_over_ranks
 from .cost.reference import SIMILARITIES
-from .margin import check_inputs, check_options, check_rewards, margin_and_plan
+from .margin import check_inputs, check_rewards, margin_and_plan, margin_options
 
 __all__ = ["bt_loss", "aplot_loss", "APLOTLoss", "APLOTOutput"]
 
@@ -113,29 +113,24 @@ def _aplot_loss(
     rejected_emb,
     margin,
     reduction,
-    margin_kwargs,
+    given_options,
     need_plan=True,
 ) -> APLOTOutput:
-    """The loss and, with ``need_plan``, the margins, plan and cost for logging (else plan and cost may be ``None``)."""
+    """The loss and, with ``need_plan``, the margins, plan and cost for logging (else plan and cost may be ``None``).
+
+    ``given_options``: options of :func:`aplot_margin` by name (the others take their defaults)."""
     with _checks.one_sync():
         check_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
         n = chosen_rewards.shape[0]
         margin = _check_margin(margin, n, chosen_rewards)
     _checks.choice("reduction", reduction, REDUCTIONS)
-    options = dict(alpha=0.9, temperature=1.0, similarity="unit", eps=0.1, n_iters=50, scale=1.0, detach=True, backend="auto")
-    unknown = set(margin_kwargs) - set(options)
-    if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; aplot_margin takes {sorted(options)}")
-    options.update(margin_kwargs)
-    options = check_options(options)
-    pair_rejected = rejected_rewards[:n]
+    options = margin_options(given_options)
+    pair_rejected = rejected_rewards if rejected_rewards.shape[0] == n else rejected_rewards[:n]
     if options["scale"] == 0 or (n == 1 and rejected_rewards.shape[0] == 1):
         if options["scale"] != 0:
             _warn_single_pair()
         return APLOTOutput(_bt_loss(chosen_rewards, pair_rejected, margin, reduction), None, None, None)
-    ot_margin, plan, cost = margin_and_plan(
-        chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, **options, need_plan=need_plan
-    )
+    ot_margin, plan, cost = margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, options, need_plan)
     total = ot_margin if margin is None else ot_margin + margin
     return APLOTOutput(_bt_loss(chosen_rewards, pair_rejected, total, reduction), ot_margin, plan, cost)
 
@@ -332,7 +327,7 @@ def _widened_aplot_loss(
         check_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
         n = chosen_rewards.shape[0]
         margin = _check_margin(margin, n, chosen_rewards)
-    options = check_options(module.margin_options())
+    options = margin_options(module.margin_options())
     if options["scale"] == 0:
         module.local_offset = 0
         return APLOTOutput(_bt_loss(chosen_rewards, rejected_rewards[:n], margin, module.reduction), None, None, None)
@@ -353,8 +348,8 @@ def _widened_aplot_loss(
         problem.rejected_rewards,
         problem.chosen_emb,
         problem.rejected_emb,
-        **options,
-        need_plan=need_plan,
+        options,
+        need_plan,
     )
     local = margins[offset : offset + n]
     total = local if margin is None else local + margin

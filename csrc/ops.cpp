@@ -22,6 +22,15 @@ TORCH_LIBRARY(aplot_kernels, m) {
   m.def(
       "aplot_cost(Tensor chosen_emb, Tensor rejected_emb, Tensor chosen_rewards, Tensor rejected_rewards, "
       "float alpha, float temperature, float eps, float sim_weight, float sim_offset) -> Tensor");
+  // The detached APLOT margins scale * n * sum_j P_ij C_ij of aplot_cost then sinkhorn_row_costs (uniform
+  // marginals, n_iters iterations): [N] for [N, D] embeddings, [B, N] for [B, N, D]. CPU only.
+  m.def(
+      "aplot_margins(Tensor chosen_emb, Tensor rejected_emb, Tensor chosen_rewards, Tensor rejected_rewards, "
+      "float alpha, float temperature, float norm_eps, float sim_weight, float sim_offset, float eps, int n_iters, "
+      "float scale) -> Tensor");
+  // The index of the first of `tensors` that holds NaN or inf, -1 if none: the eager value check of
+  // aplot_kernels._checks (CPU tensors only; compiled code does not check values).
+  m.def("first_nonfinite(Tensor[] tensors) -> int");
 }
 
 namespace aplot_kernels {

@@ -241,11 +241,16 @@ def test_loss_options_are_checked_before_any_kernel(monkeypatch):
     assert not calls
 
 
+def _count(checks) -> int:
+    """The number of checked values in one read-back (finite checks of CPU tensors may come as one entry)."""
+    return sum(len(c.tensors) if isinstance(c, _checks._CpuFinite) else 1 for c in checks)
+
+
 def test_value_checks_of_one_call_are_read_with_one_synchronisation(monkeypatch):
     """NaN/sign/mass checks of all of a call's tensors are read back together (one host sync)."""
     reads = []
     real_run = _checks._run
-    monkeypatch.setattr(_checks, "_run", lambda checks: (reads.append(len(checks)), real_run(checks))[1])
+    monkeypatch.setattr(_checks, "_run", lambda checks: (reads.append(_count(checks)), real_run(checks))[1])
     n, m = 3, 5
     rc, rr = t(n), t(m) + 0.05
     x, y = t(n, 4), t(m, 4).flip(0)
@@ -272,7 +277,7 @@ def test_value_checks_can_be_switched_off(monkeypatch):
 
     reads = []  # the number of checks of each read-back (an empty list reads nothing)
     real_run = _checks._run
-    monkeypatch.setattr(_checks, "_run", lambda checks: (checks and reads.append(len(checks)), real_run(checks))[1])
+    monkeypatch.setattr(_checks, "_run", lambda checks: (checks and reads.append(_count(checks)), real_run(checks))[1])
     n, m = 3, 5
     rc, rr, x, y = t(n), t(m) + 0.05, t(n, 4), t(m, 4).flip(0)
     bad = t(n, m)
@@ -316,10 +321,12 @@ def test_deferred_checks_report_the_first_failure_and_overflow_is_not_nan():
     assert torch.isfinite(cosine_cost(half, backend="torch")).all()
 
 
-def test_value_checks_cost_one_reduction_per_tensor_and_one_stack():
+def test_value_checks_cost_one_reduction_per_tensor_and_one_stack(monkeypatch):
     """On a GPU each op of a check is a launch (microseconds), so the finiteness of a block's small tensors
     costs one concatenation and one reduction, a large tensor one reduction of its own, and the read-back
-    one stack (none for a single value): the tests of the values run on the host."""
+    one stack (none for a single value): the tests of the values run on the host. (CPU tensors take the
+    extension's one-call check when it is loaded: the test below; here that is switched off.)"""
+    monkeypatch.setattr(_checks, "_cpu_finite_op", lambda: None)
     gen = torch.Generator().manual_seed(3)
     tensors = [
         torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
@@ -346,6 +353,47 @@ def test_value_checks_cost_one_reduction_per_tensor_and_one_stack():
         sinkhorn(cost, n_iters=1, backend="torch")
     before_read_back = recorded.ops[: recorded.ops.index("aten.stack")]
     assert [op for op in before_read_back if op != "aten.full"] == ["aten.linalg_vector_norm"]  # full: uniform a, b
+
+
+@pytest.mark.skipif(not aplot_kernels.backends.native_status(torch.device("cpu"))[0], reason="native extension unavailable")
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", None])
+def test_cpu_value_checks_are_one_extension_call(bad):
+    """With the extension loaded, the finiteness of every CPU tensor of a block is one call of its
+    ``first_nonfinite`` op (no reduction tensors, no read-back), whatever the dtypes, layouts and sizes,
+    and a failure names the first non-finite argument."""
+    gen = torch.Generator().manual_seed(11)
+    tensors = {
+        "x0": torch.randn(7, generator=gen),
+        "x1": torch.randn(9, 5, generator=gen, dtype=torch.float64).t(),  # not contiguous
+        "x2": torch.randn(3, 5, generator=gen).to(torch.bfloat16),
+        "x3": torch.randn(2, 9, generator=gen).to(torch.float16),
+        "x4": torch.randn(3 * _checks.GROUP_MAX_NUMEL + 7, generator=gen),  # large: split over threads
+    }
+    names = list(tensors)
+    rng = np.random.default_rng(abs(hash(bad)) % 1000)
+    spoiled = sorted(rng.choice(len(names), size=2, replace=False)) if bad else []
+    for index in spoiled:
+        flat = tensors[names[index]].reshape(-1) if tensors[names[index]].is_contiguous() else None
+        if flat is not None:
+            flat[rng.integers(flat.numel())] = float(bad)
+        else:
+            tensors[names[index]][1, 2] = float(bad)
+    aplot_kernels.backends.resolve("native", torch.device("cpu"), torch.float32)  # loads the extension
+    with DeviceOps() as recorded:
+        if spoiled:
+            with pytest.raises(ValueError, match=f"`{names[spoiled[0]]}` contains NaN or inf"):
+                with _checks.one_sync():
+                    for name, x in tensors.items():
+                        _checks.tensor(name, x, ndims=(1, 2))
+        else:
+            with _checks.one_sync():
+                for name, x in tensors.items():
+                    _checks.tensor(name, x, ndims=(1, 2))
+    assert recorded.ops[0] == "aplot_kernels.first_nonfinite"
+    if not spoiled:
+        assert recorded.ops == ["aplot_kernels.first_nonfinite"]
+    for name, x in tensors.items():  # the op agrees with torch on each tensor alone
+        assert (torch.ops.aplot_kernels.first_nonfinite([x]) == 0) == (not bool(torch.isfinite(x).all())), name
 
 
 def test_value_checks_read_back_mixed_dtypes_exactly():

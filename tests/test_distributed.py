@@ -6,6 +6,7 @@ batch: margins, losses and gradients must agree with it.
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -147,6 +148,12 @@ def _worker(rank, world, port, out_dir):
             loss = model_loss(model, APLOTLoss(gather_across_devices=True, detach=detach, **OPTIONS), *model_inputs()[rank])
             loss.backward()
             results[("ddp", detach)] = dict(loss=loss.detach(), grads=[p.grad.clone() for p in model.parameters()])
+        # Free the DDP reducers while the process group lives: freed after destroy_process_group, the last
+        # reference to the group joins its worker thread with the GIL held, while that thread may wait on
+        # the GIL to free a finished all-reduce's tensors (a deadlock: 3 runs in 26 on a 2-core machine).
+        del model, loss
+        gc.collect()
+        dist.barrier()
         # Gather and bank with float32 rewards and bfloat16 embeddings: the second call's margins.
         module = APLOTLoss(gather_across_devices=True, bank_size=1, **OPTIONS)
         for step in bank_dtype_steps():

@@ -225,6 +225,72 @@ def test_native_margin_never_forms_the_plan(monkeypatch):
     assert max_abs(got64, want) <= 1e-12 * float(want.abs().max())
 
 
+def _margin_inputs(gen, shape, dtype):
+    """Rewards and embeddings ``[.., n]``, ``[.., m]``, ``[.., n, d]``, ``[.., m, d]`` for ``shape = (*batch, n, m, d)``."""
+    *batch, n, m, d = shape
+    draw = lambda *size: torch.randn(*batch, *size, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    return draw(n), draw(m), draw(n, d), draw(m, d)
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 64), (9, 13, 33), (1, 2, 5), (2, 7, 12, 20), (40, 57, 70)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("similarity", ["unit", "cosine"])
+def test_fused_margin_op_equals_cost_then_row_costs(shape, dtype, similarity):
+    """``aplot_margins`` (one op: cost, Sinkhorn row costs, scaling) gives the numbers of the two ops it
+    fuses and of the float64 reference, for one problem ([n, d] inputs) or a batch ([B, n, d])."""
+    rc, rr, ce, re = _margin_inputs(_gen(sum(shape)), shape, dtype)
+    alpha, temperature, eps, n_iters, scale = 0.8, 0.6, 0.07, 37, 1.7
+    weight, offset = cost_reference.similarity_terms(alpha, similarity)
+    ops = torch.ops.aplot_kernels
+    got = ops.aplot_margins(ce, re, rc, rr, alpha, temperature, 1e-8, weight, offset, eps, n_iters, scale)
+    batched = ce.dim() == 3
+    lift = (lambda t: t) if batched else (lambda t: t.unsqueeze(0))
+    cost = ops.aplot_cost(lift(ce), lift(re), lift(rc), lift(rr), alpha, temperature, 1e-8, weight, offset)
+    n, m = cost.shape[1:]
+    a = torch.full((cost.shape[0], n), 1 / n, dtype=cost.dtype)
+    b = torch.full((cost.shape[0], m), 1 / m, dtype=cost.dtype)
+    two_ops = ops.sinkhorn_row_costs(cost, a, b, eps, n_iters, -1.0, 1) * (scale * n)
+    assert got.dtype == cost.dtype and got.shape == (two_ops if batched else two_ops[0]).shape
+    assert torch.equal(got, two_ops if batched else two_ops[0])
+    c64 = cost_reference.aplot_cost(*(lift(t).double() for t in (ce, re, rc, rr)), alpha, temperature, 1e-8, similarity)
+    plan = reference.solve(c64, a.double(), b.double(), eps, n_iters, None, 1).plan
+    want = scale * n * (plan * c64).sum(-1)
+    bound = 1e-12 if dtype == torch.float64 else 2e-5
+    assert max_abs(got.double(), want if batched else want[0]) <= bound * float(want.abs().max())
+
+
+@pytest.mark.parametrize("n,m,d", [(64, 64, 32), (64, 64, 33), (3, 700, 64), (1, 1, 1), (2, 3, 9000), (5, 3, 9000)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+def test_cost_products_below_and_above_the_direct_size(n, m, d, dtype, bound):
+    """Products of up to 2^17 multiply-adds run as dot products in the cost's row loop, larger ones as a
+    GEMM: both agree with the float64 reference, rows with huge or tiny norms included."""
+    gen = _gen(n * m + d)
+    x = torch.randn(2, n, d, generator=gen, dtype=torch.float64)
+    y = torch.randn(2, m, d, generator=gen, dtype=torch.float64)
+    x[0, 0] *= 1e25 if dtype == torch.float32 else 1e200  # rows that need their power-of-two scaling
+    y[1, -1] *= 1e-25 if dtype == torch.float32 else 1e-200
+    rc, rr = torch.randn(2, n, generator=gen, dtype=torch.float64), torch.randn(2, m, generator=gen, dtype=torch.float64)
+    got = cost_native.aplot_cost(x.to(dtype), y.to(dtype), rc.to(dtype), rr.to(dtype), 0.7, 0.5, 1e-8)
+    want = cost_reference.aplot_cost(x, y, rc, rr, 0.7, 0.5, 1e-8)
+    assert max_abs(got.double(), want) <= bound
+    got = cost_native.cosine_cost(x.to(dtype), y.to(dtype), 1e-8)
+    assert max_abs(got.double(), cost_reference.cosine_cost(x, y, 1e-8)) <= bound * 2
+
+
+def test_scratch_memory_is_reused_across_sizes():
+    """The solver's scratch memory is kept between calls up to a size and then allocated per call: a
+    sequence of small, large and small problems (and their batches) gives the reference's numbers."""
+    gen = _gen(41)
+    for batch, n, m in ((1, 16, 16), (1, 300, 301), (3, 5, 70), (2, 300, 301), (1, 16, 16), (4, 33, 9)):
+        C = 2 * torch.rand(batch, n, m, generator=gen, dtype=torch.float64)
+        a, b = torch.full((batch, n), 1 / n, dtype=torch.float64), torch.full((batch, m), 1 / m, dtype=torch.float64)
+        want = reference.solve(C, a, b, 0.05, 25, None, 1)
+        got = native.solve(C, a, b, 0.05, 25, None, 1)
+        assert max_abs(got.plan, want.plan) <= 1e-12 * float(want.plan.abs().max())
+        rows = native.row_transport_costs(C, a, b, 0.05, 25)
+        assert max_abs(rows, (want.plan * C).sum(-1)) <= 1e-12
+
+
 # ---------------------------------------------------------------------------
 # Costs
 # ---------------------------------------------------------------------------
@@ -310,7 +376,11 @@ for batch, n, m, eps, tol in ((3, 7, 5, 0.1, None), (2, 37, 29, 0.02, 1e-6), (1,
 x, y = torch.randn(2, 9, 33, generator=gen, dtype=torch.float64), torch.randn(2, 11, 33, generator=gen, dtype=torch.float64)
 rc, rr = torch.randn(2, 9, generator=gen, dtype=torch.float64), torch.randn(2, 11, generator=gen, dtype=torch.float64)
 got = cost_native.aplot_cost(x, y, rc, rr, 0.9, 0.7, 1e-8)
-assert (got - cost_reference.aplot_cost(x, y, rc, rr, 0.9, 0.7, 1e-8)).abs().max() <= 1e-12
+want = cost_reference.aplot_cost(x, y, rc, rr, 0.9, 0.7, 1e-8)
+assert (got - want).abs().max() <= 1e-12
+margins = torch.ops.aplot_kernels.aplot_margins(x, y, rc, rr, 0.9, 0.7, 1e-8, 0.05, 1.0, 0.1, 30, 2.0)
+plan = reference.solve(want, torch.full((2, 9), 1 / 9, dtype=torch.float64), torch.full((2, 11), 1 / 11, dtype=torch.float64), 0.1, 30, None, 1).plan
+assert (margins - 2.0 * 9 * (plan * want).sum(-1)).abs().max() <= 1e-12
 print("ok")
 """
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

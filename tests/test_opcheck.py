@@ -47,6 +47,18 @@ def test_cost_ops(dtype, requires_grad):
 
 
 @native_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batched", [False, True])
+def test_fused_margin_op(dtype, batched):
+    """``aplot_margins`` (detached, so no autograd formula) for one problem and for a batch."""
+    gen = torch.Generator().manual_seed(4)
+    x, y = _embeddings(gen, 2, 5, 7, 6, dtype, False)
+    rc, rr = torch.randn(2, 5, generator=gen, dtype=dtype), torch.randn(2, 7, generator=gen, dtype=dtype)
+    args = (x, y, rc, rr) if batched else (x[0], y[0], rc[0], rr[0])
+    torch.library.opcheck(_ops().aplot_margins, (*args, 0.9, 0.7, 1e-8, 0.05, 1.0, 0.2, 15, 1.5))
+
+
+@native_only
 def test_cost_op_half_inputs():
     """Half-precision inputs: a float32 result (the fake kernel must say so too)."""
     gen = torch.Generator().manual_seed(1)

@@ -32,6 +32,11 @@ __all__ = ["aplot_margin"]
 
 
 def check_rewards(chosen_rewards, rejected_rewards, *, same_length: bool) -> None:
+    if _checks.plain(chosen_rewards, 1) and _checks.plain(rejected_rewards, 1):  # the common case, quickly
+        n, m = chosen_rewards.shape[0], rejected_rewards.shape[0]
+        if (m == n or (m > n and not same_length)) and _checks.same_place(chosen_rewards, rejected_rewards):
+            _checks.finite_all(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+            return
     _checks.tensor("chosen_rewards", chosen_rewards, ndims=(1,))
     _checks.tensor("rejected_rewards", rejected_rewards, ndims=(1,))
     _checks.same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
@@ -40,6 +45,9 @@ def check_rewards(chosen_rewards, rejected_rewards, *, same_length: bool) -> Non
         raise ValueError(f"`chosen_rewards` and `rejected_rewards` must have the same length, got {n} and {m}")
     if m < n:
         raise ValueError(f"`rejected_rewards` must hold at least as many entries as `chosen_rewards` ({n}), got {m}")
+
+
+DEFAULTS = dict(alpha=0.9, temperature=1.0, similarity="unit", eps=0.1, n_iters=50, scale=1.0, detach=True, backend="auto")
 
 
 def check_options(options: dict) -> dict:
@@ -57,8 +65,47 @@ def check_options(options: dict) -> dict:
     )
 
 
+_CHECKED: dict = {}  # options as given (names, types and values) -> checked options
+_CHECKED_MAX = 256
+
+
+def margin_options(given: dict) -> dict:
+    """``given`` (a subset of :data:`DEFAULTS`, by name) completed with the defaults and checked (a shared
+    dict: read it, never write to it). Options seen before are looked up, not checked again: the key holds each value's type, so that
+    ``detach=1`` is not taken for an accepted ``detach=True``."""
+    try:
+        # Traced code checks every time (constants of the graph): a lookup would guard on the cache.
+        key = None if torch.compiler.is_compiling() else tuple((name, value.__class__, value) for name, value in given.items())
+        checked = None if key is None else _CHECKED.get(key)
+    except TypeError:  # an unhashable value: the checks below name it
+        key, checked = None, None
+    if checked is None:
+        unknown = set(given) - set(DEFAULTS)
+        if unknown:
+            raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}; aplot_margin takes {sorted(DEFAULTS)}")
+        checked = check_options({**DEFAULTS, **given})
+        if key is not None and len(_CHECKED) < _CHECKED_MAX:
+            _CHECKED[key] = checked
+    return checked
+
+
 def check_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb):
     """Shapes now; values (NaN/inf) at the end of the caller's ``one_sync`` block."""
+    plain = _checks.plain
+    if (  # the common case, in a few comparisons
+        plain(chosen_emb, 2)
+        and plain(rejected_emb, 2)
+        and plain(chosen_rewards, 1)
+        and plain(rejected_rewards, 1)
+        and chosen_rewards.shape[0] == chosen_emb.shape[0] <= rejected_emb.shape[0] == rejected_rewards.shape[0]
+        and chosen_emb.shape[1] == rejected_emb.shape[1]
+        and _checks.same_place(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
+    ):
+        _checks.finite_all(
+            chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, chosen_emb=chosen_emb, rejected_emb=rejected_emb
+        )
+        return
+    # Find and name the problem (a quick accept above does no more than these).
     check_rewards(chosen_rewards, rejected_rewards, same_length=False)
     _checks.tensor("chosen_emb", chosen_emb, ndims=(2,))
     _checks.tensor("rejected_emb", rejected_emb, ndims=(2,))
@@ -67,24 +114,10 @@ def check_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb):
     _checks.rewards_for("rejected_rewards", rejected_rewards, "rejected_emb", rejected_emb)
 
 
-def margin_and_plan(
-    chosen_rewards,
-    rejected_rewards,
-    chosen_emb,
-    rejected_emb,
-    *,
-    alpha,
-    temperature,
-    similarity,
-    eps,
-    n_iters,
-    scale,
-    detach,
-    backend,
-    need_plan=True,
-):
-    """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked, but for the option bounds that
-    depend on the compute dtype (host arithmetic only: no host synchronisation here).
+def margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, options: dict, need_plan=True):
+    """``(margins [n], plan [n, m], cost [n, m])``; arguments already checked (``options`` as
+    :func:`margin_options` returns them), but for the option bounds that depend on the compute dtype (host
+    arithmetic only: no host synchronisation here).
 
     With ``need_plan=False`` the plan and the cost may come back as ``None``:
     a detached margin on a kernel backend (Triton; native on the CPU) then
@@ -93,10 +126,11 @@ def margin_and_plan(
     kernel (:mod:`aplot_kernels.margin.triton`) that writes neither the plan
     nor the cost.
     """
+    alpha, temperature, similarity, eps = options["alpha"], options["temperature"], options["similarity"], options["eps"]
+    n_iters, scale, detach, backend = options["n_iters"], options["scale"], options["detach"], options["backend"]
     n = chosen_rewards.shape[0]
     dtype = float32_or_wider(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
-    _checks.normal_number("temperature", temperature, dtype)
-    _checks.sinkhorn_eps("eps", eps, dtype, max_cost=1.0)  # the APLOT cost lies in [-1, 1]
+    _dtype_bounds(temperature, eps, dtype)
     impl = backends.resolve(backend, chosen_emb.device, dtype)
     if detach and not need_plan and impl == "triton":
         from . import triton as loss_triton  # only importable where Triton is installed
@@ -157,6 +191,19 @@ def margin_and_plan(
     return margins, result.plan, cost
 
 
+_BOUNDS_PASSED: set = set()  # (temperature, eps, dtype) that passed _dtype_bounds
+
+
+def _dtype_bounds(temperature: float, eps: float, dtype: torch.dtype) -> None:
+    """The option bounds that depend on the compute dtype (raise; remembered once they pass)."""
+    key = (temperature, eps, dtype)
+    if torch.compiler.is_compiling() or key not in _BOUNDS_PASSED:
+        _checks.normal_number("temperature", temperature, dtype)
+        _checks.sinkhorn_eps("eps", eps, dtype, max_cost=1.0)  # the APLOT cost lies in [-1, 1]
+        if not torch.compiler.is_compiling() and len(_BOUNDS_PASSED) < 256:
+            _BOUNDS_PASSED.add(key)
+
+
 @autocast_off
 def aplot_margin(
     chosen_rewards: torch.Tensor,
@@ -193,7 +240,7 @@ def aplot_margin(
     """
     with _checks.one_sync():
         check_inputs(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb)
-    options = check_options(
+    options = margin_options(
         dict(
             alpha=alpha,
             temperature=temperature,
@@ -205,4 +252,4 @@ def aplot_margin(
             backend=backend,
         )
     )
-    return margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, **options, need_plan=False)[0]
+    return margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, options, need_plan=False)[0]

@@ -1,10 +1,11 @@
-"""The detached APLOT margin on the native backend: the extension's cost op, then its Sinkhorn row-cost op.
+"""The detached APLOT margin on the native backend.
 
-Nothing here records autograd (the margin is detached), so eager calls run
-the ops below the autograd dispatch key: the cost op's Python autograd
-formula is not entered at all. Compiled, the same two ops are traced under
-``no_grad``. Uniform marginals are made once per shape and reused (the
-kernels only read them; :func:`.reference.uniform`).
+On CPU tensors one extension op, ``aplot_margins``, computes the cost, the
+Sinkhorn row transport costs and the scaling (``csrc/cpu/margin_cpu.cpp``);
+on CUDA tensors the cost op, then Sinkhorn's row-cost op. Nothing here
+records autograd (the margin is detached), so eager calls run the ops below
+the autograd dispatch key: the cost op's Python autograd formula is not
+entered at all. Compiled, the same ops are traced under ``no_grad``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,22 @@ def _margins(
     chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, alpha, temperature, norm_eps, similarity, eps, n_iters, scale
 ):
     sim_weight, sim_offset = similarity_terms(alpha, similarity)
-    cost = _native.ops().aplot_cost.default(
+    if chosen_emb.is_cpu:
+        return _native.op("aplot_margins")(
+            chosen_emb,
+            rejected_emb,
+            chosen_rewards,
+            rejected_rewards,
+            alpha,
+            temperature,
+            norm_eps,
+            sim_weight,
+            sim_offset,
+            eps,
+            n_iters,
+            scale,
+        )
+    cost = _native.op("aplot_cost")(
         chosen_emb.unsqueeze(0),
         rejected_emb.unsqueeze(0),
         chosen_rewards.unsqueeze(0),

@@ -11,8 +11,10 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "cpu_kernels.h"
+#include "cpu_ops.h"
 
 namespace aplot_kernels {
 namespace cpu {
@@ -43,64 +45,43 @@ struct RowScaling {
   }
 };
 
-// sum_d (scale x[d])^2 and max_d |x[d]| of one row, in one read.
-template <typename T>
-T sum_of_squares(const T* x_row, int64_t width, T scale, T* peak) {
-  // Eight interleaved partial sums: a fixed order the compiler can vectorise.
-  T partial[8] = {0, 0, 0, 0, 0, 0, 0, 0}, peaks[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t d = 0;
-  for (; d + 8 <= width; d += 8)
-    for (int lane = 0; lane < 8; ++lane) {
-      const T v = x_row[d + lane] * scale;
-      partial[lane] += v * v;
-      peaks[lane] = std::max(peaks[lane], std::abs(x_row[d + lane]));
-    }
-  for (; d < width; ++d) {
-    partial[0] += (x_row[d] * scale) * (x_row[d] * scale);
-    peaks[0] = std::max(peaks[0], std::abs(x_row[d]));
-  }
-  T squares = 0;
-  *peak = 0;
-  for (int lane = 0; lane < 8; ++lane) {
-    squares += partial[lane];
-    *peak = std::max(*peak, peaks[lane]);
-  }
-  return squares;
-}
-
-// Per row of x [B, N, D] (contiguous, in its compute type): sigma (see RowScaling) and sigma max(||x_r||, eps),
-// as [B * N] each. Returns whether any sigma differs from 1. A row is read once, twice where sigma is not 1.
-bool scaled_norms(const at::Tensor& x, double eps, at::Tensor& scales, at::Tensor& norms) {
-  const int64_t rows = x.numel() / x.size(-1), width = x.size(-1);
-  scales = at::empty({rows}, x.options());
-  norms = at::empty({rows}, x.options());
+// Per row of x [rows, width] (contiguous, in its compute type): sigma (see RowScaling) and
+// sigma max(||x_r||, eps). Returns whether any sigma differs from 1. A row is read once, twice where
+// sigma is not 1.
+template <typename scalar_t>
+bool scaled_norms(const scalar_t* src, int64_t rows, int64_t width, double eps, std::vector<scalar_t>& sigma,
+                  std::vector<scalar_t>& clamped) {
+  sigma.resize(rows);
+  clamped.resize(rows);
   std::atomic<bool> any_scaled(false);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scaled_norms_cpu", [&] {
-    const scalar_t* src = x.const_data_ptr<scalar_t>();
-    scalar_t* sigma = scales.mutable_data_ptr<scalar_t>();
-    scalar_t* clamped = norms.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / width), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* x_row = src + r * width;
-        scalar_t peak = 0;
-        scalar_t squares = sum_of_squares(x_row, width, scalar_t(1), &peak);
-        const scalar_t scale = RowScaling<scalar_t>::scale_for(peak);
-        if (scale != scalar_t(1)) {  // the unscaled sum may have overflowed or underflowed: again, scaled
-          any_scaled.store(true, std::memory_order_relaxed);
-          squares = sum_of_squares(x_row, width, scale, &peak);
-        }
-        sigma[r] = scale;
-        clamped[r] = std::max(std::sqrt(squares), static_cast<scalar_t>(static_cast<double>(scale) * eps));
+  const Kernels<scalar_t>& k = kernels<scalar_t>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / width), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* x_row = src + r * width;
+      scalar_t peak = 0;
+      scalar_t squares = k.sum_of_squares(x_row, width, scalar_t(1), &peak);
+      const scalar_t scale = RowScaling<scalar_t>::scale_for(peak);
+      if (scale != scalar_t(1)) {  // the unscaled sum may have overflowed or underflowed: again, scaled
+        any_scaled.store(true, std::memory_order_relaxed);
+        squares = k.sum_of_squares(x_row, width, scale, &peak);
       }
-    });
+      sigma[r] = scale;
+      clamped[r] = std::max(std::sqrt(squares), static_cast<scalar_t>(static_cast<double>(scale) * eps));
+    }
   });
   return any_scaled.load();
 }
 
 // x [B, N, D] with each row r multiplied by scales[r] (exact: powers of two).
-at::Tensor scaled_rows(const at::Tensor& x, const at::Tensor& scales) {
-  return x * scales.view({x.size(0), x.size(1), 1});
+template <typename scalar_t>
+at::Tensor scaled_rows(const at::Tensor& x, std::vector<scalar_t>& scales) {
+  return x * at::from_blob(scales.data(), {x.size(0), x.size(1), 1}, x.options());
 }
+
+// Products of at most this many multiply-adds (n * m * d per problem) run as dot products in the
+// row loop of `similarity`, without at::bmm: at training sizes (16 x 16 x 64) the GEMM call and its
+// output's separate pass cost more than the arithmetic.
+constexpr int64_t kDirectProductMax = int64_t(1) << 17;
 
 // S[b, i, j] = <x[b, i], y[b, j]> / |x[b, i]|_eps / |y[b, j]|_eps, then `finish(row, S[row, :], m)` on each
 // row while it is in cache. The product runs on the inputs as they are (no normalised copies to write
@@ -112,20 +93,30 @@ at::Tensor similarity(const at::Tensor& x_in, const at::Tensor& y_in, double eps
   const at::ScalarType type = c10::CppTypeToScalarType<scalar_t>::value;
   const at::Tensor x = x_in.to(type).contiguous();
   const at::Tensor y = y_in.to(type).contiguous();
-  at::Tensor x_scale, x_norm, y_scale, y_norm;
-  const bool x_scaled = scaled_norms(x, eps, x_scale, x_norm);
-  const bool y_scaled = scaled_norms(y, eps, y_scale, y_norm);
-  at::Tensor s = at::bmm(x_scaled ? scaled_rows(x, x_scale) : x, (y_scaled ? scaled_rows(y, y_scale) : y).transpose(1, 2))
-                     .contiguous();
-  const int64_t n = x.size(1), m = y.size(1);
+  const int64_t n = x.size(1), m = y.size(1), width = x.size(2);
+  std::vector<scalar_t> x_scale, x_norm, y_scale, y_norm;
+  const bool x_scaled = scaled_norms(x.const_data_ptr<scalar_t>(), x.numel() / width, width, eps, x_scale, x_norm);
+  const bool y_scaled = scaled_norms(y.const_data_ptr<scalar_t>(), y.numel() / width, width, eps, y_scale, y_norm);
+  const bool direct = n * m * width <= kDirectProductMax;
+  at::Tensor s = direct ? at::empty({x.size(0), n, m}, x.options())
+                        : at::bmm(x_scaled ? scaled_rows(x, x_scale) : x,
+                                  (y_scaled ? scaled_rows(y, y_scale) : y).transpose(1, 2))
+                              .contiguous();
   scalar_t* out = s.mutable_data_ptr<scalar_t>();
-  const scalar_t* nx = x_norm.const_data_ptr<scalar_t>();
-  const scalar_t* ny = y_norm.const_data_ptr<scalar_t>();
+  const scalar_t* nx = x_norm.data();
+  const scalar_t* ny = y_norm.data();
+  const scalar_t* sx = x_scale.data();
+  const scalar_t* sy = y_scale.data();
+  const scalar_t* xs = x.const_data_ptr<scalar_t>();
+  const scalar_t* ys = y.const_data_ptr<scalar_t>();
+  const Kernels<scalar_t>& k = kernels<scalar_t>();
   at::parallel_for(0, s.numel() / m, std::max<int64_t>(1, 16384 / m), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       scalar_t* s_row = out + row * m;
-      const scalar_t* ny_row = ny + (row / n) * m;
+      const int64_t first_col = (row / n) * m;  // row of y (and of its norms) of this problem's column 0
+      const scalar_t* ny_row = ny + first_col;
       const scalar_t nx_row = nx[row];
+      if (direct) k.scaled_dots(xs + row * width, sx[row], ys + first_col * width, sy + first_col, width, m, s_row);
       for (int64_t j = 0; j < m; ++j) s_row[j] = s_row[j] / nx_row / ny_row[j];
       finish(row, s_row, m);
     }
@@ -138,6 +129,8 @@ void check_embeddings(const at::Tensor& x, const at::Tensor& y, const char* op) 
   TORCH_CHECK(x.size(0) == y.size(0) && x.size(2) == y.size(2), op, ": batch and width must match, got ", x.sizes(),
               " and ", y.sizes());
 }
+
+}  // namespace
 
 at::Tensor cosine_cost_cpu(const at::Tensor& x, const at::Tensor& y, double eps) {
   check_embeddings(x, y, "cosine_cost");
@@ -177,7 +170,6 @@ at::Tensor aplot_cost_cpu(const at::Tensor& chosen_emb, const at::Tensor& reject
   return cost;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace aplot_kernels
 

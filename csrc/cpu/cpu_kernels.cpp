@@ -45,13 +45,17 @@ bool use_avx2() {
 
 template <typename T>
 Kernels<T> make_generic() {
-  return {&generic::lse_rows<T>, &generic::lse_cols<T>, &generic::dot_rows<T>, &generic::scale_rows_col_sums<T>, &generic::weighted_col_sums<T>, &generic::exp_row<T>, &generic::aplot_epilogue_row<T>};
+  return {&generic::lse_rows<T>, &generic::lse_cols<T>, &generic::dot_rows<T>, &generic::scale_rows_col_sums<T>, &generic::weighted_col_sums<T>, &generic::exp_row<T>, &generic::aplot_epilogue_row<T>,
+          &generic::sum_of_squares<T>, &generic::scaled_dots<T>,
+          &generic::column_scalings<T>, &generic::row_scalings_flags<T>};
 }
 
 #ifdef APLOT_HAVE_AVX2_BUILD
 template <typename T>
 Kernels<T> make_avx2() {
-  return {&avx2::lse_rows<T>, &avx2::lse_cols<T>, &avx2::dot_rows<T>, &avx2::scale_rows_col_sums<T>, &avx2::weighted_col_sums<T>, &avx2::exp_row<T>, &avx2::aplot_epilogue_row<T>};
+  return {&avx2::lse_rows<T>, &avx2::lse_cols<T>, &avx2::dot_rows<T>, &avx2::scale_rows_col_sums<T>, &avx2::weighted_col_sums<T>, &avx2::exp_row<T>, &avx2::aplot_epilogue_row<T>,
+          &avx2::sum_of_squares<T>, &avx2::scaled_dots<T>,
+          &avx2::column_scalings<T>, &avx2::row_scalings_flags<T>};
 }
 #endif
 

@@ -26,7 +26,18 @@ struct Kernels {
   void (*exp_row)(const T* row, T shift, const T* vec, T* out, int64_t stride);
   // s[j] <- alpha * sigmoid(-|r_i - q[j]| / temperature) + coef * (offset + s[j]).
   void (*aplot_epilogue_row)(T* s, T r_i, const T* q, T alpha, T temperature, T coef, T offset, int64_t count);
+  // sum_d (scale x[d])^2 over `width` values; *peak = max_d |x[d]|.
+  T (*sum_of_squares)(const T* x, int64_t width, T scale, T* peak);
+  // out[j] = <sx x, sy[j] y_j> for the `count` rows y_j = y + j * width.
+  void (*scaled_dots)(const T* x, T sx, const T* y, const T* sy, int64_t width, int64_t count, T* out);
+  // Sinkhorn's scaling domain: the column update scale[j] = weights[j] / sums[j] with the checks of its
+  // sums and scalings, and the checks of a row update. Both return kScalingBad | kScalingOutside flags.
+  int (*column_scalings)(const T* sums, const T* weights, T* scale, int64_t count, T floor, T range);
+  int (*row_scalings_flags)(const T* scale, const T* weights, int64_t count, T floor, T range);
 };
+
+constexpr int kScalingBad = 1;      // a sum or scaling that cannot be trusted: back to the log domain
+constexpr int kScalingOutside = 2;  // a scaling outside (1 / range, range): absorb it into the potentials
 
 // Kernels for the best instruction set of this CPU (chosen once).
 template <typename T>

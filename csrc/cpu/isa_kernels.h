@@ -362,6 +362,122 @@ template void exp_row<double>(const double*, double, const double*, double*, int
 template void aplot_epilogue_row<float>(float*, float, const float*, float, float, float, float, int64_t);
 template void aplot_epilogue_row<double>(double*, double, const double*, double, double, double, double, int64_t);
 
+// sum_d (scale x[d])^2 and max_d |x[d]| of one row of `width` values (no padding needed), in one read.
+template <typename T>
+T sum_of_squares(const T* x, int64_t width, T scale, T* peak) {
+  typedef typename Vec<T>::type V;
+  constexpr int W = Vec<T>::width;
+  V squares = splat<V>(T(0)), peaks = squares;
+  int64_t d = 0;
+  for (; d + W <= width; d += W) {
+    const V v = load<V>(x + d);
+    const V scaled = v * scale;
+    squares += scaled * scaled;
+    const V magnitude = v < T(0) ? -v : v;
+    peaks = magnitude > peaks ? magnitude : peaks;
+  }
+  T total = horizontal_sum<T>(squares), largest = horizontal_max<T>(peaks);
+  for (; d < width; ++d) {
+    total += (x[d] * scale) * (x[d] * scale);
+    largest = std::max(largest, std::abs(x[d]));
+  }
+  *peak = largest;
+  return total;
+}
+template float sum_of_squares<float>(const float*, int64_t, float, float*);
+template double sum_of_squares<double>(const double*, int64_t, double, double*);
+
+// out[j] = <sx x, sy[j] y_j> for the `count` rows y_j = y + j * width (no padding needed).
+template <typename T>
+void scaled_dots(const T* x, T sx, const T* y, const T* sy, int64_t width, int64_t count, T* out) {
+  typedef typename Vec<T>::type V;
+  constexpr int W = Vec<T>::width;
+  for (int64_t j = 0; j < count; ++j) {
+    const T* y_row = y + j * width;
+    const T sy_j = sy[j];
+    V acc = splat<V>(T(0));
+    int64_t d = 0;
+    for (; d + W <= width; d += W) acc += (load<V>(x + d) * sx) * (load<V>(y_row + d) * sy_j);
+    T total = horizontal_sum<T>(acc);
+    for (; d < width; ++d) total += (x[d] * sx) * (y_row[d] * sy_j);
+    out[j] = total;
+  }
+}
+template void scaled_dots<float>(const float*, float, const float*, const float*, int64_t, int64_t, float*);
+template void scaled_dots<double>(const double*, double, const double*, const double*, int64_t, int64_t, double*);
+
+template <typename V>
+inline bool any_lane(V mask) {
+  for (int k = 0; k < static_cast<int>(sizeof(V) / sizeof(mask[0])); ++k)
+    if (mask[k]) return true;
+  return false;
+}
+
+// The column update of the scaling domain, for j < count: scale[j] = weights[j] / sums[j] (0 where
+// weights[j] <= 0). Flags, over positive weights: kScalingBad for a sum below `floor` or above the
+// largest finite value, or a scale that is not a normal finite number; kScalingOutside for a scale
+// outside (1 / range, range). NaN fails every comparison, hence counts as bad.
+template <typename T>
+int column_scalings(const T* sums, const T* weights, T* scale, int64_t count, T floor, T range) {
+  typedef typename Vec<T>::type V;
+  constexpr int W = Vec<T>::width;
+  constexpr T kMin = std::numeric_limits<T>::min(), kMax = std::numeric_limits<T>::max();
+  const T low = T(1) / range;
+  typedef decltype(V{} < V{}) M;
+  M bad = {}, outside = {};
+  int64_t j = 0;
+  for (; j + W <= count; j += W) {
+    const V sum = load<V>(sums + j), weight = load<V>(weights + j);
+    const M positive = weight > T(0);
+    const V value = positive ? weight / sum : splat<V>(T(0));
+    bad |= positive & ~((sum >= floor) & (sum <= kMax) & (value >= kMin) & (value <= kMax));
+    outside |= positive & ~((value < range) & (value > low));
+    store(scale + j, value);
+  }
+  int flags = (any_lane(bad) ? kScalingBad : 0) | (any_lane(outside) ? kScalingOutside : 0);
+  for (; j < count; ++j) {
+    const T sum = sums[j], weight = weights[j];
+    const bool positive = weight > 0;
+    const T value = positive ? weight / sum : T(0);
+    if (positive && !(sum >= floor && sum <= kMax && value >= kMin && value <= kMax)) flags |= kScalingBad;
+    if (positive && !(value < range && value > low)) flags |= kScalingOutside;
+    scale[j] = value;
+  }
+  return flags;
+}
+template int column_scalings<float>(const float*, const float*, float*, int64_t, float, float);
+template int column_scalings<double>(const double*, const double*, double*, int64_t, double, double);
+
+// The check of a row update, for i < count, over positive weights: kScalingBad where the row sum
+// weights[i] / scale[i] is below `floor` (scale * floor > weight, written without a division) or the
+// scale is below the smallest normal number; kScalingOutside for a scale outside (1 / range, range).
+template <typename T>
+int row_scalings_flags(const T* scale, const T* weights, int64_t count, T floor, T range) {
+  typedef typename Vec<T>::type V;
+  constexpr int W = Vec<T>::width;
+  constexpr T kMin = std::numeric_limits<T>::min();
+  const T low = T(1) / range;
+  typedef decltype(V{} < V{}) M;
+  M bad = {}, outside = {};
+  int64_t i = 0;
+  for (; i + W <= count; i += W) {
+    const V value = load<V>(scale + i), weight = load<V>(weights + i);
+    const M positive = weight > T(0);
+    bad |= positive & ~((value * floor <= weight) & (value >= kMin));
+    outside |= positive & ~((value < range) & (value > low));
+  }
+  int flags = (any_lane(bad) ? kScalingBad : 0) | (any_lane(outside) ? kScalingOutside : 0);
+  for (; i < count; ++i) {
+    const T value = scale[i], weight = weights[i];
+    const bool positive = weight > 0;
+    if (positive && !(value * floor <= weight && value >= kMin)) flags |= kScalingBad;
+    if (positive && !(value < range && value > low)) flags |= kScalingOutside;
+  }
+  return flags;
+}
+template int row_scalings_flags<float>(const float*, const float*, int64_t, float, float);
+template int row_scalings_flags<double>(const double*, const double*, int64_t, double, double);
+
 }  // namespace APLOT_ISA
 }  // namespace cpu
 }  // namespace aplot_kernels

@@ -30,12 +30,15 @@
 
 #include <cmath>
 #include <limits>
+#include <cstddef>
+#include <cstring>
 #include <memory>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "cpu_kernels.h"
+#include "cpu_ops.h"
 #include "../sinkhorn_args.h"
 
 namespace aplot_kernels {
@@ -57,49 +60,124 @@ struct Options {
 // (block partials added in block order) do not depend on the thread count.
 constexpr int64_t kRowBlock = 64;
 
-// An n * m-sized scratch array left uninitialised: every entry is written before it is read, and
-// zero-filling the two [n, m_pad] arrays cost as much as a dozen iterations at 1024 x 1024.
-template <typename T>
-class Buffer {
+// Scratch memory of the calling thread, kept between calls up to kKeepBytes: at training sizes
+// (16 x 16) the dozen allocations of a fresh workspace cost as much as the iterations. Larger or
+// nested requests get memory of their own. The first `zeroed` bytes are zero-filled; the rest is
+// left uninitialised (every entry is written before it is read, and zero-filling the [n, m_pad]
+// arrays cost as much as a dozen iterations at 1024 x 1024).
+class Scratch {
  public:
-  explicit Buffer(int64_t size) : data_(std::make_unique_for_overwrite<T[]>(static_cast<size_t>(size))) {}
-  T* data() { return data_.get(); }
-  const T* data() const { return data_.get(); }
+  // `sizes`: (bytes, of which zero-filled first).
+  explicit Scratch(std::pair<size_t, size_t> sizes) {
+    const auto [bytes, zeroed] = sizes;
+    static thread_local std::unique_ptr<std::byte[]> kept;
+    static thread_local size_t kept_bytes = 0;
+    static thread_local bool kept_in_use = false;
+    if (bytes <= kKeepBytes && !kept_in_use) {
+      if (kept_bytes < bytes) {
+        kept = std::make_unique_for_overwrite<std::byte[]>(kKeepBytes);
+        kept_bytes = kKeepBytes;
+      }
+      data_ = kept.get();
+      in_use_ = &kept_in_use;
+      kept_in_use = true;
+    } else {
+      own_ = std::make_unique_for_overwrite<std::byte[]>(bytes);
+      data_ = own_.get();
+    }
+    std::memset(data_, 0, zeroed);
+  }
+  ~Scratch() {
+    if (in_use_) *in_use_ = false;
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  std::byte* data() { return data_; }
 
  private:
-  std::unique_ptr<T[]> data_;
+  static constexpr size_t kKeepBytes = size_t(1) << 18;
+  std::unique_ptr<std::byte[]> own_;
+  std::byte* data_ = nullptr;
+  bool* in_use_ = nullptr;
+};
+
+// `size` values of U inside a Scratch (the parts of std::vector's interface the solver uses).
+template <typename U>
+struct Array {
+  U* ptr = nullptr;
+  int64_t size = 0;
+  U* data() { return ptr; }
+  const U* data() const { return ptr; }
+  U* begin() { return ptr; }
+  U* end() { return ptr + size; }
+  U& operator[](int64_t i) { return ptr[i]; }
+  const U& operator[](int64_t i) const { return ptr[i]; }
 };
 
 // Scratch memory for one problem of size n x m, reused across problems.
 template <typename T>
 struct Workspace {
   int64_t n, m, n_pad, m_pad;
-  Buffer<T> neg_c;          // [n, m_pad] -C / eps, padding -inf
-  std::vector<T> log_u;     // [n_pad] f / eps, padding 0
-  std::vector<T> log_v;     // [m_pad] g / eps, padding 0
-  std::vector<T> log_a;     // [n] log a, -inf at zero weights
-  std::vector<T> log_b;     // [m]
-  std::vector<T> col_sum;   // [m] column sums of the plan
-  std::vector<T> plan_row;  // [m_pad]
-  std::vector<double> row_cost;  // [n] sum_j P_ij C_ij, accumulated in double (as accurate as torch's sums)
+  // Zero-filled at construction:
+  Array<T> log_u;          // [n_pad] f / eps, padding 0
+  Array<T> log_v;          // [m_pad] g / eps, padding 0
+  Array<T> log_a;          // [n] log a, -inf at zero weights
+  Array<T> log_b;          // [m]
+  Array<T> col_sum;        // [m] column sums of the plan
+  Array<T> plan_row;       // [m_pad]
+  Array<double> row_cost;  // [n] sum_j P_ij C_ij, accumulated in double (as accurate as torch's sums)
   // Scaling domain: kernel[i, j] = exp(-C_ij / eps + alpha_i + beta_j) with
   // log_u = alpha + log(scale_u), log_v = beta + log(scale_v).
-  Buffer<T> kernel;         // [n, m_pad], padding 0
-  std::vector<T> alpha;     // [n]
-  std::vector<T> beta;      // [m_pad], padding 0
-  std::vector<T> scale_u;   // [n]
-  std::vector<T> scale_v;   // [m_pad], padding 0
-  std::vector<T> sums;      // [max(n, m)] row or column sums of the scaled kernel
-  Buffer<T> block_sums;     // [ceil(n / kRowBlock), m_pad] column sums of each block of kernel rows
+  Array<T> alpha;          // [n]
+  Array<T> beta;           // [m_pad], padding 0
+  Array<T> scale_u;        // [n]
+  Array<T> scale_v;        // [m_pad], padding 0
+  Array<T> sums;           // [max(n, m)] row or column sums of the scaled kernel
+  // Uninitialised:
+  Array<T> neg_c;          // [n, m_pad] -C / eps, padding -inf
+  Array<T> kernel;         // [n, m_pad], padding 0
+  Array<T> block_sums;     // [ceil(n / kRowBlock), m_pad] column sums of each block of kernel rows
 
   Workspace(int64_t n_, int64_t m_)
       : n(n_), m(m_), n_pad(round_up(n_, vector_width<T>())), m_pad(round_up(m_, vector_width<T>())),
-        neg_c(n * m_pad), log_u(n_pad), log_v(m_pad), log_a(n), log_b(m), col_sum(m), plan_row(m_pad),
-        row_cost(n), kernel(n * m_pad), alpha(n), beta(m_pad), scale_u(n), scale_v(m_pad), sums(std::max(n, m)),
-        block_sums((n + kRowBlock - 1) / kRowBlock * m_pad) {}
+        scratch_(layout(nullptr)) {
+    layout(scratch_.data());
+  }
+
+ private:
+  Scratch scratch_;
+
+  // Places every array at 64-byte aligned offsets from `base`; returns (bytes needed, bytes of the
+  // zero-filled arrays). Called once to size the scratch memory, once to point into it.
+  std::pair<size_t, size_t> layout(std::byte* base) {
+    size_t offset = 0;
+    auto place = [&](auto& array, int64_t count) {
+      using U = std::remove_reference_t<decltype(*array.ptr)>;
+      array.ptr = base ? reinterpret_cast<U*>(base + offset) : nullptr;
+      array.size = count;
+      offset += (static_cast<size_t>(count) * sizeof(U) + 63) / 64 * 64;
+    };
+    place(log_u, n_pad);
+    place(log_v, m_pad);
+    place(log_a, n);
+    place(log_b, m);
+    place(col_sum, m);
+    place(plan_row, m_pad);
+    place(row_cost, n);
+    place(alpha, n);
+    place(beta, m_pad);
+    place(scale_u, n);
+    place(scale_v, m_pad);
+    place(sums, std::max(n, m));
+    const size_t zeroed = offset;
+    place(neg_c, n * m_pad);
+    place(kernel, n * m_pad);
+    place(block_sums, (n + kRowBlock - 1) / kRowBlock * m_pad);
+    return {offset, zeroed};
+  }
 };
 
-// Pointers to one problem's inputs and outputs. `plan` is null for the
+// Pointers to one problem's inputs and outputs. `plan` and `f` to `err` are null for the
 // row-costs operator, which stores sum_j P_ij C_ij into `row_costs` instead.
 template <typename T, typename scalar_t>
 struct Problem {
@@ -191,7 +269,6 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
   // (count + sum_k s_k) * kFloor. Scalings in use lie below kRange (else they are absorbed), except
   // the column ones of the current iteration: those are summed when one is outside.
   constexpr T kFloor = std::numeric_limits<T>::min() / std::numeric_limits<T>::epsilon();
-  constexpr T kMin = std::numeric_limits<T>::min(), kMax = std::numeric_limits<T>::max();
   const int64_t row_blocks = (n + kRowBlock - 1) / kRowBlock;
   auto sync_log_v = [&] {
     for (int64_t j = 0; j < m; ++j) ws.log_v[j] = p.b[j] > 0 ? ws.beta[j] + std::log(ws.scale_v[j]) : neg_inf;
@@ -200,7 +277,6 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
     for (int64_t i = 0; i < n; ++i) ws.log_u[i] = p.a[i] > 0 ? ws.alpha[i] + std::log(ws.scale_u[i]) : neg_inf;
     sync_log_v();
   };
-  auto in_range = [](T scale) { return static_cast<int>(scale < kRange) & static_cast<int>(scale > 1 / kRange); };
   for (int64_t it = 1; it <= opt.n_iters; ++it) {
     bool in_log_domain = it == 1 || log_domain;
     bool outside_v = false;  // a column scaling left [1 / kRange, kRange]
@@ -233,17 +309,9 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
       }
       // The column update, with the check of its sums and the scalings' range in the same loop.
       const T col_floor = T(n) * (1 + kRange) * kFloor;
-      int bad = 0, outside = 0;  // int flags and & | (no branches): the loop vectorises
-      for (int64_t j = 0; j < m; ++j) {
-        const T sum = ws.sums[j], weight = p.b[j];
-        const int positive = weight > 0;
-        const T scale = positive ? weight / sum : T(0);
-        bad |= positive & !((sum >= col_floor) & (sum <= kMax) & (scale >= kMin) & (scale <= kMax));
-        outside |= positive & !in_range(scale);
-        ws.scale_v[j] = scale;
-      }
-      outside_v = outside;
-      if (bad) {  // this whole iteration in the log domain, from the (trusted) row scalings
+      const int flags = k.column_scalings(ws.sums.data(), p.b, ws.scale_v.data(), m, col_floor, kRange);
+      outside_v = flags & kScalingOutside;
+      if (flags & kScalingBad) {  // this whole iteration in the log domain, from the (trusted) row scalings
         log_domain = in_log_domain = true;
         sync_potentials();
       }
@@ -280,14 +348,9 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
       }
       // The row sums are a_i / scale_u_i: row_floor <= sum, and a normal scale_u_i (so sum < inf),
       // written without a division.
-      int bad = 0, outside = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const T scale = ws.scale_u[i], weight = p.a[i];
-        const int positive = weight > 0;
-        bad |= positive & !((scale * row_floor <= weight) & (scale >= kMin));
-        outside |= positive & !in_range(scale);
-      }
-      if (bad) {  // redo the row update in the log domain from the (trusted) column scalings
+      const int flags = k.row_scalings_flags(ws.scale_u.data(), p.a, n, row_floor, kRange);
+      const bool outside = flags & kScalingOutside;
+      if (flags & kScalingBad) {  // redo the row update in the log domain from the (trusted) column scalings
         log_domain = true;
         sync_log_v();
         for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
@@ -321,7 +384,9 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
   if (scaled && !log_domain) sync_potentials();
 
   for_rows(n, m_pad, [&](int64_t begin, int64_t end) {
-    std::vector<T> row(m_pad);
+    // A row of the plan; the workspace's own one unless rows run on several threads.
+    std::vector<T> own(parallel_rows ? m_pad : 0);
+    T* row = parallel_rows ? own.data() : ws.plan_row.data();
     for (int64_t i = begin; i < end; ++i) {
       T* plan_row = p.plan ? p.plan + i * m : nullptr;
       if (ws.log_u[i] == neg_inf) {  // padded row: exactly zero
@@ -329,11 +394,11 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
         ws.row_cost[i] = 0;
         continue;
       }
-      k.exp_row(ws.neg_c.data() + i * m_pad, ws.log_u[i], ws.log_v.data(), row.data(), m_pad);
+      k.exp_row(ws.neg_c.data() + i * m_pad, ws.log_u[i], ws.log_v.data(), row, m_pad);
       const scalar_t* c_row = p.C + i * m;
       double total = 0;
       for (int64_t j = 0; j < m; ++j) total += static_cast<double>(row[j]) * static_cast<double>(c_row[j]);
-      if (plan_row) std::copy(row.begin(), row.begin() + m, plan_row);
+      if (plan_row) std::copy(row, row + m, plan_row);
       ws.row_cost[i] = total;
     }
   });
@@ -383,28 +448,31 @@ SolveResult run_batch(const at::Tensor& C_in, const at::Tensor& a_in, const at::
   const auto options = C.options().dtype(compute);
   at::Tensor plan = row_costs_only ? at::Tensor() : at::empty({batch, n, m}, options);
   at::Tensor row_costs = row_costs_only ? at::empty({batch, n}, options) : at::Tensor();
-  at::Tensor f = at::empty({batch, n}, options);
-  at::Tensor g = at::empty({batch, m}, options);
-  at::Tensor cost = at::empty({batch}, options);
-  at::Tensor reg_cost = at::empty({batch}, options);
-  at::Tensor err = at::empty({batch}, options);
-  at::Tensor iters = at::empty({batch}, options.dtype(at::kLong));
+  // The row-costs operator returns nothing else: its problems get null pointers for the other outputs.
+  auto output = [&](at::IntArrayRef sizes, at::ScalarType type) {
+    return row_costs_only ? at::Tensor() : at::empty(sizes, options.dtype(type));
+  };
+  at::Tensor f = output({batch, n}, compute), g = output({batch, m}, compute);
+  at::Tensor cost = output({batch}, compute), reg_cost = output({batch}, compute), err = output({batch}, compute);
+  at::Tensor iters = output({batch}, at::kLong);
   const Options opt{eps, n_iters, tol, check_every};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, C.scalar_type(), "sinkhorn_solve_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    // A pointer into an output at `offset`, or null for an output the operator does not return.
+    auto at_ = [](at::Tensor& t, int64_t offset) { return t.defined() ? t.mutable_data_ptr<T>() + offset : nullptr; };
     auto problem = [&](int64_t index) {
       return Problem<T, scalar_t>{C.const_data_ptr<scalar_t>() + index * n * m,
                                   a.const_data_ptr<T>() + index * n,
                                   b.const_data_ptr<T>() + index * m,
-                                  row_costs_only ? nullptr : plan.mutable_data_ptr<T>() + index * n * m,
-                                  row_costs_only ? row_costs.mutable_data_ptr<T>() + index * n : nullptr,
-                                  f.mutable_data_ptr<T>() + index * n,
-                                  g.mutable_data_ptr<T>() + index * m,
-                                  cost.mutable_data_ptr<T>() + index,
-                                  reg_cost.mutable_data_ptr<T>() + index,
-                                  iters.mutable_data_ptr<int64_t>() + index,
-                                  err.mutable_data_ptr<T>() + index};
+                                  at_(plan, index * n * m),
+                                  at_(row_costs, index * n),
+                                  at_(f, index * n),
+                                  at_(g, index * m),
+                                  at_(cost, index),
+                                  at_(reg_cost, index),
+                                  iters.defined() ? iters.mutable_data_ptr<int64_t>() + index : nullptr,
+                                  at_(err, index)};
     };
     const int64_t threads = at::get_num_threads();
     const bool by_problem =
@@ -419,9 +487,11 @@ SolveResult run_batch(const at::Tensor& C_in, const at::Tensor& a_in, const at::
       for (int64_t index = 0; index < batch; ++index) solve_problem(problem(index), ws, opt, true);
     }
   });
-  if (row_costs_only) return {row_costs, f, g, cost, reg_cost, iters, err};
+  if (row_costs_only) return {row_costs, {}, {}, {}, {}, {}, {}};
   return {plan, f, g, cost, reg_cost, iters, err};
 }
+
+}  // namespace
 
 SolveResult sinkhorn_solve_cpu(const at::Tensor& C, const at::Tensor& a, const at::Tensor& b, double eps, int64_t n_iters,
                                double tol, int64_t check_every) {
@@ -433,7 +503,6 @@ at::Tensor sinkhorn_row_costs_cpu(const at::Tensor& C, const at::Tensor& a, cons
   return std::get<0>(run_batch(C, a, b, eps, n_iters, tol, check_every, true));
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace aplot_kernels
 
