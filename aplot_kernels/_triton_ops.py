@@ -12,8 +12,9 @@ Two kinds, by what ``torch.compile`` may see of them:
   Inductor compiles them with the rest of the graph (and can sink or reuse
   the buffers around them). Their backward is wired with ``register_autograd``
   (tensors and numbers in ``ctx``), and the backward op is a ``triton_op``
-  too. Block sizes are functions of the shapes, so a compiled graph is
-  specialised to its shapes (``dynamic=True`` recompiles per shape).
+  too. Tiles depend on sizes through their power-of-two brackets only, so
+  with dynamic sizes a compiled graph is guarded on those brackets (a size in
+  a new bracket recompiles; the opaque op it replaces compiled once).
 * The Sinkhorn solve and row costs stay opaque ``torch.library.custom_op``
   ops with the fake kernels below: they pick a strategy, and the tiled one
   launches two kernels per iteration from a host loop (``n_iters`` of them

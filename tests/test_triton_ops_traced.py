@@ -9,9 +9,12 @@ which arguments a kernel writes runs as on a GPU. Checked: each graph holds
 the kernel launches and no opaque cost op, each kernel writes only the
 buffers the op allocated, the shapes and dtypes are the eager ones, the
 source Inductor pastes for each kernel (its transitive closure) compiles to
-Triton IR for sm_90, and ``triton_op`` found every kernel an op launches (the
-AOTAutograd cache keys on their source). Values under ``torch.compile`` on a
-GPU: tests/test_compile_gpu.py.
+Triton IR for sm_90, ``triton_op`` found every kernel an op launches (the
+AOTAutograd cache keys on their source), ``torch.library.opcheck`` passes on
+the traced ops, and with dynamic sizes a graph is reused within a size's
+power-of-two bracket. Values under ``torch.compile`` on a GPU:
+tests/test_compile_gpu.py; under the interpreter the ops are opaque
+(tests/test_opcheck.py, tests/test_compile.py).
 """
 
 from __future__ import annotations
@@ -131,6 +134,33 @@ def _trace_all() -> None:
                 assert launches(graphs[1], tmp) == BACKWARD
                 print("traced", name, dtype)
 
+    # opcheck drives the traced path too (fake tensors, AOTAutograd with dynamic shapes); on meta tensors
+    # the op's body serves as both kernel and fake.
+    for n, m, d in ((5, 7, 9), (4, 6, 8)):
+        x, y = torch.randn(2, n, d, device="meta"), torch.randn(2, m, d, device="meta")
+        rc, rr, g = torch.randn(2, n, device="meta"), torch.randn(2, m, device="meta"), torch.randn(2, n, m, device="meta")
+        for requires_grad in (False, True):
+            args = [t.detach().requires_grad_(requires_grad) for t in (x, y, rc, rr)]
+            torch.library.opcheck(ops.cosine_cost, (*args[:2], 1e-8))
+            torch.library.opcheck(ops.aplot_cost, (*args, 0.9, 0.7, 1e-8, 1))
+        torch.library.opcheck(ops.cosine_cost_backward, (g, x, y, 1e-8))
+        torch.library.opcheck(ops.aplot_cost_backward, (g, x, y, rc, rr, 0.9, 0.7, 1e-8, 0))
+    print("opcheck")
+
+    # Tiles depend on sizes only through their power-of-two brackets: a size in a traced bracket
+    # reuses the graph (after the first recompile marks it dynamic), a new bracket recompiles.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    f = torch.compile(lambda x, y: ops.cosine_cost(x, y, 1e-8).sum(), backend=counter, fullgraph=True)
+    frames = []
+    for n in (17, 20, 29, 37):
+        f(torch.randn(2, n, 40, device="meta"), torch.randn(2, 23, 40, device="meta"))
+        frames.append(counter.frame_count)
+    assert frames == [1, 2, 2, 3], frames
+    print("dynamic")
+
 
 def test_cost_ops_trace_into_their_kernels():
     pytest.importorskip("triton.backends.nvidia")
@@ -141,7 +171,8 @@ def test_cost_ops_trace_into_their_kernels():
         [sys.executable, os.path.abspath(__file__), "--trace"], env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert proc.stdout.count("traced") == 4, proc.stdout
+    done = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    assert done == 4 * ["traced"] + ["opcheck", "dynamic"], proc.stdout
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--trace"]:
