@@ -9,12 +9,12 @@ Two kinds, by what ``torch.compile`` may see of them:
   strides only, never from tensor values. Eagerly they run as before; under
   ``torch.compile`` AOTAutograd traces that host code (it also serves as the
   fake kernel), so the graph holds the kernel launches themselves and
-  Inductor compiles them with the rest of the graph (and can sink or reuse
-  the buffers around them). Their backward is wired with ``register_autograd``
+  Inductor compiles them with the rest of the graph (and plans their
+  buffers with the graph's). Their backward is wired with ``register_autograd``
   (tensors and numbers in ``ctx``), and the backward op is a ``triton_op``
-  too. Tiles depend on sizes through their power-of-two brackets only, so
-  with dynamic sizes a compiled graph is guarded on those brackets (a size in
-  a new bracket recompiles; the opaque op it replaces compiled once).
+  too. Tiles depend on sizes only through comparisons (power-of-two
+  brackets, the half-precision large-tile threshold), so with dynamic sizes
+  a compiled graph is guarded on those (a size across one recompiles).
 * The Sinkhorn solve and row costs stay opaque ``torch.library.custom_op``
   ops with the fake kernels below: they pick a strategy, and the tiled one
   launches two kernels per iteration from a host loop (``n_iters`` of them
@@ -22,7 +22,10 @@ Two kinds, by what ``torch.compile`` may see of them:
   across calls and replayed; a trace can hold neither the capture nor the
   cache. The fused margin (in :mod:`aplot_kernels.margin.triton`) is one
   launch of a single program that runs the whole Sinkhorn loop: Inductor
-  would have nothing to fuse or reorder around it, so it stays opaque too.
+  would have nothing to fuse or reorder around it, so it stays opaque too
+  (traced, its kernel would also need the cost helpers it calls as
+  ``cost_kernels.<name>`` imported by name: Inductor's copy of a traced
+  kernel brings along only the plain global names it uses).
   ``torch.compile`` keeps each as one node (no graph break).
 
 Under ``TRITON_INTERPRET=1`` (the CPU test mode) ``@triton.jit`` returns
