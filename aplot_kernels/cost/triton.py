@@ -21,6 +21,9 @@ product (row scaling aside) that the compiler can pipeline.
 
 The backward passes (``cosine_cost_backward``, ``aplot_cost_backward``) are
 in :mod:`aplot_kernels.cost.triton_backward`, re-exported here.
+
+Launches go through ``torch.library.wrap_triton``, so ``torch.compile`` traces the ops of
+:mod:`aplot_kernels._triton_ops`; host code reads shapes, dtypes and strides, never values.
 """
 
 from __future__ import annotations
