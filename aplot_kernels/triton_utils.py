@@ -25,8 +25,15 @@ def cdiv(a: int, b: int) -> int:
 
 
 def block_size(extent: int, *, lo: int = 1, hi: int) -> int:
-    """The next power of two >= ``extent``, clamped to ``[lo, hi]``."""
-    return max(lo, min(hi, 1 << (max(int(extent), 1) - 1).bit_length()))
+    """The next power of two >= ``extent``, clamped to ``[lo, hi]`` (powers of two)."""
+    if isinstance(extent, int):
+        return max(lo, min(hi, 1 << (max(extent, 1) - 1).bit_length()))
+    # A size traced by torch.compile (SymInt): comparisons guard the graph on the size's power-of-two
+    # bracket, where reading its value would specialise the graph to that one size.
+    block = lo
+    while block < hi and block < extent:
+        block *= 2
+    return block
 
 
 def num_warps_for(elements: int, *, per_thread: int = 64) -> int:

@@ -3,7 +3,9 @@
 Both replay a step "loss forward and backward" with new data copied into the
 captured inputs, and must give what eager gives on that data. Value checks
 read nothing back while a graph is captured (README, "torch.compile and CUDA
-graphs"). Skipped without a GPU.
+graphs"). The Triton cost ops compiled by Inductor, which traces their kernel
+launches into its graph (``torch.library.triton_op``), give eager's values and
+gradients. Skipped without a GPU.
 """
 
 from __future__ import annotations
@@ -110,3 +112,43 @@ def test_reduce_overhead_compiled_model_step(backend):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
         for g, w in zip(got_grads, want_grads):
             torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", ["cosine_cost", "aplot_cost"])
+def test_inductor_compiles_the_triton_cost_kernels(op, dtype):
+    """``fullgraph=True`` through Inductor: the cost and backward kernels are in the generated code (not an opaque
+    op), and the values and gradients are eager's on batched inputs of sizes that are not powers of two."""
+    from torch._inductor.utils import run_and_get_code
+
+    if "triton" not in _backends():
+        pytest.skip("Triton unavailable")
+    gen = torch.Generator().manual_seed(7)
+    x, y = torch.randn(2, N, D, generator=gen), torch.randn(2, M, D, generator=gen)
+    rc, rr = torch.randn(2, N, generator=gen), torch.randn(2, M, generator=gen)
+    weight = torch.rand(2, N, M, generator=gen).cuda()  # a non-uniform upstream gradient
+    inputs = [t.cuda().to(dtype) for t in ((x, y) if op == "cosine_cost" else (x, y, rc, rr))]
+
+    def value(*tensors):
+        cost = getattr(ak, op)(*tensors, backend="triton")
+        return (cost.square() * weight).sum()
+
+    def run(f):
+        tensors = [t.clone().requires_grad_() for t in inputs]
+        v = f(*tensors)
+        return v, torch.autograd.grad(v, tensors)
+
+    want, want_grads = run(value)
+    compiled = torch.compile(value, fullgraph=True, backend="inductor")
+    with torch.compiler.config.patch(force_disable_caches=True):  # a cache hit would generate no code to read
+        (got, got_grads), code = run_and_get_code(lambda: run(compiled))  # forward and backward compile here
+    code = "\n".join(code)
+    kernel = "_cosine_cost_kernel" if op == "cosine_cost" else "_aplot_cost_kernel"
+    for name in ("_row_norms_kernel", kernel, "_grad_product_kernel", "_normalize_backward_kernel"):
+        assert name in code, name
+    assert f"aplot_kernels.triton_{op}" not in code
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (1.6e-2, 1e-3)  # bfloat16: a rounding apart at most
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        assert g.dtype == w.dtype == dtype
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"input {i}: {m}")

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.skipif(not TRITON_OK, reason="Triton unavailable")
 if TRITON_OK:
     from aplot_kernels.cost import reference as cost_reference
     from aplot_kernels.cost import triton as cost_kernels
+    from aplot_kernels.cost import triton_backward as cost_kernels_backward
 
 
 COST_SHAPES = [(1, 5, 7, 3), (2, 17, 24, 32), (3, 16, 16, 16), (1, 24, 9, 33)]
@@ -82,9 +83,9 @@ ALPHA, TEMPERATURE = 0.7, 0.5
 @pytest.fixture(params=["default", "tiny"])
 def backward_tiles(request, monkeypatch):
     """The shipped tiles, and tiles smaller than the test problems so every loop runs over several."""
-    if request.param == "tiny":
-        monkeypatch.setattr(cost_kernels, "BACKWARD_TILE", (16, 16, 16, 4))
-        monkeypatch.setattr(cost_kernels, "JACOBIAN_TILE", (4, 16, 4))
+    if request.param == "tiny":  # on the module that reads them (cost_kernels only re-exports them)
+        monkeypatch.setattr(cost_kernels_backward, "BACKWARD_TILE", (16, 16, 16, 4))
+        monkeypatch.setattr(cost_kernels_backward, "JACOBIAN_TILE", (4, 16, 4))
     return request.param
 
 

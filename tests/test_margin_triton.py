@@ -245,12 +245,12 @@ def test_cost_call_launches_one_norm_pass_and_one_cost_kernel(monkeypatch):
     from conftest import DeviceOps
 
     launches = []
-    for name in ("_row_norms_kernel", "_aplot_cost_kernel"):
-        monkeypatch.setattr(
-            cost_kernels,
-            name,
-            type("Records", (), {"__getitem__": lambda self, grid, name=name: lambda *args, **kwargs: launches.append(name)})(),
-        )
+    names = {id(getattr(cost_kernels, name)): name for name in ("_row_norms_kernel", "_cosine_cost_kernel", "_aplot_cost_kernel")}
+
+    def recording_wrap_triton(kernel):  # every launch goes through wrap_triton (the op is a triton_op)
+        return type("Records", (), {"__getitem__": lambda self, grid: lambda *a, **k: launches.append(names[id(kernel)])})()
+
+    monkeypatch.setattr(cost_kernels, "wrap_triton", recording_wrap_triton)
     x, y, rx, ry = embeddings(2, 11, 13, 16, torch.bfloat16, seed=53)
     with DeviceOps() as recorded:
         aplot_kernels.aplot_cost(x, y, rx, ry, backend="triton")

@@ -87,7 +87,8 @@ def test_native_resolution_is_a_table_lookup():
     assert first == "native" and backends._TABLE[("native", "cpu", torch.float32, False)] == "native"
 
 
-# The Triton backend's ops (aplot_kernels._triton_ops), under the interpreter on the CPU: small shapes.
+# The Triton backend's ops (aplot_kernels._triton_ops), under the interpreter on the CPU: small shapes. The
+# cost ops are opaque there; their traced form: tests/test_triton_ops_traced.py.
 
 
 def _triton_ops():

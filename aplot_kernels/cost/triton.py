@@ -21,6 +21,9 @@ product (row scaling aside) that the compiler can pipeline.
 
 The backward passes (``cosine_cost_backward``, ``aplot_cost_backward``) are
 in :mod:`aplot_kernels.cost.triton_backward`, re-exported here.
+
+Launches go through ``torch.library.wrap_triton``, so ``torch.compile`` traces the ops of
+:mod:`aplot_kernels._triton_ops`; host code reads shapes, dtypes and strides, never values.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..backends import triton_interpreter_on
 from .._precision import float32_or_wider
@@ -252,11 +256,12 @@ def _row_norms(x: torch.Tensor, y: torch.Tensor, eps: float):
     (at training sizes a launch costs more than the pass)."""
     batch, n, d = x.shape
     m = y.shape[1]
-    out = torch.empty(2 * batch * (n + m), dtype=torch.float32, device=x.device)
-    x_norm, y_norm = out[: 2 * batch * n].view(batch, n, 2), out[2 * batch * n :].view(batch, m, 2)
+    # Two buffers, not views of one: a traced launch (wrap_triton) then writes two whole tensors.
+    x_norm = torch.empty(batch, n, 2, dtype=torch.float32, device=x.device)
+    y_norm = torch.empty(batch, m, 2, dtype=torch.float32, device=x.device)
     block_r, block_d = ROW_NORMS_BLOCK_R, block_size(d, lo=16, hi=256)
     x_blocks = cdiv(batch * n, block_r)
-    _row_norms_kernel[(x_blocks + cdiv(batch * m, block_r),)](
+    wrap_triton(_row_norms_kernel)[(x_blocks + cdiv(batch * m, block_r),)](
         x,
         y,
         x_norm,
@@ -425,6 +430,7 @@ def _tile(x: torch.Tensor, batch: int, n: int, m: int):
 
 
 def _launch(kernel, x, y, extra_args, extra_strides, scalars, eps, out_dtype):
+    """The row pass, then ``kernel`` (``_cosine_cost_kernel`` or ``_aplot_cost_kernel``) into a new ``[B, N, M]``."""
     x, y = _dot_operands(x, y)
     batch, n, d = x.shape
     m = y.shape[1]
@@ -435,7 +441,7 @@ def _launch(kernel, x, y, extra_args, extra_strides, scalars, eps, out_dtype):
     block_m = block_size(m, lo=MIN_DOT_BLOCK, hi=tile_m)
     block_d = block_size(d, lo=MIN_DOT_BLOCK, hi=tile_d)
     grid = (batch, cdiv(n, block_n), cdiv(m, block_m))
-    kernel[grid](
+    wrap_triton(kernel)[grid](
         x,
         y,
         x_norm,

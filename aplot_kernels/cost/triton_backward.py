@@ -18,11 +18,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .._precision import float32_or_wider
 from ..triton_utils import LOG2E_K, MIN_DOT_BLOCK, block_size, cdiv
 from . import reference
-from . import triton as forward
+
+# Imported by name: a kernel's helpers must be plain globals for Inductor to copy them next to a
+# traced kernel, and host functions plain names for torch.library.triton_op to find the kernels.
+from .triton import NUM_STAGES, _load_row_norms, _row_norms
 
 # Backward product G @ y_hat: a 64 x 64 float32 output tile (rows x embedding columns) walking the
 # reduced side of G in steps of 32, the shape of FP32_TILE (exact float32 FMA, no TF32).
@@ -94,7 +98,7 @@ def _grad_product_kernel(
         g = tl.load(g_base + cols[None, :] * stride_gm, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         g = g.to(tl.float32)
         y = tl.load(y_base + cols[:, None] * stride_ym, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        y_scale, y_norm = forward._load_row_norms(y_norm_ptr, pid_b * M + cols, col_ok)
+        y_scale, y_norm = _load_row_norms(y_norm_ptr, pid_b * M + cols, col_ok)
         acc = tl.dot(g, (y.to(tl.float32) * y_scale[:, None]) / y_norm[:, None], acc, input_precision="ieee")
         if REWARDS:
             if pid_d == 0:  # one program per row block reduces the rewards' part of G
@@ -141,7 +145,7 @@ def _normalize_backward_kernel(
     row_ok = rows < R
     x_base = x_ptr + (rows // N) * stride_xb + (rows % N) * stride_xn
     p_base = p_ptr + (rows // N) * stride_pb + (rows % N) * stride_pn
-    sigma, norm = forward._load_row_norms(x_norm_ptr, rows, row_ok)
+    sigma, norm = _load_row_norms(x_norm_ptr, rows, row_ok)
     # The row dot needs all of D before any output, so the row is read twice.
     radial = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -170,10 +174,10 @@ def _grad_product(g, g_strides, y, y_norm, rx, ry, out, grad_rx, n, m, inv_tempe
     block_m = block_size(m, lo=MIN_DOT_BLOCK, hi=tile_m)
     block_d = block_size(d, lo=MIN_DOT_BLOCK, hi=tile_d)
     rewards = rx is not None
-    if not rewards:  # unused pointers and strides
-        rx, ry, grad_rx = out, out, out
+    if not rewards:  # unused pointers and strides; not `out`, which a traced launch must see written alone
+        rx = ry = grad_rx = out.new_empty(0)
     grid = (batch, cdiv(n, block_n), cdiv(d, block_d))
-    _grad_product_kernel[grid](
+    wrap_triton(_grad_product_kernel)[grid](
         g,
         y,
         y_norm,
@@ -196,7 +200,7 @@ def _grad_product(g, g_strides, y, y_norm, rx, ry, out, grad_rx, n, m, inv_tempe
         BLOCK_M=block_m,
         BLOCK_D=block_d,
         num_warps=warps,
-        num_stages=forward.NUM_STAGES,
+        num_stages=NUM_STAGES,
     )
 
 
@@ -205,7 +209,7 @@ def _normalize_backward(x, x_norm, p, scale, eps):
     batch, n, d = x.shape
     block_r, max_block_d, warps = JACOBIAN_TILE
     block_d = block_size(d, lo=16, hi=max_block_d)
-    _normalize_backward_kernel[(cdiv(batch * n, block_r),)](
+    wrap_triton(_normalize_backward_kernel)[(cdiv(batch * n, block_r),)](
         x,
         x_norm,
         p,
@@ -229,7 +233,7 @@ def _embedding_grads(grad_cost, x, y, rx, ry, scale, inv_temperature, reward_sca
     """
     batch, n, d = x.shape
     m = y.shape[1]
-    x_norm, y_norm = forward._row_norms(x, y, eps)
+    x_norm, y_norm = _row_norms(x, y, eps)
     grad_x = torch.empty(batch, n, d, dtype=out_dtype, device=x.device)
     grad_y = torch.empty(batch, m, d, dtype=out_dtype, device=x.device)
     rewards = rx is not None
