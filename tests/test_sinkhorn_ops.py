@@ -118,3 +118,22 @@ def test_autograd_context_holds_numbers_only(grad):
     assert "sinkhorn_" + grad in type(node).__name__
     assert vars(node) == {"eps": 0.1}
     assert all(isinstance(t, torch.Tensor) for t in node.saved_tensors)
+
+
+@pytest.mark.parametrize("grad", ["envelope", "implicit"])
+def test_gradient_of_some_inputs(grad):
+    """Inputs that do not require grad get none computed; the others' gradients are unchanged."""
+    C, a, b = _problem(6)
+
+    def grads(flags):
+        inputs = [t.clone().requires_grad_(flag) for t, flag in zip((C, a, b), flags)]
+        r = sinkhorn(*inputs, grad=grad, backend="torch", n_iters=30)
+        wanted = [t for t in inputs if t.requires_grad]
+        return torch.autograd.grad(r.reg_cost.sum() + (r.plan.square().sum() if grad == "implicit" else 0), wanted)
+
+    everything = grads((True, True, True))
+    for flags in ((True, False, False), (False, True, False), (False, False, True), (False, True, True)):
+        some = grads(flags)
+        expected = [g for g, flag in zip(everything, flags) if flag]
+        for x, y in zip(some, expected):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)

@@ -35,10 +35,10 @@ def envelope_backward(grad_reg, plan, f, g, a, b, c_dtype, needs_input_grad):
     """Envelope theorem: only ``reg_cost`` carries gradient, ``d/dC = P``, ``d/da = f``, ``d/db = g`` (centred).
 
     ``grad_reg [B]``, ``plan [B, N, M]``, ``f, a [B, N]``, ``g, b [B, M]`` ->
-    ``(grad_C in c_dtype, grad_a or None, grad_b or None)``, the marginals'
-    as ``needs_input_grad`` (flags for ``C, a, b``) asks.
+    ``(grad_C in c_dtype, grad_a, grad_b)``, each ``None`` unless ``needs_input_grad``
+    (flags for ``C, a, b``) asks for it.
     """
-    grad_c = (grad_reg[:, None, None] * plan).to(c_dtype)
+    grad_c = (grad_reg[:, None, None] * plan).to(c_dtype) if needs_input_grad[0] else None
     grad_a = grad_reg[:, None] * centred(f, a > 0) if needs_input_grad[1] else None
     grad_b = grad_reg[:, None] * centred(g, b > 0) if needs_input_grad[2] else None
     return grad_c, grad_a, grad_b
@@ -48,7 +48,8 @@ def implicit_backward(plan, f, g, C, a, b, eps, grads, needs_input_grad):
     """Exact gradients of plan, potentials, cost and reg_cost at the fixed point.
 
     ``grads = (grad_plan [B, N, M], grad_f [B, N], grad_g [B, M], grad_cost [B], grad_reg [B])``,
-    any of them ``None`` (zero) -> ``(grad_C in C's dtype, grad_a or None, grad_b or None)``.
+    any of them ``None`` (zero) -> ``(grad_C in C's dtype, grad_a, grad_b)``, each ``None`` unless
+    ``needs_input_grad`` (flags for ``C, a, b``) asks for it.
 
     At the fixed point the marginal residuals ``P 1 - a`` and ``P^T 1 - b``
     vanish. Their Jacobian in ``(f, g)`` is ``H / eps`` with
@@ -85,9 +86,8 @@ def implicit_backward(plan, f, g, C, a, b, eps, grads, needs_input_grad):
     h = h - gauge * ((h * gauge).sum(-1, keepdim=True) / (gauge * gauge).sum(-1, keepdim=True))
     nu = _solve_fixed_point_system(plan, torch.where(rows, a, 1), torch.where(cols, b, 1), gauge, h)
     nu_f, nu_g = nu[:, :n], nu[:, n:]
-    grad_c = grad_c + plan * (nu_f[:, :, None] + nu_g[:, None, :])
     return (
-        grad_c.to(c_dtype),
+        (grad_c + plan * (nu_f[:, :, None] + nu_g[:, None, :])).to(c_dtype) if needs_input_grad[0] else None,
         centred(grad_a + eps * nu_f, rows) if needs_input_grad[1] else None,
         centred(grad_b + eps * nu_g, cols) if needs_input_grad[2] else None,
     )
