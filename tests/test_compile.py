@@ -80,8 +80,18 @@ def _compare(fn, compiler: str, seed: int = 0, rtol: float = 1e-7, atol: float =
 
 
 # The reference's Sinkhorn loop unrolls into the trace (seconds per case): in the default run, the
-# native backend takes the whole table and the reference the cases without iterations.
-TORCH_FAST = ("cosine_cost", "cosine_cost_self", "aplot_cost", "aplot_cost_cosine", "bt_loss", "loss_detached")
+# native backend takes the whole table and the reference the cases without iterations, and the
+# envelope and implicit modes, whose operators are one opaque node each.
+TORCH_FAST = (
+    "cosine_cost",
+    "cosine_cost_self",
+    "aplot_cost",
+    "aplot_cost_cosine",
+    "bt_loss",
+    "loss_detached",
+    "sinkhorn_envelope",
+    "sinkhorn_implicit",
+)
 TABLE = [
     pytest.param(backend, case, marks=() if backend == "native" or case in TORCH_FAST else pytest.mark.slow)
     for backend in BACKENDS

@@ -6,8 +6,8 @@ gradient mode. The iteration itself lives in
 :mod:`aplot_kernels.sinkhorn.reference` (the ground truth) and in the kernel
 modules beside it (the ``triton`` package, ``native.py``), which all implement
 ``solve(C, a, b, eps, n_iters, tol, check_every) -> SolveOutput``. The
-gradient modes that need no stored iterates are in ``gradients.py`` and work
-with every backend.
+gradient modes that need no stored iterates are registered operators
+(``ops.py``, formulas in ``gradients.py``) around any backend's solve.
 
 The module itself is callable, so ``aplot_kernels.sinkhorn(C)`` and
 ``from aplot_kernels.sinkhorn import sinkhorn`` both work.
@@ -23,9 +23,7 @@ import torch
 
 from .. import _checks, backends
 from .._precision import autocast_off, float32_or_wider
-from . import native, reference
-from .reference import SolveOutput
-from .gradients import EnvelopeSinkhorn, ImplicitSinkhorn
+from . import native, ops
 
 __all__ = ["sinkhorn", "SinkhornResult", "GRAD_MODES"]
 
@@ -62,23 +60,6 @@ def _kernels(backend: str):
     from . import triton
 
     return triton
-
-
-class _Solver:
-    """``solve(C, a, b)`` of one backend with the iteration options bound."""
-
-    def __init__(self, backend: str, compute_dtype, eps, n_iters, tol, check_every):
-        self.backend, self.compute_dtype = backend, compute_dtype
-        self.eps, self.n_iters, self.tol, self.check_every = eps, n_iters, tol, check_every
-
-    def __call__(self, C, a, b) -> reference.SolveOutput:
-        if self.backend == "torch":
-            return reference.solve(C.to(self.compute_dtype), a, b, self.eps, self.n_iters, self.tol, self.check_every)
-        if self.backend == "native":
-            return native.solve(C, a, b, self.eps, self.n_iters, self.tol, self.check_every)
-        from .. import _triton_ops  # the registered op around the Triton solve (imports Triton)
-
-        return SolveOutput(*_triton_ops.sinkhorn_solve(C, a, b, self.eps, self.n_iters, self.tol, self.check_every))
 
 
 def _marginal(name: str, weights: Optional[torch.Tensor], C: torch.Tensor, axis: int, dtype) -> torch.Tensor:
@@ -187,18 +168,17 @@ def _solve(C, a_full, b_full, impl, eps, n_iters, tol, check_every, grad) -> Sin
         a_full = _marginal("a", None, C, 1, compute_dtype)
     if b_full is None:
         b_full = _marginal("b", None, C, 2, compute_dtype)
-    solve = _Solver(impl, compute_dtype, eps, n_iters, tol, check_every)
-    # Nothing to differentiate: the same outputs without an autograd node (microseconds per call).
+    # Nothing to differentiate: the same outputs without an operator or autograd node (microseconds per call).
     untracked = not (torch.is_grad_enabled() and (C.requires_grad or a_full.requires_grad or b_full.requires_grad))
     if grad == "none":
         with torch.no_grad():
-            out = tuple(solve(C, a_full, b_full))
+            out = tuple(ops.backend_solve(impl, C, a_full, b_full, eps, n_iters, tol, check_every))
     elif grad == "unrolled" or untracked:
-        out = tuple(solve(C, a_full, b_full))
+        out = tuple(ops.backend_solve(impl, C, a_full, b_full, eps, n_iters, tol, check_every))
     elif grad == "envelope":
-        out = EnvelopeSinkhorn.apply(C, a_full, b_full, solve)
+        out = ops.sinkhorn_envelope(C, a_full, b_full, eps, n_iters, tol, check_every, impl)
     else:
-        out = ImplicitSinkhorn.apply(C, a_full, b_full, solve)
+        out = ops.sinkhorn_implicit(C, a_full, b_full, eps, n_iters, tol, check_every, impl)
     if unbatched:
         out = tuple(t.squeeze(0) for t in out)
     return SinkhornResult(*out)

@@ -1,8 +1,11 @@
-"""Gradients of Sinkhorn that need no stored iterates, for every backend.
+"""Gradients of Sinkhorn that need no stored iterates, for every backend: the formulas.
 
-Both autograd functions call a backend's ``solve`` (any of them) in the
-forward pass and use only the returned plan and potentials in the backward
-pass, so a kernel backend gets them for free.
+:func:`envelope_backward` and :func:`implicit_backward` use only the plan and
+potentials a backend's ``solve`` returned (no second solve), so a kernel
+backend gets them for free. They are the ``register_autograd`` formulas of the
+operators ``aplot_kernels::sinkhorn_envelope``, ``sinkhorn_implicit`` and
+``sinkhorn_implicit_from_solution`` (:mod:`aplot_kernels.sinkhorn.ops`),
+which carry tensors and numbers only in their autograd context.
 
 Gradients with respect to the marginals ``a`` and ``b`` are centred (mean
 zero over each problem's support, zero on padding), as POT does: the value
@@ -12,12 +15,8 @@ carry no information.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from .._precision import autocast_off
-from .reference import SolveOutput
 
 # Above this many unknowns (N + M), or this many float64 system entries over the
 # whole batch (256 MiB), the implicit backward solves iteratively.
@@ -32,50 +31,25 @@ def centred(potential: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return torch.where(support, potential - mean, 0)
 
 
-class EnvelopeSinkhorn(torch.autograd.Function):
-    """Only ``reg_cost`` carries gradient: ``d/dC = P``, ``d/da = f``, ``d/db = g`` (centred).
+def envelope_backward(grad_reg, plan, f, g, a, b, c_dtype, needs_input_grad):
+    """Envelope theorem: only ``reg_cost`` carries gradient, ``d/dC = P``, ``d/da = f``, ``d/db = g`` (centred).
 
-    Under ``create_graph=True`` that gradient is itself differentiable: ``P``,
-    ``f`` and ``g`` are then taken from the solution through
-    :class:`ImplicitSinkhorn` (no new solve), so second derivatives are those
-    of ``grad="implicit"``, exact at the fixed point.
+    ``grad_reg [B]``, ``plan [B, N, M]``, ``f, a [B, N]``, ``g, b [B, M]`` ->
+    ``(grad_C in c_dtype, grad_a, grad_b)``, each ``None`` unless ``needs_input_grad``
+    (flags for ``C, a, b``) asks for it.
     """
-
-    @staticmethod
-    def forward(ctx, C, a, b, solve: Callable[..., SolveOutput]):
-        out = solve(C, a, b)
-        ctx.save_for_backward(out.plan, out.f, out.g, a, b, C)
-        ctx.c_dtype = C.dtype
-        ctx.eps = solve.eps
-        ctx.mark_non_differentiable(out.plan, out.f, out.g, out.cost, out.n_iters, out.err)
-        return tuple(out)
-
-    @staticmethod
-    @autocast_off
-    def backward(ctx, _plan, _f, _g, _cost, grad_reg, _n, _err):
-        plan, f, g, a, b, C = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the gradient must carry the solution's own derivative
-            plan, f, g = ImplicitSinkhorn.apply(C, a, b, _Solved(plan, f, g, ctx.eps))[:3]
-        grad_c = (grad_reg[:, None, None] * plan).to(ctx.c_dtype)
-        grad_a = grad_reg[:, None] * centred(f, a > 0) if ctx.needs_input_grad[1] else None
-        grad_b = grad_reg[:, None] * centred(g, b > 0) if ctx.needs_input_grad[2] else None
-        return grad_c, grad_a, grad_b, None
+    grad_c = (grad_reg[:, None, None] * plan).to(c_dtype) if needs_input_grad[0] else None
+    grad_a = grad_reg[:, None] * centred(f, a > 0) if needs_input_grad[1] else None
+    grad_b = grad_reg[:, None] * centred(g, b > 0) if needs_input_grad[2] else None
+    return grad_c, grad_a, grad_b
 
 
-class _Solved:
-    """A ``solve`` that returns a solution already computed (copies: autograd takes ownership of outputs)."""
-
-    def __init__(self, plan, f, g, eps):
-        self.plan, self.f, self.g, self.eps = plan, f, g, eps
-
-    def __call__(self, C, a, b) -> SolveOutput:
-        zeros = self.f.new_zeros(self.f.shape[0])
-        iters = torch.zeros(self.f.shape[0], dtype=torch.int64, device=self.f.device)
-        return SolveOutput(self.plan.clone(), self.f.clone(), self.g.clone(), zeros, zeros.clone(), iters, zeros.clone())
-
-
-class ImplicitSinkhorn(torch.autograd.Function):
+def implicit_backward(plan, f, g, C, a, b, eps, grads, needs_input_grad):
     """Exact gradients of plan, potentials, cost and reg_cost at the fixed point.
+
+    ``grads = (grad_plan [B, N, M], grad_f [B, N], grad_g [B, M], grad_cost [B], grad_reg [B])``,
+    any of them ``None`` (zero) -> ``(grad_C in C's dtype, grad_a, grad_b)``, each ``None`` unless
+    ``needs_input_grad`` (flags for ``C, a, b``) asks for it.
 
     At the fixed point the marginal residuals ``P 1 - a`` and ``P^T 1 - b``
     vanish. Their Jacobian in ``(f, g)`` is ``H / eps`` with
@@ -86,55 +60,37 @@ class ImplicitSinkhorn(torch.autograd.Function):
     through ``f`` and ``g`` are exact for gauge-invariant uses of them
     (centred potentials, ``f_i + g_j``, the plan), as with any solver.
     """
+    grad_plan, grad_f, grad_g, grad_cost, grad_reg = grads
+    c_dtype, C = C.dtype, C.to(plan.dtype)
+    batch, n, m = plan.shape
+    zeros = plan.new_zeros
+    grad_plan = zeros(batch, n, m) if grad_plan is None else grad_plan
+    grad_f = zeros(batch, n) if grad_f is None else grad_f
+    grad_g = zeros(batch, m) if grad_g is None else grad_g
+    grad_cost = zeros(batch) if grad_cost is None else grad_cost
+    grad_reg = zeros(batch) if grad_reg is None else grad_reg
+    rows, cols = a > 0, b > 0
 
-    @staticmethod
-    def forward(ctx, C, a, b, solve: Callable[..., SolveOutput]):
-        out = solve(C, a, b)
-        compute_c = C.to(out.plan.dtype)
-        ctx.save_for_backward(out.plan, out.f, out.g, compute_c, a, b)
-        ctx.c_dtype = C.dtype
-        ctx.eps = solve.eps
-        ctx.mark_non_differentiable(out.n_iters, out.err)
-        return tuple(out)
+    # Explicit dependence of the outputs on (f, g, C, a, b), P = exp((f + g - C) / eps).
+    weighted = (grad_plan + grad_cost[:, None, None] * C) * plan
+    h_f = grad_f + grad_reg[:, None] * a + weighted.sum(-1) / eps
+    h_g = grad_g + grad_reg[:, None] * b + weighted.sum(-2) / eps
+    grad_c = grad_cost[:, None, None] * plan - weighted / eps
+    grad_a = grad_reg[:, None] * f
+    grad_b = grad_reg[:, None] * g
 
-    @staticmethod
-    @autocast_off
-    def backward(ctx, grad_plan, grad_f, grad_g, grad_cost, grad_reg, _n, _err):
-        plan, f, g, C, a, b = ctx.saved_tensors
-        eps = ctx.eps
-        batch, n, m = plan.shape
-        zeros = plan.new_zeros
-        grad_plan = zeros(batch, n, m) if grad_plan is None else grad_plan
-        grad_f = zeros(batch, n) if grad_f is None else grad_f
-        grad_g = zeros(batch, m) if grad_g is None else grad_g
-        grad_cost = zeros(batch) if grad_cost is None else grad_cost
-        grad_reg = zeros(batch) if grad_reg is None else grad_reg
-        rows, cols = a > 0, b > 0
-
-        # Explicit dependence of the outputs on (f, g, C, a, b), P = exp((f + g - C) / eps).
-        weighted = (grad_plan + grad_cost[:, None, None] * C) * plan
-        h_f = grad_f + grad_reg[:, None] * a + weighted.sum(-1) / eps
-        h_g = grad_g + grad_reg[:, None] * b + weighted.sum(-2) / eps
-        grad_c = grad_cost[:, None, None] * plan - weighted / eps
-        grad_a = grad_reg[:, None] * f
-        grad_b = grad_reg[:, None] * g
-
-        # Dependence through the fixed point.
-        h_f, h_g = torch.where(rows, h_f, 0), torch.where(cols, h_g, 0)
-        gauge = torch.cat([rows.to(plan.dtype), -cols.to(plan.dtype)], -1)
-        h = torch.cat([h_f, h_g], -1)
-        h = h - gauge * ((h * gauge).sum(-1, keepdim=True) / (gauge * gauge).sum(-1, keepdim=True))
-        nu = _solve_fixed_point_system(plan, torch.where(rows, a, 1), torch.where(cols, b, 1), gauge, h)
-        nu_f, nu_g = nu[:, :n], nu[:, n:]
-        grad_c = grad_c + plan * (nu_f[:, :, None] + nu_g[:, None, :])
-        grad_a = centred(grad_a + eps * nu_f, rows)
-        grad_b = centred(grad_b + eps * nu_g, cols)
-        return (
-            grad_c.to(ctx.c_dtype),
-            grad_a if ctx.needs_input_grad[1] else None,
-            grad_b if ctx.needs_input_grad[2] else None,
-            None,
-        )
+    # Dependence through the fixed point.
+    h_f, h_g = torch.where(rows, h_f, 0), torch.where(cols, h_g, 0)
+    gauge = torch.cat([rows.to(plan.dtype), -cols.to(plan.dtype)], -1)
+    h = torch.cat([h_f, h_g], -1)
+    h = h - gauge * ((h * gauge).sum(-1, keepdim=True) / (gauge * gauge).sum(-1, keepdim=True))
+    nu = _solve_fixed_point_system(plan, torch.where(rows, a, 1), torch.where(cols, b, 1), gauge, h)
+    nu_f, nu_g = nu[:, :n], nu[:, n:]
+    return (
+        (grad_c + plan * (nu_f[:, :, None] + nu_g[:, None, :])).to(c_dtype) if needs_input_grad[0] else None,
+        centred(grad_a + eps * nu_f, rows) if needs_input_grad[1] else None,
+        centred(grad_b + eps * nu_g, cols) if needs_input_grad[2] else None,
+    )
 
 
 def _solve_fixed_point_system(plan, diag_a, diag_b, gauge, rhs):
