@@ -11,9 +11,11 @@ compiled lazily, on first use. Python rather than C++ keeps the backward
 formulas in one place (:mod:`aplot_kernels.cost.reference`) for every backend.
 
 ``aplot_margins`` (the detached margin, CPU only) has no autograd formula: it
-is only called without gradient. The Sinkhorn solves carry no autograd formula of their own: their gradient
-mode (envelope or implicit) is chosen per call, by
-:mod:`aplot_kernels.sinkhorn.gradients`, around any backend's solve.
+is only called without gradient. ``first_nonfinite`` (the eager value check
+of CPU tensors, returning an int) has no fake: compiled code checks no values.
+The Sinkhorn solves carry no autograd formula of their own: their gradient
+mode (envelope or implicit) is chosen per call by the operators of
+:mod:`aplot_kernels.sinkhorn.ops`, around any backend's solve.
 """
 
 from __future__ import annotations
@@ -37,18 +39,9 @@ def _aplot_cost_fake(chosen_emb, rejected_emb, chosen_rewards, rejected_rewards,
 
 
 def _sinkhorn_solve_fake(C, a, b, eps, n_iters, tol, check_every):
-    batch, n, m = C.shape
-    dtype = _compute_dtype(C)
-    new = C.new_empty
-    return (
-        new((batch, n, m), dtype=dtype),
-        new((batch, n), dtype=dtype),
-        new((batch, m), dtype=dtype),
-        new((batch,), dtype=dtype),
-        new((batch,), dtype=dtype),
-        new((batch,), dtype=torch.int64),
-        new((batch,), dtype=dtype),
-    )
+    from .sinkhorn.reference import empty_output
+
+    return tuple(empty_output(C, _compute_dtype(C)))
 
 
 def _sinkhorn_row_costs_fake(C, a, b, eps, n_iters, tol, check_every):

@@ -56,6 +56,7 @@ from .cost.triton import cosine_cost as _cosine_cost_forward
 from .cost.triton_backward import aplot_cost_backward as _aplot_cost_backward
 from .cost.triton_backward import cosine_cost_backward as _cosine_cost_backward
 from .margin import triton as margin_triton
+from .sinkhorn import reference as sinkhorn_reference
 from .sinkhorn import triton as sinkhorn_triton
 
 _SIMILARITY = {"unit": 0, "cosine": 1}  # the schema carries the similarity as an int
@@ -191,18 +192,7 @@ def sinkhorn_solve(
 
 @sinkhorn_solve.register_fake
 def _(C, a, b, eps, n_iters, tol, check_every):
-    batch, n, m = C.shape
-    new = C.new_empty
-    f32 = torch.float32
-    return (
-        new((batch, n, m), dtype=f32),
-        new((batch, n), dtype=f32),
-        new((batch, m), dtype=f32),
-        new((batch,), dtype=f32),
-        new((batch,), dtype=f32),
-        new((batch,), dtype=torch.int64),
-        new((batch,), dtype=f32),
-    )
+    return tuple(sinkhorn_reference.empty_output(C, torch.float32))
 
 
 @torch.library.custom_op("aplot_kernels::triton_sinkhorn_row_costs", mutates_args=())

@@ -222,6 +222,9 @@ def test_fused_margin_call_runs_its_checks_and_one_kernel(monkeypatch):
 
     from aplot_kernels.margin import triton as loss_triton
 
+    from aplot_kernels import _checks
+
+    monkeypatch.setattr(_checks, "_cpu_finite_op", lambda: None)  # the checks as on GPU tensors (no extension op)
     launches = []
     monkeypatch.setattr(
         loss_triton,
@@ -251,6 +254,7 @@ def test_cost_call_launches_one_norm_pass_and_one_cost_kernel(monkeypatch):
         return type("Records", (), {"__getitem__": lambda self, grid: lambda *a, **k: launches.append(names[id(kernel)])})()
 
     monkeypatch.setattr(cost_kernels, "wrap_triton", recording_wrap_triton)
+    monkeypatch.setattr(aplot_kernels._checks, "_cpu_finite_op", lambda: None)  # the checks as on GPU tensors
     x, y, rx, ry = embeddings(2, 11, 13, 16, torch.bfloat16, seed=53)
     with DeviceOps() as recorded:
         aplot_kernels.aplot_cost(x, y, rx, ry, backend="triton")

@@ -157,7 +157,7 @@ def margin_and_plan(chosen_rewards, rejected_rewards, chosen_emb, rejected_emb, 
             except loss_triton.KERNEL_UNAVAILABLE as exc:  # cannot run on this GPU: the two-kernel path below
                 loss_triton.mark_unavailable(exc)
     if detach and not need_plan and impl == "native":
-        # The cost op, then Sinkhorn's row-cost op, which reduces each plan row against the cost as it forms it.
+        # One extension op on CPU tensors (cost, row-cost Sinkhorn, scaling); the plan is never stored.
         margins = native.detached_margins(
             chosen_rewards,
             rejected_rewards,

@@ -43,18 +43,8 @@ def backend_solve(backend: str, C, a, b, eps: float, n_iters: int, tol: Optional
 
 
 def _solve_fake(C, a, b, eps, n_iters, tol, check_every, backend):
-    batch, n, m = C.shape
     dtype = torch.float32 if backend == "triton" else float32_or_wider(C)  # the Triton solve computes in float32
-    new = C.new_empty
-    return (
-        new((batch, n, m), dtype=dtype),
-        new((batch, n), dtype=dtype),
-        new((batch, m), dtype=dtype),
-        new((batch,), dtype=dtype),
-        new((batch,), dtype=dtype),
-        new((batch,), dtype=torch.int64),
-        new((batch,), dtype=dtype),
-    )
+    return tuple(reference.empty_output(C, dtype))
 
 
 @torch.library.custom_op("aplot_kernels::sinkhorn_envelope", mutates_args=())

@@ -28,6 +28,22 @@ class SolveOutput(NamedTuple):
     err: torch.Tensor  # [B]
 
 
+def empty_output(C: torch.Tensor, dtype: torch.dtype) -> SolveOutput:
+    """An uninitialised :class:`SolveOutput` for ``C [B, N, M]`` in ``dtype``: what the solve ops' fake
+    kernels return."""
+    batch, n, m = C.shape
+    new = C.new_empty
+    return SolveOutput(
+        new((batch, n, m), dtype=dtype),
+        new((batch, n), dtype=dtype),
+        new((batch, m), dtype=dtype),
+        new((batch,), dtype=dtype),
+        new((batch,), dtype=dtype),
+        new((batch,), dtype=torch.int64),
+        new((batch,), dtype=dtype),
+    )
+
+
 def column_violation(plan: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_j |(P^T 1)_j - b_j|`` per problem: ``[B, N, M], [B, M] -> [B]``."""
     return (plan.sum(-2) - b).abs().sum(-1)
