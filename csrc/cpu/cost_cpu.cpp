@@ -79,9 +79,9 @@ at::Tensor scaled_rows(const at::Tensor& x, std::vector<scalar_t>& scales) {
 }
 
 // Products of at most this many multiply-adds (n * m * d per problem) run as dot products in the
-// row loop of `similarity`, without at::bmm: at training sizes (16 x 16 x 64) the GEMM call and its
-// output's separate pass cost more than the arithmetic.
-constexpr int64_t kDirectProductMax = int64_t(1) << 17;
+// row loop of `similarity`, without at::bmm: below it the GEMM call costs more than the arithmetic,
+// above it the GEMM is faster (the crossover measured on one core: docs/design.md).
+constexpr int64_t kDirectProductMax = int64_t(1) << 14;
 
 // S[b, i, j] = <x[b, i], y[b, j]> / |x[b, i]|_eps / |y[b, j]|_eps, then `finish(row, S[row, :], m)` on each
 // row while it is in cache. The product runs on the inputs as they are (no normalised copies to write
