@@ -26,6 +26,11 @@ at::ScalarType compute_type(std::initializer_list<at::Tensor> tensors) {
   return type;
 }
 
+// `t` contiguous in `type` (no dispatch when it already is: these ops run per training step).
+at::Tensor in_type(const at::Tensor& t, at::ScalarType type) {
+  return t.scalar_type() == type && t.is_contiguous() ? t : t.to(type).contiguous();
+}
+
 // Rows are normalised as x_hat = (sigma x) / (sigma max(||x||, eps)) with sigma a power of two per row: 1
 // where max |x| lies in [2^-S, 2^S] (no sum of squares or product of such rows can overflow or
 // underflow), else 2^-e for max |x| = f 2^e, f in [0.5, 1). Scaling by a power of two is exact, so every
@@ -91,8 +96,7 @@ constexpr int64_t kDirectProductMax = int64_t(1) << 14;
 template <typename scalar_t, typename Finish>
 at::Tensor similarity(const at::Tensor& x_in, const at::Tensor& y_in, double eps, Finish finish) {
   const at::ScalarType type = c10::CppTypeToScalarType<scalar_t>::value;
-  const at::Tensor x = x_in.to(type).contiguous();
-  const at::Tensor y = y_in.to(type).contiguous();
+  const at::Tensor x = in_type(x_in, type), y = in_type(y_in, type);
   const int64_t n = x.size(1), m = y.size(1), width = x.size(2);
   std::vector<scalar_t> x_scale, x_norm, y_scale, y_norm;
   const bool x_scaled = scaled_norms(x.const_data_ptr<scalar_t>(), x.numel() / width, width, eps, x_scale, x_norm);
@@ -153,8 +157,7 @@ at::Tensor aplot_cost_cpu(const at::Tensor& chosen_emb, const at::Tensor& reject
   TORCH_CHECK(rejected_rewards.dim() == 2 && rejected_rewards.size(0) == batch && rejected_rewards.size(1) == m,
               "aplot_cost: rejected_rewards must be [B, M]");
   const at::ScalarType type = compute_type({chosen_emb, rejected_emb, chosen_rewards, rejected_rewards});
-  const at::Tensor r_c = chosen_rewards.to(type).contiguous();
-  const at::Tensor r_r = rejected_rewards.to(type).contiguous();
+  const at::Tensor r_c = in_type(chosen_rewards, type), r_r = in_type(rejected_rewards, type);
   at::Tensor cost;
   AT_DISPATCH_FLOATING_TYPES(type, "aplot_cost_cpu", [&] {
     const Kernels<scalar_t>& k = kernels<scalar_t>();

@@ -132,7 +132,7 @@ struct Workspace {
   Array<T> beta;           // [m_pad], padding 0
   Array<T> scale_u;        // [n]
   Array<T> scale_v;        // [m_pad], padding 0
-  Array<T> sums;           // [max(n, m)] row or column sums of the scaled kernel
+  Array<T> sums;           // [max(n_pad, m_pad)] row or column sums of the scaled kernel
   // Uninitialised:
   Array<T> neg_c;          // [n, m_pad] -C / eps, padding -inf
   Array<T> kernel;         // [n, m_pad], padding 0
@@ -168,7 +168,7 @@ struct Workspace {
     place(beta, m_pad);
     place(scale_u, n);
     place(scale_v, m_pad);
-    place(sums, std::max(n, m));
+    place(sums, std::max(n_pad, m_pad));
     const size_t zeroed = offset;
     place(neg_c, n * m_pad);
     place(kernel, n * m_pad);
@@ -326,18 +326,23 @@ void solve_problem(const Problem<T, scalar_t>& p, Workspace<T>& ws, const Option
       if (it < opt.n_iters) {
         // The kernel is memory-bound: one pass over its rows gives the row
         // update and the column sums the next column update needs.
-        for_rows(row_blocks, kRowBlock * m_pad, [&](int64_t begin, int64_t end) {
-          for (int64_t block = begin; block < end; ++block) {
-            T* partial = ws.block_sums.data() + block * m_pad;
-            std::fill(partial, partial + m_pad, T(0));
-            k.scale_rows_col_sums(ws.kernel.data(), m_pad, ws.scale_v.data(), p.a, ws.scale_u.data(), partial,
-                                  block * kRowBlock, std::min(n, (block + 1) * kRowBlock));
+        if (row_blocks == 1) {  // one block: its column sums are the sums (adding them to zero is exact)
+          std::fill(ws.sums.begin(), ws.sums.begin() + m_pad, T(0));
+          k.scale_rows_col_sums(ws.kernel.data(), m_pad, ws.scale_v.data(), p.a, ws.scale_u.data(), ws.sums.data(), 0, n);
+        } else {
+          for_rows(row_blocks, kRowBlock * m_pad, [&](int64_t begin, int64_t end) {
+            for (int64_t block = begin; block < end; ++block) {
+              T* partial = ws.block_sums.data() + block * m_pad;
+              std::fill(partial, partial + m_pad, T(0));
+              k.scale_rows_col_sums(ws.kernel.data(), m_pad, ws.scale_v.data(), p.a, ws.scale_u.data(), partial,
+                                    block * kRowBlock, std::min(n, (block + 1) * kRowBlock));
+            }
+          });
+          std::fill(ws.sums.begin(), ws.sums.begin() + m, T(0));
+          for (int64_t block = 0; block < row_blocks; ++block) {
+            const T* partial = ws.block_sums.data() + block * m_pad;
+            for (int64_t j = 0; j < m; ++j) ws.sums[j] += partial[j];
           }
-        });
-        std::fill(ws.sums.begin(), ws.sums.begin() + m, T(0));
-        for (int64_t block = 0; block < row_blocks; ++block) {
-          const T* partial = ws.block_sums.data() + block * m_pad;
-          for (int64_t j = 0; j < m; ++j) ws.sums[j] += partial[j];
         }
         col_sums_ready = true;
       } else {
