@@ -16,9 +16,7 @@ import torch.nn.functional as F
 
 from . import _checks
 from ._precision import autocast_off, float32_or_wider
-from .backends import BACKENDS
 from .distributed import PairBank, Responses, concat_responses, gather_responses, is_distributed, mean_over_ranks
-from .cost.reference import SIMILARITIES
 from .margin import check_inputs, check_rewards, margin_and_plan, margin_options
 
 __all__ = ["bt_loss", "aplot_loss", "APLOTLoss", "APLOTOutput"]
@@ -224,16 +222,19 @@ class APLOTLoss(torch.nn.Module):
         process_group=None,
     ) -> None:
         super().__init__()
-        _checks.unit_interval("alpha", alpha)
-        _checks.positive("temperature", temperature)
-        _checks.choice("similarity", similarity, SIMILARITIES)
-        _checks.positive("eps", eps)
-        _checks.positive_int("n_iters", n_iters)
-        _checks.finite_number("scale", scale)
+        given = dict(
+            alpha=alpha,
+            temperature=temperature,
+            similarity=similarity,
+            eps=eps,
+            n_iters=n_iters,
+            scale=scale,
+            detach=detach,
+            backend=backend,
+        )
+        margin_options(given)  # the checks of aplot_margin's options
         _checks.choice("reduction", reduction, REDUCTIONS)
         _checks.positive_int("bank_size", bank_size, minimum=0)
-        _checks.choice("backend", backend, BACKENDS)
-        _checks.boolean("detach", detach)
         _checks.boolean("gather_across_devices", gather_across_devices)
         self.alpha, self.temperature, self.eps, self.n_iters = alpha, temperature, eps, n_iters
         self.similarity = similarity

@@ -19,7 +19,7 @@ __all__ = ["cosine_cost", "aplot_cost"]
 
 def cosine_cost(x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
     """``[B, N, D] x [B, M, D] -> [B, N, M]``: ``1 - <x_hat_i, y_hat_j>``."""
-    return _native.ops().cosine_cost(x, y, float(eps))
+    return _native.op("cosine_cost")(x, y, float(eps))
 
 
 def aplot_cost(
@@ -34,7 +34,7 @@ def aplot_cost(
 ) -> torch.Tensor:
     """``[B, N, D], [B, M, D], [B, N], [B, M] -> [B, N, M]``: the APLOT cost."""
     sim_weight, sim_offset = reference.similarity_terms(float(alpha), similarity)
-    return _native.ops().aplot_cost(
+    return _native.op("aplot_cost")(
         chosen_emb,
         rejected_emb,
         chosen_rewards,

@@ -28,7 +28,7 @@ def solve(
 ) -> SolveOutput:
     """``C [B, N, M]`` (any float dtype; half precision is read directly and computed in float32),
     ``a [B, N]``, ``b [B, M]`` -> :class:`SolveOutput` (float64 for float64 ``C``, else float32)."""
-    out = _native.ops().sinkhorn_solve(C, a, b, float(eps), int(n_iters), -1.0 if tol is None else float(tol), int(check_every))
+    out = _native.op("sinkhorn_solve")(C, a, b, float(eps), int(n_iters), -1.0 if tol is None else float(tol), int(check_every))
     return SolveOutput(*out)
 
 
@@ -49,6 +49,6 @@ def row_transport_costs(
     """
     tol_arg = -1.0 if tol is None else float(tol)
     if C.device.type == "cpu":
-        return _native.ops().sinkhorn_row_costs.default(C, a, b, float(eps), int(n_iters), tol_arg, int(check_every))
+        return _native.op("sinkhorn_row_costs")(C, a, b, float(eps), int(n_iters), tol_arg, int(check_every))
     out = solve(C, a, b, eps, n_iters, tol, check_every)
     return (out.plan * C.to(out.plan.dtype)).sum(-1)

@@ -26,11 +26,6 @@ at::ScalarType compute_type(std::initializer_list<at::Tensor> tensors) {
   return type;
 }
 
-// `t` contiguous in `type` (no dispatch when it already is: these ops run per training step).
-at::Tensor in_type(const at::Tensor& t, at::ScalarType type) {
-  return t.scalar_type() == type && t.is_contiguous() ? t : t.to(type).contiguous();
-}
-
 // Rows are normalised as x_hat = (sigma x) / (sigma max(||x||, eps)) with sigma a power of two per row: 1
 // where max |x| lies in [2^-S, 2^S] (no sum of squares or product of such rows can overflow or
 // underflow), else 2^-e for max |x| = f 2^e, f in [0.5, 1). Scaling by a power of two is exact, so every

@@ -6,6 +6,11 @@
 namespace aplot_kernels {
 namespace cpu {
 
+// `t` contiguous in `type`, without a dispatch when it already is (these ops run per training step).
+inline at::Tensor in_type(const at::Tensor& t, at::ScalarType type) {
+  return t.scalar_type() == type && t.is_contiguous() ? t : t.to(type).contiguous();
+}
+
 at::Tensor aplot_cost_cpu(const at::Tensor& chosen_emb, const at::Tensor& rejected_emb, const at::Tensor& chosen_rewards,
                           const at::Tensor& rejected_rewards, double alpha, double temperature, double eps,
                           double sim_weight, double sim_offset);

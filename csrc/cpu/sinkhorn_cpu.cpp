@@ -448,8 +448,7 @@ SolveResult run_batch(const at::Tensor& C_in, const at::Tensor& a_in, const at::
   const int64_t batch = C_in.size(0), n = C_in.size(1), m = C_in.size(2);
   const at::ScalarType compute = C_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor C = C_in.contiguous();
-  const at::Tensor a = a_in.to(compute).contiguous();
-  const at::Tensor b = b_in.to(compute).contiguous();
+  const at::Tensor a = in_type(a_in, compute), b = in_type(b_in, compute);
   const auto options = C.options().dtype(compute);
   at::Tensor plan = row_costs_only ? at::Tensor() : at::empty({batch, n, m}, options);
   at::Tensor row_costs = row_costs_only ? at::empty({batch, n}, options) : at::Tensor();
