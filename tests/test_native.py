@@ -259,6 +259,24 @@ def test_fused_margin_op_equals_cost_then_row_costs(shape, dtype, similarity):
     assert max_abs(got.double(), want if batched else want[0]) <= bound * float(want.abs().max())
 
 
+def test_fused_margin_op_is_detached():
+    """Autograd falls through ``aplot_margins``: no graph node even for inputs that require grad, and the
+    loss's gradient reaches the rewards only, as on the reference with ``detach=True``."""
+    import aplot_kernels as ak
+
+    rc, rr, ce, re = (t.requires_grad_(True) for t in _margin_inputs(_gen(5), (7, 9, 12), torch.float64))
+    margins = torch.ops.aplot_kernels.aplot_margins(ce, re, rc, rr, 0.9, 1.0, 1e-8, 0.05, 1.0, 0.1, 20, 1.0)
+    assert margins.grad_fn is None and not margins.requires_grad
+    grads = {}
+    for backend in ("native", "torch"):
+        inputs = [t.detach().clone().requires_grad_(True) for t in (rc, rr, ce, re)]
+        ak.aplot_loss(*inputs, backend=backend).backward()
+        grads[backend] = [t.grad for t in inputs]
+    assert grads["native"][2] is None and grads["native"][3] is None
+    for got, want in zip(grads["native"][:2], grads["torch"][:2]):
+        assert max_abs(got, want) <= 1e-12
+
+
 @pytest.mark.parametrize("n,m,d", [(16, 16, 64), (16, 16, 65), (3, 77, 64), (1, 1, 1), (2, 3, 2730), (5, 3, 9000)])
 @pytest.mark.parametrize("dtype,bound", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
 def test_cost_products_below_and_above_the_direct_size(n, m, d, dtype, bound):

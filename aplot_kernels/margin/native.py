@@ -56,6 +56,8 @@ def _margins(
 
 def detached_margins(*args):
     """The margins ``[n]``, without gradient; arguments as :func:`_margins`, already checked."""
+    if args[2].is_cpu and not torch.compiler.is_compiling():  # the op is detached in itself (autograd falls through)
+        return _margins(*args)
     if torch.compiler.is_compiling():
         with torch.no_grad():
             return _margins(*args)

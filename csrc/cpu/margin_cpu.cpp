@@ -50,3 +50,9 @@ at::Tensor aplot_margins_cpu(const at::Tensor& chosen_emb, const at::Tensor& rej
 TORCH_LIBRARY_IMPL(aplot_kernels, CPU, m) {
   m.impl("aplot_margins", &aplot_kernels::cpu::aplot_margins_cpu);
 }
+
+// The margins are detached by definition: autograd passes the call straight to the kernel (no guard
+// needed around it, and no graph node even when the rewards require grad).
+TORCH_LIBRARY_IMPL(aplot_kernels, Autograd, m) {
+  m.impl("aplot_margins", torch::CppFunction::makeFallthrough());
+}
